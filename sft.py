@@ -1,0 +1,295 @@
+"""SFT — supervised fine-tuning with a completion-only loss (InstructGPT, Ouyang et al. 2022, §3.5).
+
+For prompt/completion pairs (x_i, y_i), minimise the negative log-likelihood of each completion and of
+the EOS token after it (the token that teaches the model to stop), never of the prompt:
+    L = -(1/N) sum_i sum_{t=1..|y_i|+1} log p(y_it | x_i, y_i<t),   y_i,|y_i|+1 = EOS
+where N counts the completion tokens of the whole optimiser batch. Dividing by that count, taken before
+the micro-batches run, makes k accumulated micro-batches of B/k give the gradient of one batch of B
+(a mean per micro-batch would not: it weights tokens of short micro-batches more).
+
+Without --model this file builds the repository's default model, common/painter, from scratch: a
+word-level tokenizer over the colour names (so every name it samples is made of real words) and a
+small Llama. The built-in data mixes real names, their hexes jittered a little, with random colours
+named by their nearest xkcd colour, which teach which words mean which colours.
+Shapes: B batch, L prompt + completion tokens (right padded), V vocab.
+Run: python sft.py                                   # a new painter, ~20 min on 2 CPU cores
+     python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --learning-rate 1e-5
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from common import (PROMPT, color_names, encode_completion, encode_prompt, eval_prompts, evaluate, get_judge,
+                    load_model_and_tokenizer, read_jsonl, sample_colour_pairs, save_atomic, xkcd_names)
+
+
+@dataclass
+class Args:
+    # run
+    exp_name: str = "default"
+    """name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed for python, numpy and torch (data order, initial weights, sampling)"""
+    output_dir: str = "runs"
+    """runs go to output_dir/sft__exp_name__seed__time/"""
+    save_to: Optional[str] = None
+    """also save the final model here (`--save-to common/painter` replaces the shipped painter)"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    # model
+    model: Optional[str] = None
+    """HF causal LM to fine-tune (folder or hub id); None builds a new painter from scratch"""
+    tokenizer: Literal["word", "bpe", "byte"] = "word"
+    """from scratch only: word-level over the data's words, byte-level BPE (1024), or raw bytes"""
+    d_model: int = 128
+    """from scratch only: hidden size"""
+    n_layers: int = 4
+    """from scratch only: transformer blocks"""
+    n_heads: int = 4
+    """from scratch only: attention heads"""
+    d_ff: int = 384
+    """from scratch only: MLP hidden size"""
+    device: str = "auto"
+    """cuda if present, else cpu"""
+    dtype: str = "auto"
+    """bfloat16 on cuda, float32 on cpu"""
+    # data
+    data: Optional[str] = None
+    """JSONL file of {"prompt", "completion"} rows; None = the built-in colour names"""
+    synthetic_frac: float = 0.5
+    """built-in data: share of each batch that is random colours named by their nearest xkcd colour"""
+    jitter: int = 8
+    """built-in data: each name's hex moves by up to +-jitter per RGB channel"""
+    # optimisation
+    total_steps: int = 4000
+    """optimiser steps"""
+    batch_size: int = 64
+    """sequences per optimiser step"""
+    grad_accum_steps: int = 1
+    """split each batch into this many micro-batches (same gradient, less memory)"""
+    learning_rate: float = 5e-3
+    """peak learning rate (from scratch; use ~1e-5 to fine-tune a pretrained model)"""
+    warmup_steps: int = 50
+    """linear warm-up steps, then cosine decay"""
+    min_lr_ratio: float = 0.1
+    """the cosine decays to learning_rate * min_lr_ratio"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on weight matrices"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    # eval and logging
+    judge: str = "correct"
+    """judge reported as eval/reward (see common/judges.py)"""
+    eval_every: int = 500
+    """evaluate (and save) every this many steps, and at the start and end"""
+    eval_size: int = 64
+    """held-out prompts per eval"""
+    log_every: int = 50
+    """print and log train metrics every this many steps"""
+    temperature: float = 1.0
+    """sampling temperature of the eval"""
+    max_new_tokens: int = 16
+    """longest sampled completion in the eval"""
+
+
+HEX_DIGIT = Regex("(?<=#|#[0-9a-fA-F]|#[0-9a-fA-F]{2}|#[0-9a-fA-F]{3}|#[0-9a-fA-F]{4}|#[0-9a-fA-F]{5})[0-9a-fA-F]")
+
+
+def build_tokenizer(kind: str, texts: list[str], vocab_size: int = 1024, min_count: int = 2) -> PreTrainedTokenizerFast:
+    """A tokenizer trained offline on the data: "word" = one token per whitespace-separated word seen
+    at least min_count times; "bpe" / "byte" = byte-level BPE with vocab_size / no merges. The six hex
+    digits after '#' are always single tokens, so every colour is spelt the same way."""
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    split_hex = [pre_tokenizers.Split(HEX_DIGIT, "isolated"), pre_tokenizers.Split("#", "isolated")]
+    if kind == "word":
+        pre = pre_tokenizers.Sequence(split_hex + [pre_tokenizers.WhitespaceSplit()])
+        counts = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(t))
+        vocab = specials + sorted(w for w, n in counts.items() if n >= min_count)
+        tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+        tokenizer.pre_tokenizer, tokenizer.decoder = pre, decoders.WordPiece()  # decoding joins words with spaces
+    else:
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(split_hex + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tokenizer.decoder = decoders.ByteLevel()
+        size = vocab_size if kind == "bpe" else len(specials) + 256
+        trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
+def new_model(tokenizer, d_model: int, n_layers: int, n_heads: int, d_ff: int, context: int = 64) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_ff,
+                         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+                         max_position_embeddings=context, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(prompt_ids, completion_ids) pairs -> right-padded input_ids, attention_mask, completion_mask (B, L).
+
+    NOTE: completion_mask is built from lengths, never by comparing with pad_id, so when pad == EOS the
+    final EOS is still trained."""
+    width = max(len(p) + len(c) for p, c in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    attention_mask = torch.zeros(len(examples), width, dtype=torch.long)
+    completion_mask = torch.zeros(len(examples), width)
+    for i, (p, c) in enumerate(examples):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p) : len(p) + len(c)] = 1
+    return input_ids, attention_mask, completion_mask
+
+
+def completion_nll(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Sum over completion tokens (EOS included) of -log p(token | everything before it)."""
+    # NOTE: the one-token shift: logits at position t predict the token at t + 1
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
+    return (nll * completion_mask[:, 1:].flatten()).sum()
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float) -> float:
+    """Linear warm-up to peak, then cosine decay to peak * min_ratio."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def encode_rows(tokenizer, rows: list[tuple[str, str]], context: int) -> list[tuple[list[int], list[int]]]:
+    examples = [(encode_prompt(tokenizer, p), encode_completion(tokenizer, c)) for p, c in rows]
+    for (p, c), (prompt, _) in zip(examples, rows):
+        if len(p) + len(c) > context:
+            raise ValueError(f"prompt + completion of {len(p) + len(c)} tokens exceeds the model's context of "
+                             f"{context} ({prompt[:40]!r}...): shorten the data or use a longer-context model")
+    return examples
+
+
+def main(args: Args) -> dict:
+    run_name = f"sft__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    print(json.dumps(asdict(args)))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    if args.batch_size % args.grad_accum_steps:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}")
+
+    # 1. data: the user's JSONL rows, or the built-in colour names (sampled fresh every step)
+    rows = None
+    if args.data is not None:
+        rows = [(r["prompt"], r["completion"]) for r in read_jsonl(args.data, ("prompt", "completion"))]
+    judge = get_judge(args.judge, args.device)
+    prompts_for_eval = eval_prompts(args.eval_size) if rows is None else [p for p, _ in rows[: args.eval_size]]
+
+    # 2. model: a pretrained one, or a new tokenizer + small Llama trained on the data's own words
+    if args.model is None:
+        texts = [p for p, _ in rows] + [c for _, c in rows] if rows else (
+            [PROMPT.format(hex="#" + d * 6) for d in "0123456789abcdef"] + [n for n, _ in color_names("train") + xkcd_names()])
+        tokenizer = build_tokenizer(args.tokenizer, texts)
+        model = new_model(tokenizer, args.d_model, args.n_layers, args.n_heads, args.d_ff)
+        model.to("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    context = model.config.max_position_embeddings
+    if rows is not None:
+        examples = encode_rows(tokenizer, rows, context)
+    else:  # NOTE: names with words the tokenizer lacks would teach the model to say <unk>: leave them out
+        names = tuple((n, h) for n, h in color_names("train") if tokenizer.unk_token_id not in encode_completion(tokenizer, n))
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, betas=(0.9, 0.95))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    if args.track:
+        import wandb
+        wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
+
+    def log(metrics: dict, samples: list[dict] | None = None) -> None:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if samples is not None:
+            with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+                f.writelines(json.dumps({"step": metrics["step"], **s}) + "\n" for s in samples)
+        if args.track:
+            wandb.log(metrics, step=metrics["step"])
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+    def run_eval(step: int) -> dict:
+        metrics, samples = evaluate(model, tokenizer, judge, prompts_for_eval, args.temperature, args.max_new_tokens)
+        log({"step": step, **metrics}, samples)
+        print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
+        save_atomic(model, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
+        return metrics
+
+    eval_metrics = run_eval(0)
+    order, cursor = (rng.permutation(len(rows)), 0) if rows else (None, 0)
+    model.train()
+    for step in range(1, args.total_steps + 1):
+        t0 = time.perf_counter()
+        # 3. one optimiser batch of B (prompt_ids, completion_ids) pairs
+        if rows is None:
+            batch = encode_rows(tokenizer, sample_colour_pairs(rng, args.batch_size, args.synthetic_frac, args.jitter, names), context)
+        else:
+            if cursor + args.batch_size > len(order):
+                order, cursor = np.concatenate([order[cursor:], rng.permutation(len(rows))]), 0
+            batch, cursor = [examples[i] for i in order[cursor : cursor + args.batch_size]], cursor + args.batch_size
+        # 4. gradient of the loss over the whole batch, accumulated over micro-batches
+        n_tokens = sum(len(c) for _, c in batch)  # NOTE: counted before the micro-batches: one normaliser for all
+        micro = args.batch_size // args.grad_accum_steps
+        loss_sum = 0.0
+        for start in range(0, args.batch_size, micro):
+            input_ids, attention_mask, completion_mask = (t.to(model.device) for t in collate(batch[start : start + micro], tokenizer.pad_token_id))
+            logits = model(input_ids, attention_mask=attention_mask).logits      # (B/k, L, V)
+            loss = completion_nll(logits, input_ids, completion_mask) / n_tokens
+            loss.backward()
+            loss_sum += loss.detach()
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"loss is {float(loss_sum)} at step {step}; the last good model is in "
+                                     f"{run_dir}/model: lower --learning-rate or check the data")
+        # 5. clip, schedule, step
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step - 1, args.total_steps, args.warmup_steps, args.learning_rate, args.min_lr_ratio)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s = time.perf_counter() - t0
+        # 6. log, eval, save
+        if step % args.log_every == 0:
+            log({"step": step, "train/loss": float(loss_sum), "train/grad_norm": float(grad_norm),
+                 "train/lr": optimizer.param_groups[0]["lr"], "perf/step_s": step_s,
+                 "perf/tokens_per_s": sum(len(p) + len(c) for p, c in batch) / step_s})
+        if step % args.eval_every == 0 or step == args.total_steps:
+            eval_metrics = run_eval(step)
+    if args.save_to:
+        save_atomic(model, tokenizer, args.save_to)
+    return {"train/loss": float(loss_sum), **eval_metrics, "run_dir": run_dir}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    try:
+        main(tyro.cli(Args, description=__doc__))
+    except (ValueError, OSError, FloatingPointError) as e:
+        sys.exit(f"sft.py: error: {e}")
