@@ -203,7 +203,7 @@ def main(args: Args) -> dict:
     if args.model is None:
         texts = [p for p, _ in rows] + [c for _, c in rows] if rows else (
             [PROMPT.format(hex="#" + d * 6) for d in "0123456789abcdef"] + [n for n, _ in color_names("train") + xkcd_names()])
-        tokenizer = build_tokenizer(args.tokenizer, texts)
+        tokenizer = build_tokenizer(args.tokenizer, texts, min_count=2 if rows is None else 1)
         model = new_model(tokenizer, args.d_model, args.n_layers, args.n_heads, args.d_ff)
         model.to("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
     else:
@@ -211,8 +211,10 @@ def main(args: Args) -> dict:
     context = model.config.max_position_embeddings
     if rows is not None:
         examples = encode_rows(tokenizer, rows, context)
-    else:  # NOTE: names with words the tokenizer lacks would teach the model to say <unk>: leave them out
-        names = tuple((n, h) for n, h in color_names("train") if tokenizer.unk_token_id not in encode_completion(tokenizer, n))
+    else:  # NOTE: leave out names with words the tokenizer lacks (they would teach the model to say <unk>)
+        room = context - len(encode_prompt(tokenizer, PROMPT.format(hex="#000000")))  # and names too long to fit
+        names = tuple((n, h) for n, h in color_names("train")
+                      if len(ids := encode_completion(tokenizer, n)) <= room and tokenizer.unk_token_id not in ids)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -288,7 +290,6 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     try:
         main(tyro.cli(Args, description=__doc__))
     except (ValueError, OSError, FloatingPointError) as e:

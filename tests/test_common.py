@@ -71,6 +71,11 @@ def test_correct_judge_beats_chance_on_held_out_names():
     assert np.mean(np.array(own) > np.array(other)) > 0.7
 
 
+def test_correct_judge_needs_a_hex_in_the_prompt():
+    with pytest.raises(ValueError, match="no '#rrggbb' colour in prompt"):
+        correct(["Name this paint color, please"], ["Navy Blue"])
+
+
 def test_correct_judge_takes_trl_chat_completions():
     chat = [[{"role": "assistant", "content": "Navy Blue"}]]
     assert correct([HEX], chat) == correct([HEX], ["Navy Blue"])
