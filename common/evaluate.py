@@ -29,11 +29,12 @@ def generate(model, tokenizer, prompts: list[str], temperature: float = 1.0, max
 
 
 def evaluate(model, tokenizer, judge, prompts: list[str] | None = None, temperature: float = 1.0,
-             max_new_tokens: int = 16, seed: int = 0) -> tuple[dict, list[dict]]:
-    """eval/reward (the judge), eval/correct, eval/distinct (share of unique names) and the samples."""
+             max_new_tokens: int = 16, seed: int = 0, **judge_kwargs) -> tuple[dict, list[dict]]:
+    """eval/reward (the judge), eval/correct, eval/distinct (share of unique names) and the samples.
+    judge_kwargs (e.g. answer=[...], one per prompt) go to the judge, as TRL passes dataset columns."""
     prompts = prompts or eval_prompts()
     names = generate(model, tokenizer, prompts, temperature, max_new_tokens, seed)
-    rewards = judge(prompts, names)
+    rewards = judge(prompts, names, **judge_kwargs)
     correctness = correct(prompts, names) if re.search(r"#[0-9a-fA-F]{6}", prompts[0]) else [float("nan")] * len(names)
     metrics = {"eval/reward": float(np.mean(rewards)), "eval/correct": float(np.mean(correctness)),
                "eval/distinct": len(set(names)) / len(names)}

@@ -1,0 +1,331 @@
+"""GRPO — Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, §4.1).
+
+For each prompt q, sample a group of G completions o_1..o_G from the current policy (= pi_old) and score
+them with the judge: r_1..r_G. Every token of o_i gets the group-relative advantage (Eq. 3 of the paper)
+    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)
+and we maximise the clipped surrogate with a KL penalty towards a frozen reference policy (Eq. 3):
+    J = E[ agg_{i,t} ( min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_it ) ]
+    rho_it = pi(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+    KL_it  = k3 = pi_ref/pi - log(pi_ref/pi) - 1   (Schulman's unbiased, positive estimator; Eq. 4)
+Each choice on which later work departs from the paper is a flag, so these are settings of one loop:
+    paper GRPO  --scale-rewards group --loss-agg seq-mean   --beta 0.04 (the defaults)
+    Dr. GRPO    --scale-rewards none  --loss-agg constant   --beta 0     (Liu et al. 2025, arXiv:2503.20783)
+    DAPO        --loss-agg token-mean --clip-eps-high 0.28 --beta 0 --mask-truncated (Yu et al. 2025, 2503.14476)
+    RLOO, REINFORCE: see reinforce.py (same loop, no ratio, a leave-one-out baseline, KL in the reward)
+Differences from the paper: (1) one policy update per batch by default (mu = 1, as TRL and verl), so
+rho = 1 and the clip never binds; --num-iterations > 1 reuses each batch; (2) a judge, not a reward
+model; (3) constant learning rate, no warm-up.
+Shapes: B prompts per step, G completions per prompt, N = B*G sequences, P prompt tokens (left padded),
+T completion tokens, V vocab.
+Run: python grpo.py --group-size 8
+"""
+import copy
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+
+from common import PROMPT, color_names, encode_prompt, eval_prompts, evaluate, get_judge, load_model_and_tokenizer, read_jsonl, save_atomic
+
+
+@dataclass
+class Args:
+    # run
+    exp_name: str = "default"
+    """name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed for python, numpy and torch (prompt order and sampling)"""
+    output_dir: str = "runs"
+    """runs go to output_dir/grpo__exp_name__seed__time/"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    # model and task
+    model: Optional[str] = None
+    """HF causal LM to train (folder or hub id); None = the shipped painter"""
+    device: str = "auto"
+    """cuda if present, else cpu"""
+    dtype: str = "auto"
+    """bfloat16 on cuda, float32 on cpu"""
+    judge: str = "poet+correct"
+    """reward: a judge name or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct"""
+    prompts: Optional[str] = None
+    """JSONL of {"prompt", "answer"?} rows (answer goes to the judge); None = the training-split hexes"""
+    # algorithm
+    group_size: int = 8
+    """G: completions sampled per prompt"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """divide advantages by the group's std (GRPO), the batch's std (TRL "batch"), or not (Dr. GRPO)"""
+    loss_agg: Literal["seq-mean", "token-mean", "constant"] = "seq-mean"
+    """mean over each sequence's tokens then over sequences (GRPO); over all tokens of the batch (DAPO);
+    sum divided by N * max_new_tokens (Dr. GRPO)"""
+    clip_eps_low: float = 0.2
+    """epsilon: the ratio is clipped below at 1 - clip_eps_low"""
+    clip_eps_high: float = 0.2
+    """the ratio is clipped above at 1 + clip_eps_high (DAPO's clip-higher: 0.28)"""
+    num_iterations: int = 1
+    """mu: policy updates per generated batch (old log-probs kept from before the first)"""
+    beta: float = 0.04
+    """beta: weight of the KL penalty towards the frozen reference (0 = no reference loaded; TRL's default)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """per-token KL estimator in the loss: k1 = log(pi/pi_ref), k2 = (log ratio)^2 / 2, k3 (the paper's)"""
+    mask_truncated: bool = False
+    """drop completions that hit max_new_tokens without EOS from the loss (DAPO; TRL mask_truncated_completions)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed from logits / temperature to match the sampler"""
+    max_new_tokens: int = 8
+    """T: longest completion (painter names take 2-4 tokens plus EOS)"""
+    # optimisation
+    total_steps: int = 200
+    """generate-score-update steps"""
+    batch_size: int = 8
+    """B: prompts per step (N = B * G completions)"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward pass (gradient accumulated; must divide B * G)"""
+    learning_rate: float = 2e-4
+    """Adam learning rate (constant)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    # eval and logging
+    eval_every: int = 50
+    """evaluate (and save) every this many steps, and at the start and end"""
+    eval_size: int = 64
+    """held-out prompts per eval"""
+    log_every: int = 10
+    """print and log train metrics every this many steps"""
+
+
+# ALGO: group-relative advantages (Eq. 3 of DeepSeekMath; Dr. GRPO drops the std)
+def group_advantages(rewards: torch.Tensor, scale: str, eps: float = 1e-4) -> torch.Tensor:
+    """rewards (B, G) -> advantages (B, G): reward minus its group's mean, optionally scaled by a std.
+    NOTE: groups are rows, i.e. formed by prompt index: two equal prompts in a batch stay two groups."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "group":
+        return centered / (rewards.std(dim=1, keepdim=True) + eps)  # Bessel-corrected std, eps 1e-4 as TRL
+    if scale == "batch":
+        return centered / (rewards.std() + eps)
+    return centered
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) under the sampling distribution softmax(logits / T): (N, T, V), (N, T) -> (N, T)."""
+    # NOTE: without the / temperature the trainer differentiates a different policy than the sampler's
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+# ALGO: KL estimators (Schulman 2020, "Approximating KL divergence"), each a function of log pi - log pi_ref
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi. k1 and k3 are unbiased; k2 is
+    biased (its mean is E[(log ratio)^2] / 2) but has the lowest variance; k3 is always >= 0."""
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    return torch.exp(-log_ratio) + log_ratio - 1  # pi_ref/pi - log(pi_ref/pi) - 1
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, n_sequences: int, n_tokens: int,
+              max_new_tokens: int) -> torch.Tensor:
+    """Reduce a (n, T) per-token loss to a scalar, with normalisers counted over the WHOLE batch so that
+    micro-batches of it add up to exactly the full-batch loss.
+    seq-mean   1/N sum_i 1/|o_i| sum_t l_it   (GRPO: a long completion's tokens weigh less each)
+    token-mean 1/sum_i|o_i| sum_i sum_t l_it  (DAPO: every token weighs the same)
+    constant   1/(N T_max) sum_i sum_t l_it   (Dr. GRPO: no length bias, no batch dependence)"""
+    if mode == "seq-mean":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_sequences
+    if mode == "token-mean":
+        return (per_token * mask).sum() / max(n_tokens, 1)
+    return (per_token * mask).sum() / (n_sequences * max_new_tokens)
+
+
+# ALGO: the clipped surrogate with the KL penalty in the loss (Eq. 3 of DeepSeekMath; PPO's Eq. 7)
+def grpo_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, beta, kl, **agg):
+    """-(clipped surrogate - beta KL), aggregated; also the share of tokens where the clip is active."""
+    ratio = torch.exp(logprobs - old_logprobs)                                     # (n, T)
+    unclipped = ratio * advantages[:, None]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages[:, None]
+    per_token = -torch.min(unclipped, clipped) + beta * kl
+    clip_active = ((ratio < 1 - eps_low) & (advantages[:, None] < 0)) | ((ratio > 1 + eps_high) & (advantages[:, None] > 0))
+    return aggregate(per_token, mask, **agg), (clip_active.float() * mask).sum()
+
+
+def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy (N, T) of the sampling distribution softmax(logits / T) at each position."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def completion_mask_from(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) -> mask of the tokens up to and including the first EOS, and which rows never reached EOS.
+    NOTE: found from the first EOS, not from the pad id, which may equal EOS."""
+    is_eos = completion_ids == eos_id
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), completion_ids.shape[1])
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    return (positions[None] <= first_eos[:, None]).float(), ~is_eos.any(1)
+
+
+def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperature: float):
+    """Log-probs (N, T) of the completion tokens and the logits (N, T, V) that predict them."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
+    return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
+
+
+def main(args: Args) -> dict:
+    run_name = f"grpo__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    print(json.dumps(asdict(args)))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    B, G = args.batch_size, args.group_size
+    if G < 2:
+        raise ValueError(f"--group-size {G}: a group baseline needs at least 2 completions per prompt")
+    if (B * G) % args.micro_batch_size:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide batch_size * group_size = {B * G}")
+
+    # prompts: the user's JSONL rows (the eval takes the first ones), or the training-split hexes (the
+    # eval takes the held-out ones)
+    if args.prompts is not None:
+        rows = read_jsonl(args.prompts, ("prompt",))
+    else:
+        rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
+    if len(rows) < B:
+        raise ValueError(f"{len(rows)} prompts for a batch of {B}: lower --batch-size or add prompts")
+    eval_rows = [{"prompt": p} for p in eval_prompts(args.eval_size)] if args.prompts is None else rows[: args.eval_size]
+    eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
+    judge = get_judge(args.judge, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    ref_model = None
+    if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    if args.track:
+        import wandb
+        wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
+
+    def log(metrics: dict, samples: list[dict] | None = None) -> None:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if samples is not None:
+            with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+                f.writelines(json.dumps({"step": metrics["step"], **s}) + "\n" for s in samples)
+        if args.track:
+            wandb.log(metrics, step=metrics["step"])
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+    def run_eval(step: int) -> dict:
+        metrics, samples = evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
+                                    args.max_new_tokens, **eval_extra)
+        log({"step": step, **metrics}, samples)
+        print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
+        save_atomic(model, tokenizer, os.path.join(run_dir, "model"))
+        return metrics
+
+    eval_metrics = run_eval(0)
+    for step in range(1, args.total_steps + 1):
+        t0 = time.perf_counter()
+        # 1. sample B prompts; each is repeated G times, so rows i*G .. i*G+G-1 are prompt i's group
+        batch_rows = [rows[i] for i in rng.choice(len(rows), size=B, replace=False)]
+        prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
+        encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, r["prompt"]) for r in batch_rows]},
+                                padding=True, return_tensors="pt").to(model.device)
+        prompt_ids = encoded["input_ids"].repeat_interleave(G, 0)                 # (N, P)
+        prompt_mask = encoded["attention_mask"].repeat_interleave(G, 0)
+        P = prompt_ids.shape[1]
+        if P + args.max_new_tokens > getattr(model.config, "max_position_embeddings", 1 << 30):
+            raise ValueError(f"prompt of {P} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's context")
+
+        # 2. generate G completions per prompt (KV cache, plain sampling at temperature, dropout off)
+        with torch.no_grad():
+            model.eval()
+            sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                                       temperature=args.temperature, top_k=0, top_p=1.0,
+                                       max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            model.train()
+        completion_ids = sequences[:, P:]                                           # (N, T)
+        completion_mask, truncated = completion_mask_from(completion_ids, tokenizer.eos_token_id)
+        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)   # (N, P+T)
+        completion_len = completion_mask.sum(1).mean()
+        if args.mask_truncated:
+            completion_mask = completion_mask * (~truncated)[:, None]
+
+        # 3. score every completion with the judge (TRL's reward-function signature)
+        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        extra = {"answer": [r["answer"] for r in batch_rows for _ in range(G)]} if "answer" in batch_rows[0] else {}
+        rewards = torch.tensor(judge(prompts, [c.strip() for c in completions], **extra), dtype=torch.float32)
+        if rewards.shape != (B * G,) or not torch.isfinite(rewards).all():
+            raise ValueError(f"judge {args.judge!r} returned {tuple(rewards.shape)} scores with non-finite values "
+                             f"{int((~torch.isfinite(rewards)).sum())} for {B * G} completions; it must return one finite float each")
+
+        # 4. advantages, per group
+        advantages = group_advantages(rewards.view(B, G), args.scale_rewards).view(-1).to(model.device)  # (N,)
+
+        # 5. old and reference log-probs, without gradient
+        with torch.no_grad():
+            old_logprobs = None  # with mu = 1 the policy has not moved yet: old = current, detached
+            if args.num_iterations > 1:
+                old_logprobs = torch.cat([forward_logprobs(model, sequences[s], attention_mask[s], P, args.temperature)[0]
+                                          for s in torch.arange(B * G).split(args.micro_batch_size)])
+            ref_logprobs = None
+            if ref_model is not None:
+                ref_logprobs = torch.cat([forward_logprobs(ref_model, sequences[s], attention_mask[s], P, args.temperature)[0]
+                                          for s in torch.arange(B * G).split(args.micro_batch_size)])
+
+        # 6. mu policy updates on this batch, each accumulated over micro-batches
+        n_tokens = int(completion_mask.sum())
+        agg = dict(mode=args.loss_agg, n_sequences=B * G, n_tokens=n_tokens, max_new_tokens=args.max_new_tokens)
+        for _ in range(args.num_iterations):
+            sums = torch.zeros(4)  # loss, clipped tokens, kl, entropy: summed over micro-batches
+            for s in torch.arange(B * G).split(args.micro_batch_size):
+                logprobs, logits = forward_logprobs(model, sequences[s], attention_mask[s], P, args.temperature)
+                old = logprobs.detach() if old_logprobs is None else old_logprobs[s]
+                kl = kl_estimate(logprobs, ref_logprobs[s], args.kl_estimator) if ref_model is not None else torch.zeros_like(logprobs)
+                loss, clipped = grpo_loss(logprobs, old, advantages[s], completion_mask[s], args.clip_eps_low,
+                                          args.clip_eps_high, args.beta, kl, **agg)
+                loss.backward()
+                with torch.no_grad():
+                    sums += torch.stack([loss, clipped, (kl * completion_mask[s]).sum(),
+                                         (entropy(logits, args.temperature) * completion_mask[s]).sum()]).detach().cpu()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
+                                         f"{run_dir}/model: lower --learning-rate")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_s = time.perf_counter() - t0
+
+        # 7. log, eval, save
+        if step % args.log_every == 0:
+            group_std = rewards.view(B, G).std(1)
+            metrics = {"step": step, "train/loss": float(sums[0]), "train/reward": float(rewards.mean()),
+                       "train/reward_std": float(group_std.mean()), "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
+                       "train/clipfrac": float(sums[1]) / max(n_tokens, 1), "train/entropy": float(sums[3]) / max(n_tokens, 1),
+                       "train/grad_norm": float(grad_norm), "train/completion_len": float(completion_len),
+                       "train/truncated": float(truncated.float().mean()),
+                       "perf/step_s": step_s, "perf/tokens_per_s": float(attention_mask.sum()) / step_s}
+            if ref_model is not None:
+                metrics["train/kl"] = float(sums[2]) / max(n_tokens, 1)
+            log(metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            eval_metrics = run_eval(step)
+    return {**eval_metrics, "run_dir": run_dir}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args, description=__doc__))
+    except (ValueError, OSError, FloatingPointError) as e:
+        sys.exit(f"grpo.py: error: {e}")

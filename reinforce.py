@@ -1,0 +1,296 @@
+"""REINFORCE with baselines, RLOO by default (Williams 1992; Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740).
+
+The simplest correct policy gradient. For each prompt q, sample G completions o_1..o_G from the current
+policy and score them: r_1..r_G. Following the RLOO paper (§3-4), the KL to a frozen reference enters
+the REWARD as a k1 penalty (a number, no gradient), and each whole completion is one action:
+    R_i = r_i - beta sum_t (log pi(o_it | q, o_i<t) - log pi_ref(o_it | q, o_i<t))
+    A_i = R_i - b_i,        grad J = 1/N sum_i A_i grad sum_t log pi(o_it | q, o_i<t)
+The baseline b_i (any b_i that does not depend on o_i keeps the estimate unbiased) is a flag:
+    none            b_i = 0                                  (Williams 1992: high variance)
+    moving-average  b_i = running mean of past rewards       (Williams 1992 §6; a value-free critic)
+    group-mean      b_i = mean_j R_j over the group          (slightly biased: includes R_i itself)
+    rloo            b_i = mean_{j != i} R_j = leave one out  (Kool et al. 2019; Ahmadian et al. 2024)
+No ratio, no clip, no old policy: one on-policy update per batch. Compare grpo.py: the same loop with a
+std-scaled group baseline, a clipped ratio (for reusing a batch) and the KL in the loss.
+Differences from the paper: (1) a judge, not a reward model; (2) constant learning rate.
+Shapes: B prompts per step, G completions per prompt, N = B*G sequences, P prompt tokens (left padded),
+T completion tokens, V vocab.
+Run: python reinforce.py --group-size 8
+"""
+import copy
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+
+from common import PROMPT, color_names, encode_prompt, eval_prompts, evaluate, get_judge, load_model_and_tokenizer, read_jsonl, save_atomic
+
+
+@dataclass
+class Args:
+    # run
+    exp_name: str = "default"
+    """name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed for python, numpy and torch (prompt order and sampling)"""
+    output_dir: str = "runs"
+    """runs go to output_dir/reinforce__exp_name__seed__time/"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    # model and task
+    model: Optional[str] = None
+    """HF causal LM to train (folder or hub id); None = the shipped painter"""
+    device: str = "auto"
+    """cuda if present, else cpu"""
+    dtype: str = "auto"
+    """bfloat16 on cuda, float32 on cpu"""
+    judge: str = "poet+correct"
+    """reward: a judge name or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct"""
+    prompts: Optional[str] = None
+    """JSONL of {"prompt", "answer"?} rows (answer goes to the judge); None = the training-split hexes"""
+    # algorithm
+    group_size: int = 8
+    """G: completions sampled per prompt"""
+    baseline: Literal["none", "moving-average", "group-mean", "rloo"] = "rloo"
+    """b: subtracted from each reward: nothing, a running mean, the group mean, or leave-one-out (RLOO)"""
+    baseline_decay: float = 0.9
+    """moving-average baseline: b <- decay * b + (1 - decay) * mean reward of the batch"""
+    beta: float = 0.05
+    """beta: weight of the k1 KL penalty in the reward (0 = no reference loaded; TRL RLOO's default 0.05)"""
+    mask_truncated: bool = False
+    """drop completions that hit max_new_tokens without EOS from the loss (TRL mask_truncated_completions)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed from logits / temperature to match the sampler"""
+    max_new_tokens: int = 8
+    """T: longest completion (painter names take 2-4 tokens plus EOS)"""
+    # optimisation
+    total_steps: int = 200
+    """generate-score-update steps"""
+    batch_size: int = 8
+    """B: prompts per step (N = B * G completions)"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward pass (gradient accumulated; must divide B * G)"""
+    learning_rate: float = 2e-4
+    """Adam learning rate (constant)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    # eval and logging
+    eval_every: int = 50
+    """evaluate (and save) every this many steps, and at the start and end"""
+    eval_size: int = 64
+    """held-out prompts per eval"""
+    log_every: int = 10
+    """print and log train metrics every this many steps"""
+
+
+# ALGO: the baselines (Williams 1992; RLOO: Kool et al. 2019, Ahmadian et al. 2024 Eq. 5)
+def baseline_advantages(rewards: torch.Tensor, baseline: str, running_mean: float | None = None,
+                        decay: float = 0.9) -> tuple[torch.Tensor, float | None]:
+    """rewards (B, G) -> advantages (B, G) = reward - baseline, and the updated running mean.
+    NOTE: groups are rows, i.e. formed by prompt index: two equal prompts in a batch stay two groups."""
+    G = rewards.shape[1]
+    if baseline == "rloo":  # mean of the OTHER G - 1 rewards; equals G/(G-1) * (r - group mean)
+        return rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (G - 1), running_mean
+    if baseline == "group-mean":
+        return rewards - rewards.mean(dim=1, keepdim=True), running_mean
+    if baseline == "moving-average":  # the baseline is the mean of PAST batches, so it ignores these rewards
+        b = rewards.mean().item() if running_mean is None else running_mean
+        return rewards - b, decay * b + (1 - decay) * rewards.mean().item()
+    return rewards, running_mean
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) under the sampling distribution softmax(logits / T): (N, T, V), (N, T) -> (N, T)."""
+    # NOTE: without the / temperature the trainer differentiates a different policy than the sampler's
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+# ALGO: the KL penalty in the reward: k1 summed over the completion, a number with no gradient
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_t (log pi - log pi_ref) per completion (N,): an unbiased estimate of KL(pi || pi_ref) for the
+    whole sequence on samples from pi (RLOO paper §3; TRL RLOOTrainer). Per token it can be negative."""
+    return ((logprobs - ref_logprobs) * mask).sum(1)
+
+
+# ALGO: the REINFORCE loss: -A_i times the log-probability of the whole completion (RLOO paper Eq. 2)
+def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, n_sequences: int) -> torch.Tensor:
+    """-1/N sum_i A_i sum_t log pi(o_it): summed over each completion's tokens (the sequence is the action),
+    divided by N of the WHOLE batch, so micro-batches add up to the full-batch gradient."""
+    return -(advantages[:, None] * logprobs * mask).sum() / n_sequences
+
+
+def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy (N, T) of the sampling distribution softmax(logits / T) at each position."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def completion_mask_from(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) -> mask of the tokens up to and including the first EOS, and which rows never reached EOS.
+    NOTE: found from the first EOS, not from the pad id, which may equal EOS."""
+    is_eos = completion_ids == eos_id
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), completion_ids.shape[1])
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    return (positions[None] <= first_eos[:, None]).float(), ~is_eos.any(1)
+
+
+def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperature: float):
+    """Log-probs (N, T) of the completion tokens and the logits (N, T, V) that predict them."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
+    return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
+
+
+def main(args: Args) -> dict:
+    run_name = f"reinforce__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    print(json.dumps(asdict(args)))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    B, G = args.batch_size, args.group_size
+    if G < 2 and args.baseline in ("group-mean", "rloo"):
+        raise ValueError(f"--group-size {G}: the {args.baseline} baseline needs at least 2 completions per prompt")
+    if (B * G) % args.micro_batch_size:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide batch_size * group_size = {B * G}")
+
+    # prompts: the user's JSONL rows (the eval takes the first ones), or the training-split hexes (the
+    # eval takes the held-out ones)
+    if args.prompts is not None:
+        rows = read_jsonl(args.prompts, ("prompt",))
+    else:
+        rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
+    if len(rows) < B:
+        raise ValueError(f"{len(rows)} prompts for a batch of {B}: lower --batch-size or add prompts")
+    eval_rows = [{"prompt": p} for p in eval_prompts(args.eval_size)] if args.prompts is None else rows[: args.eval_size]
+    eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
+    judge = get_judge(args.judge, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    ref_model = None
+    if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    if args.track:
+        import wandb
+        wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
+
+    def log(metrics: dict, samples: list[dict] | None = None) -> None:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if samples is not None:
+            with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+                f.writelines(json.dumps({"step": metrics["step"], **s}) + "\n" for s in samples)
+        if args.track:
+            wandb.log(metrics, step=metrics["step"])
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+    def run_eval(step: int) -> dict:
+        metrics, samples = evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
+                                    args.max_new_tokens, **eval_extra)
+        log({"step": step, **metrics}, samples)
+        print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
+        save_atomic(model, tokenizer, os.path.join(run_dir, "model"))
+        return metrics
+
+    eval_metrics = run_eval(0)
+    running_mean = None  # the moving-average baseline's state
+    for step in range(1, args.total_steps + 1):
+        t0 = time.perf_counter()
+        # 1. sample B prompts; each is repeated G times, so rows i*G .. i*G+G-1 are prompt i's group
+        batch_rows = [rows[i] for i in rng.choice(len(rows), size=B, replace=False)]
+        prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
+        encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, r["prompt"]) for r in batch_rows]},
+                                padding=True, return_tensors="pt").to(model.device)
+        prompt_ids = encoded["input_ids"].repeat_interleave(G, 0)                 # (N, P)
+        prompt_mask = encoded["attention_mask"].repeat_interleave(G, 0)
+        P = prompt_ids.shape[1]
+        if P + args.max_new_tokens > getattr(model.config, "max_position_embeddings", 1 << 30):
+            raise ValueError(f"prompt of {P} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's context")
+
+        # 2. generate G completions per prompt (KV cache, plain sampling at temperature, dropout off)
+        with torch.no_grad():
+            model.eval()
+            sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                                       temperature=args.temperature, top_k=0, top_p=1.0,
+                                       max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            model.train()
+        completion_ids = sequences[:, P:]                                           # (N, T)
+        completion_mask, truncated = completion_mask_from(completion_ids, tokenizer.eos_token_id)
+        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)   # (N, P+T)
+        completion_len = completion_mask.sum(1).mean()
+        if args.mask_truncated:
+            completion_mask = completion_mask * (~truncated)[:, None]
+
+        # 3. score every completion with the judge (TRL's reward-function signature)
+        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        extra = {"answer": [r["answer"] for r in batch_rows for _ in range(G)]} if "answer" in batch_rows[0] else {}
+        rewards = torch.tensor(judge(prompts, [c.strip() for c in completions], **extra), dtype=torch.float32)
+        if rewards.shape != (B * G,) or not torch.isfinite(rewards).all():
+            raise ValueError(f"judge {args.judge!r} returned {tuple(rewards.shape)} scores with non-finite values "
+                             f"{int((~torch.isfinite(rewards)).sum())} for {B * G} completions; it must return one finite float each")
+
+        # 4. the k1 KL penalty in the reward, from log-probs of the sampling policy and the reference
+        kl = torch.zeros(B * G, device=model.device)
+        if ref_model is not None:
+            with torch.no_grad():
+                logprobs, ref_logprobs = (torch.cat([forward_logprobs(m, sequences[s], attention_mask[s], P, args.temperature)[0]
+                                                     for s in torch.arange(B * G).split(args.micro_batch_size)])
+                                          for m in (model, ref_model))
+                kl = kl_penalty(logprobs, ref_logprobs, completion_mask)           # (N,)
+        shaped_rewards = rewards.to(model.device) - args.beta * kl
+
+        # 5. advantages: reward minus baseline
+        advantages, running_mean = baseline_advantages(shaped_rewards.view(B, G), args.baseline, running_mean, args.baseline_decay)
+        advantages = advantages.view(-1)                                           # (N,)
+
+        # 6. one on-policy update, accumulated over micro-batches
+        n_tokens = int(completion_mask.sum())
+        sums = torch.zeros(2)  # loss, entropy: summed over micro-batches
+        for s in torch.arange(B * G).split(args.micro_batch_size):
+            logprobs, logits = forward_logprobs(model, sequences[s], attention_mask[s], P, args.temperature)
+            loss = reinforce_loss(logprobs, advantages[s], completion_mask[s], B * G)
+            loss.backward()
+            with torch.no_grad():
+                sums += torch.stack([loss, (entropy(logits, args.temperature) * completion_mask[s]).sum()]).detach().cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
+                                     f"{run_dir}/model: lower --learning-rate")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s = time.perf_counter() - t0
+
+        # 7. log, eval, save
+        if step % args.log_every == 0:
+            group_std = rewards.view(B, G).std(1) if G > 1 else torch.zeros(B)  # G = 1: no groups
+            metrics = {"step": step, "train/loss": float(sums[0]), "train/reward": float(rewards.mean()),
+                       "train/reward_std": float(group_std.mean()), "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
+                       "train/entropy": float(sums[1]) / max(n_tokens, 1),
+                       "train/grad_norm": float(grad_norm), "train/completion_len": float(completion_len),
+                       "train/truncated": float(truncated.float().mean()),
+                       "perf/step_s": step_s, "perf/tokens_per_s": float(attention_mask.sum()) / step_s}
+            if ref_model is not None:
+                metrics["train/kl"] = float(kl.sum()) / max(n_tokens, 1)
+            log(metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            eval_metrics = run_eval(step)
+    return {**eval_metrics, "run_dir": run_dir}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args, description=__doc__))
+    except (ValueError, OSError, FloatingPointError) as e:
+        sys.exit(f"reinforce.py: error: {e}")
