@@ -82,7 +82,7 @@ class Args:
     max_new_tokens: int = 8
     """T: longest completion (painter names take 2-4 tokens plus EOS)"""
     # optimisation
-    total_steps: int = 200
+    total_steps: int = 400
     """generate-score-update steps"""
     batch_size: int = 8
     """B: prompts per step (N = B * G completions)"""
@@ -93,7 +93,7 @@ class Args:
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
     # eval and logging
-    eval_every: int = 50
+    eval_every: int = 100
     """evaluate (and save) every this many steps, and at the start and end"""
     eval_size: int = 64
     """held-out prompts per eval"""
@@ -266,9 +266,10 @@ def main(args: Args) -> dict:
         completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         extra = {"answer": [r["answer"] for r in batch_rows for _ in range(G)]} if "answer" in batch_rows[0] else {}
         rewards = torch.tensor(judge(prompts, [c.strip() for c in completions], **extra), dtype=torch.float32)
-        if rewards.shape != (B * G,) or not torch.isfinite(rewards).all():
-            raise ValueError(f"judge {args.judge!r} returned {tuple(rewards.shape)} scores with non-finite values "
-                             f"{int((~torch.isfinite(rewards)).sum())} for {B * G} completions; it must return one finite float each")
+        if rewards.shape != (B * G,):
+            raise ValueError(f"judge {args.judge!r} returned {rewards.numel()} scores for {B * G} completions: it must return one each")
+        if not torch.isfinite(rewards).all():
+            raise ValueError(f"judge {args.judge!r} returned {int((~torch.isfinite(rewards)).sum())} non-finite scores (NaN or inf)")
 
         # 4. advantages, per group
         advantages = group_advantages(rewards.view(B, G), args.scale_rewards).view(-1).to(model.device)  # (N,)

@@ -4,6 +4,7 @@ from transformers.utils import logging as _hf_logging
 from .data import PROMPT, color_names, eval_prompts, read_jsonl, sample_colour_pairs, xkcd_names
 from .evaluate import evaluate, generate
 from .judges import get_judge
+from .preferences import candidate_names, encode_pairs, pair_prompts, rank_pairs, read_preferences
 from .models import PAINTER, encode_completion, encode_prompt, load_model_and_tokenizer, save_atomic
 
 _hf_logging.disable_progress_bar()

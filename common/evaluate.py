@@ -18,12 +18,14 @@ def generate(model, tokenizer, prompts: list[str], temperature: float = 1.0, max
         raise ValueError(f"prompt of {max(len(e) for e in encoded)} tokens + {max_new_tokens} new tokens exceeds "
                          f"the model's context of {context_length(model)}: shorten the prompt or --max-new-tokens")
     batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(model.device)
-    if seed is not None:
-        torch.manual_seed(seed)
     was_training = model.training
     model.eval()
-    output = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    # NOTE: a seeded eval must not reset the training's random stream: fork the RNG, seed, restore
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        output = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     return [t.strip() for t in tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
 

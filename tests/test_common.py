@@ -176,3 +176,12 @@ def test_save_is_atomic_and_replaces(tmp_path, painter):
         save_atomic(model, tokenizer, str(target))
     assert (target / "model.safetensors").exists() and not (tmp_path / "model.tmp").exists()
     assert json.loads((target / "config.json").read_text())["vocab_size"] == model.config.vocab_size
+
+
+def test_a_seeded_eval_leaves_the_training_random_stream_alone(painter):
+    model, tokenizer = painter
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    evaluate(model, tokenizer, correct, eval_prompts(4), max_new_tokens=4)
+    assert torch.equal(torch.rand(3), expected)

@@ -189,7 +189,7 @@ def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, mon
     assert sorted(set(seen["answer"])) == ["00aa00", "aa0000"]
 
 
-@pytest.mark.parametrize("judge_output, message", [(lambda n: [0.0] * (n - 1), "returned"), (lambda n: [float("nan")] * n, "non-finite")])
+@pytest.mark.parametrize("judge_output, message", [(lambda n: [0.0] * (n - 1), "scores for 8 completions"), (lambda n: [float("nan")] * n, "non-finite scores")])
 def test_a_bad_judge_is_a_clear_error(tmp_path, monkeypatch, judge_output, message):
     monkeypatch.setattr(grpo, "get_judge", lambda spec, device: lambda p, c, **k: judge_output(len(c)))
     with pytest.raises(ValueError, match=message):

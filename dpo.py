@@ -1,0 +1,317 @@
+"""DPO — Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290), with IPO, hinge, cDPO and RPO.
+
+For pairs (x, y_c chosen, y_r rejected), with log pi(y|x) the SUM of the completion's token log-probs (EOS
+included) and pi_ref the frozen starting policy, the implicit reward is (DPO Eq. 5, without beta log Z(x))
+    r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))
+and, with Delta = [log pi(y_c) - log pi_ref(y_c)] - [log pi(y_r) - log pi_ref(y_r)], we minimise
+    sigmoid  -(1-eps) log sigma(beta Delta) - eps log sigma(-beta Delta)   DPO Eq. 7; eps > 0 = cDPO (Mitchell 2023)
+    ipo      (Delta_bar - 1/(2 beta))^2, Delta_bar with each log-ratio divided by its completion's length
+             (Azar et al. 2023, arXiv:2310.12036, its sampled loss; TRL normalises the same way)
+    hinge    max(0, 1 - beta Delta)                                       SLiC (Zhao et al. 2023, arXiv:2305.10425)
+  + alpha * NLL(y_c) / |y_c|      optional, RPO (Pang et al. 2024, arXiv:2404.19733)
+This is the Bradley–Terry loss of reward_model.py with r_phi replaced by the policy's own implicit reward:
+no reward model, no sampling during training.
+Differences from the paper: (1) the pairs are ranked by a judge (AI feedback) among names sampled from the
+starting policy (on-policy pairs, as the paper's "preferred-FT" data), not by people; (2) pi_ref is the
+starting checkpoint itself (the paper first runs SFT on the chosen answers; the painter is already SFT'd);
+(3) rewards/* always use summed log-probs, also for IPO.
+Shapes: B pairs, L prompt + completion tokens (right padded), V vocab.
+Run: python dpo.py                                   # poet-ranked pairs from the painter, ~1.5 min on 2 CPU cores
+     python dpo.py --loss-type ipo --beta 0.5 --judge architect
+     python dpo.py --data my_pairs.jsonl --precompute-ref-logps
+"""
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+from common import (candidate_names, encode_pairs, eval_prompts, evaluate, get_judge, load_model_and_tokenizer,
+                    pair_prompts, rank_pairs, read_preferences, save_atomic)
+
+
+@dataclass
+class Args:
+    # run
+    exp_name: str = "default"
+    """name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed for python, numpy and torch (data order, the built-in pairs, sampling)"""
+    output_dir: str = "runs"
+    """runs go to output_dir/dpo__exp_name__seed__time/"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    # model
+    model: Optional[str] = None
+    """HF causal LM to train, and its frozen copy pi_ref (folder or hub id); None = the shipped painter"""
+    device: str = "auto"
+    """cuda if present, else cpu"""
+    dtype: str = "auto"
+    """bfloat16 on cuda, float32 on cpu"""
+    # data
+    data: Optional[str] = None
+    """JSONL of {prompt, chosen, rejected} (or full-text {chosen, rejected}); None = built-in judge-ranked pairs"""
+    eval_data: Optional[str] = None
+    """JSONL of held-out pairs; None = built-in held-out pairs (with --data: the last 10% of its rows)"""
+    judge: str = "poet"
+    """the judge that ranks the built-in pairs, and eval/reward"""
+    num_prompts: int = 2048
+    """built-in pairs: training prompts (at most one pair each: the judge's best vs worst name)"""
+    names_per_prompt: int = 4
+    """built-in pairs: names sampled from the starting policy and ranked per prompt"""
+    flip_prob: float = 0.0
+    """built-in pairs: probability of swapping chosen and rejected (label noise; cDPO's eps models it)"""
+    eval_pairs: int = 256
+    """built-in held-out pairs: prompts (held-out hexes, never flipped)"""
+    identical_pairs: Literal["skip", "error"] = "skip"
+    """pairs whose chosen equals rejected: skip and count them, or stop with an error"""
+    too_long: Literal["truncate", "error"] = "truncate"
+    """pairs longer than the context: truncate the completions (counted) or stop with an error"""
+    # algorithm
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """sigmoid = DPO (cDPO with --label-smoothing), ipo = IPO (length-normalised), hinge = SLiC"""
+    beta: float = 0.1
+    """beta: strength of the implicit KL to pi_ref (IPO's tau)"""
+    label_smoothing: float = 0.0
+    """eps: cDPO's assumed probability that a label is flipped (sigmoid loss only)"""
+    rpo_alpha: float = 0.0
+    """alpha: weight of the NLL of the chosen completion per token (RPO); 0 = off"""
+    precompute_ref_logps: bool = False
+    """compute pi_ref's log-probs for every pair once before training and free the reference model"""
+    # optimisation
+    num_epochs: int = 2
+    """passes over the training pairs"""
+    batch_size: int = 32
+    """pairs per optimiser step (2B sequences in one forward)"""
+    learning_rate: float = 5e-4
+    """peak learning rate, linearly decayed to 0 (tiny models take far larger rates than TRL's 1e-6)"""
+    warmup_steps: int = 5
+    """linear warm-up steps"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    # eval and logging
+    eval_every: int = 32
+    """evaluate (and save) every this many steps, and at the start and end"""
+    eval_size: int = 64
+    """held-out prompts for the shared eval (sampled names scored by --judge)"""
+    log_every: int = 16
+    """print and log train metrics every this many steps"""
+    temperature: float = 1.0
+    """sampling temperature of the eval (and of the built-in pairs)"""
+    max_new_tokens: int = 16
+    """longest sampled name"""
+
+
+def concat_pairs(batch: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """B (prompt, chosen, rejected) -> right-padded input_ids, attention_mask, completion_mask (2B, L):
+    rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected, so one forward scores both.
+
+    NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still counts."""
+    rows = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), width), pad_id)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    completion_mask = torch.zeros(len(rows), width)
+    for i, (p, c) in enumerate(rows):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p) : len(p) + len(c)] = 1
+    return input_ids, attention_mask, completion_mask
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y | x) of each row, (2B,): the SUM of the completion's token log-probs, prompt and padding excluded."""
+    # NOTE: the one-token shift: logits at position t predict the token at t + 1
+    logprobs = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)  # (2B, L-1)
+    # NOTE: a sum, not a mean: averaging changes the objective (TRL #789; the mean is SimPO's)
+    return (logprobs * completion_mask[:, 1:]).sum(1)
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_lengths: Optional[torch.Tensor] = None, rejected_lengths: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean loss over B pairs, and the implicit rewards of chosen and rejected (B,) each (no gradient)."""
+    chosen_logratios = chosen_logps - ref_chosen_logps        # (B,) log pi(y_c)/pi_ref(y_c)
+    rejected_logratios = rejected_logps - ref_rejected_logps  # (B,)
+    if loss_type == "sigmoid":
+        # ALGO: DPO Eq. 7; with eps > 0 the expected loss under labels flipped with probability eps (cDPO)
+        delta = chosen_logratios - rejected_logratios
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    elif loss_type == "ipo":
+        # ALGO: IPO regresses the per-token log-ratio gap onto 1/(2 tau); NOTE: length-normalised, as its authors
+        # confirmed to TRL (dpo_trainer.py comment; without it the paper's numbers do not reproduce)
+        delta = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
+        losses = (delta - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        # ALGO: SLiC's hinge on the same margin: no gradient once beta * Delta > 1
+        losses = torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
+    else:
+        raise ValueError(f"unknown loss type {loss_type!r}: use sigmoid, ipo or hinge")
+    # ALGO: the implicit rewards (DPO Eq. 5), logged as rewards/*
+    chosen_rewards, rejected_rewards = beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    return losses.mean(), chosen_rewards, rejected_rewards
+
+
+def batch_logprobs(model, batch: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (2B,) and completion lengths (2B,) in ONE forward over chosen and rejected."""
+    input_ids, attention_mask, completion_mask = (t.to(model.device) for t in concat_pairs(batch, pad_id))
+    logits = model(input_ids, attention_mask=attention_mask).logits  # (2B, L, V)
+    return sequence_logprobs(logits, input_ids, completion_mask), completion_mask.sum(1)
+
+
+@torch.no_grad()
+def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 256) -> torch.Tensor:
+    """(N, 2): log pi(y_c|x) and log pi(y_r|x) of every pair, in batches."""
+    columns = []
+    for start in range(0, len(pairs), batch_size):
+        logps, _ = batch_logprobs(model, pairs[start : start + batch_size], pad_id)
+        columns.append(logps.view(2, -1).T)
+    return torch.cat(columns)
+
+
+def load_pairs(args: Args, model, tokenizer, judge, warn=print) -> tuple[list[dict], list[dict]]:
+    """Training and held-out pairs: from JSONL, or names sampled from the starting policy, ranked by the judge."""
+    if args.data is not None:
+        train = read_preferences(args.data)
+        if args.eval_data is not None:
+            return train, read_preferences(args.eval_data)
+        if len(train) < 2:
+            raise ValueError(f"{args.data} has {len(train)} pair: need 2 or more to hold some out, or pass --eval-data")
+        n_eval = max(1, len(train) // 10)
+        return train[:-n_eval], train[-n_eval:]
+    built = []
+    for split, n, flip in (("train", args.num_prompts, args.flip_prob), ("heldout", args.eval_pairs, 0.0)):
+        if split == "heldout" and args.eval_data is not None:
+            return built[0], read_preferences(args.eval_data)
+        seed = args.seed if split == "train" else 0  # the held-out set never moves
+        prompts = pair_prompts(n, split, seed)
+        names = candidate_names(prompts, args.names_per_prompt, "policy", seed, model, tokenizer,
+                                args.temperature, args.max_new_tokens)
+        built.append(rank_pairs(prompts, names, judge, flip, args.seed))
+        warn(f"{split}: {len(built[-1])} pairs ranked by {args.judge} from {n} prompts (ties dropped)")
+    return built[0], built[1]
+
+
+def main(args: Args) -> dict:
+    run_name = f"dpo__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    print(json.dumps(asdict(args)))
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    if args.loss_type != "sigmoid" and args.label_smoothing:
+        raise ValueError(f"--label-smoothing is cDPO's and applies to --loss-type sigmoid only, not {args.loss_type}")
+
+    # 1. the policy and its frozen reference (dropout off in both), the judge
+    policy, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    judge = get_judge(args.judge, args.device)
+    context = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
+    pad_id = tokenizer.pad_token_id
+
+    # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids) with EOS on both completions
+    train_pairs, eval_pairs = load_pairs(args, policy, tokenizer, judge)
+    train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
+    heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
+    heldout_ref = all_logprobs(reference, heldout, pad_id)  # (N_eval, 2), once
+    ref_logps = None
+    if args.precompute_ref_logps:  # NOTE: the same numbers as per batch; saves a forward per step and the memory of pi_ref
+        ref_logps, reference = all_logprobs(reference, train, pad_id), None  # (N, 2)
+    steps_per_epoch = max(1, len(train) // args.batch_size)
+    total_steps = steps_per_epoch * args.num_epochs
+    print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    with open(os.path.join(run_dir, "pairs.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])  # a look at what the policy learns from
+    if args.track:
+        import wandb
+        wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
+
+    def log(metrics: dict, samples: list[dict] | None = None) -> None:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if samples is not None:
+            with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+                f.writelines(json.dumps({"step": metrics["step"], **s}) + "\n" for s in samples)
+        if args.track:
+            wandb.log(metrics, step=metrics["step"])
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+    def run_eval(step: int) -> dict:
+        metrics, samples = evaluate(policy, tokenizer, judge, eval_prompts(args.eval_size), args.temperature, args.max_new_tokens)
+        policy_logps = all_logprobs(policy, heldout, pad_id)  # (N_eval, 2)
+        margins = (policy_logps - heldout_ref) @ torch.tensor([1.0, -1.0])
+        metrics["eval/accuracy"] = float((margins > 0).float().mean())  # held-out pairs the implicit reward ranks right
+        log({"step": step, **metrics}, samples)
+        print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
+        save_atomic(policy, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
+        return metrics
+
+    eval_metrics = run_eval(0)
+    policy.train()
+    step = 0
+    for epoch in range(args.num_epochs):
+        order = rng.permutation(len(train))
+        for start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
+            step, t0 = step + 1, time.perf_counter()
+            indices = order[start : start + args.batch_size]
+            batch = [train[i] for i in indices]
+            B = len(batch)
+            # 3. pi_ref's log-probs: looked up, or one no-grad forward (never recomputed within the step)
+            if ref_logps is not None:
+                ref_chosen_logps, ref_rejected_logps = ref_logps[indices].to(policy.device).T
+            else:
+                with torch.no_grad():
+                    ref_both, _ = batch_logprobs(reference, batch, pad_id)  # (2B,)
+                ref_chosen_logps, ref_rejected_logps = ref_both[:B], ref_both[B:]
+            # 4. the policy's log-probs: one forward over chosen and rejected together
+            logps, lengths = batch_logprobs(policy, batch, pad_id)  # (2B,), (2B,)
+            # 5. the preference loss (+ RPO's NLL on the chosen completion, per token)
+            loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps,
+                                                              args.beta, args.loss_type, args.label_smoothing,
+                                                              lengths[:B], lengths[B:])
+            if args.rpo_alpha:
+                # ALGO: RPO: the NLL of the chosen completion per token, which keeps log pi(y_c) from falling
+                loss = loss + args.rpo_alpha * (-logps[:B] / lengths[:B]).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {float(loss)} at step {step}; the last good model is in "
+                                         f"{run_dir}/model: lower --learning-rate or check the data")
+            # 6. clip, schedule (warm-up, then linear decay to 0), step
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * min(step / max(1, args.warmup_steps), 1 - (step - 1) / total_steps)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_s = time.perf_counter() - t0
+            # 7. log, eval, save
+            if step % args.log_every == 0:
+                log({"step": step, "epoch": epoch, "train/loss": float(loss.detach()),
+                     "rewards/chosen": float(chosen_rewards.mean()), "rewards/rejected": float(rejected_rewards.mean()),
+                     "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
+                     "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
+                     "logps/chosen": float(logps[:B].detach().mean()), "logps/rejected": float(logps[B:].detach().mean()),
+                     "train/grad_norm": float(grad_norm), "train/lr": optimizer.param_groups[0]["lr"],
+                     "perf/step_s": step_s, "perf/tokens_per_s": sum(2 * len(p) + len(c) + len(r) for p, c, r in batch) / step_s})
+            if step % args.eval_every == 0 or step == total_steps:
+                eval_metrics = run_eval(step)
+    return {"train/loss": float(loss.detach()), **eval_metrics, "run_dir": run_dir}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args, description=__doc__))
+    except (ValueError, OSError, FloatingPointError) as e:
+        sys.exit(f"dpo.py: error: {e}")

@@ -1,0 +1,269 @@
+"""Reward model — a Bradley–Terry scalar reward learnt from preference pairs (Stiennon et al. 2020, §3.4;
+InstructGPT, Ouyang et al. 2022, §3.5 and Eq. 1).
+
+A scalar head r_phi on the policy's backbone reads the hidden state of the last real token of prompt x +
+completion y (+ EOS). Under the Bradley–Terry model P(y_c > y_r | x) = sigma(r(x, y_c) - r(x, y_r)), so for
+pairs (x, y_c chosen, y_r rejected) we minimise the negative log-likelihood of the preferences:
+    L = -mean log sigma(r_c - r_r - m)  +  c * mean((r_c + r_r)^2)
+with an optional margin m (Llama 2, Touvron et al. 2023, Eq. 2, there per pair; here one constant) and the
+reward-centering term of weight c (Eisenstein et al. 2023; TRL's center_rewards_coefficient), which pins the
+free offset of r near 0 so that rewards are comparable across runs.
+Differences from the papers: (1) pairs, not InstructGPT's K-way comparisons (K choose 2 pairs in one batch);
+(2) the pairs are labelled by a judge (AI feedback) instead of people, optionally with flipped labels
+(--flip-prob) to imitate noisy raters; (3) no post-hoc gain/bias normalisation (SFD stores a bias; use
+--center-coef instead); (4) the head is a bias-free Linear(d, 1) initialised N(0, 1/sqrt(d+1)) as in SFD.
+The saved model is an AutoModelForSequenceClassification with num_labels=1: `--judge rm:PATH` in every
+script (and ppo_rlhf.py --reward-model PATH) scores with it exactly as score_last_token below does.
+Shapes: B pairs, L prompt + completion tokens (right padded), D hidden size.
+Run: python reward_model.py                       # poet-labelled pairs from the painter, ~2-3 min on 2 CPU cores
+     python reward_model.py --judge correct --data my_pairs.jsonl
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from transformers import AutoModelForSequenceClassification
+
+from common import (candidate_names, encode_pairs, get_judge, load_model_and_tokenizer, pair_prompts, rank_pairs,
+                    read_preferences, save_atomic)
+
+
+@dataclass
+class Args:
+    # run
+    exp_name: str = "default"
+    """name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed for python, numpy and torch (data order, head init, the built-in pairs)"""
+    output_dir: str = "runs"
+    """runs go to output_dir/reward_model__exp_name__seed__time/"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    # model
+    model: Optional[str] = None
+    """HF model whose backbone gets the scalar head (folder or hub id); None = the shipped painter"""
+    device: str = "auto"
+    """cuda if present, else cpu"""
+    dtype: str = "auto"
+    """bfloat16 on cuda, float32 on cpu"""
+    # data
+    data: Optional[str] = None
+    """JSONL of {prompt, chosen, rejected} (or full-text {chosen, rejected}); None = built-in judge-ranked pairs"""
+    eval_data: Optional[str] = None
+    """JSONL of held-out pairs; None = built-in held-out pairs (with --data: the last 10% of its rows)"""
+    judge: str = "poet"
+    """built-in pairs: the judge that ranks the names (plays the human rater)"""
+    num_prompts: int = 4096
+    """built-in pairs: training prompts (at most one pair each: the judge's best vs worst name)"""
+    names_per_prompt: int = 4
+    """built-in pairs: names ranked per prompt"""
+    source: Literal["policy", "names"] = "policy"
+    """built-in pairs: names sampled from the model, or random names from the colour data"""
+    flip_prob: float = 0.0
+    """built-in pairs: probability of swapping chosen and rejected (label noise)"""
+    eval_prompts: int = 512
+    """built-in held-out pairs: prompts (held-out hexes, never flipped)"""
+    identical_pairs: Literal["skip", "error"] = "skip"
+    """pairs whose chosen equals rejected: skip and count them, or stop with an error"""
+    too_long: Literal["truncate", "error"] = "truncate"
+    """pairs longer than the context: truncate the completions (counted) or stop with an error"""
+    # algorithm
+    margin: float = 0.0
+    """m: the loss is -log sigma(r_c - r_r - m) (Llama 2 Eq. 2)"""
+    center_coef: float = 0.01
+    """c: weight of the centering term c * mean((r_c + r_r)^2) (TRL recommends 0.01; 0 = off)"""
+    # optimisation
+    num_epochs: int = 2
+    """passes over the training pairs"""
+    batch_size: int = 64
+    """pairs per optimiser step (2B sequences in one forward)"""
+    learning_rate: float = 1e-3
+    """peak learning rate, linearly decayed to 0 (SFD / N-blog: anneal to zero)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    # eval and logging
+    eval_every: int = 50
+    """evaluate (and save) every this many steps, and at the start and end"""
+    log_every: int = 10
+    """print and log train metrics every this many steps"""
+
+
+def concat_pairs(batch: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """B (prompt, chosen, rejected) -> right-padded input_ids, attention_mask, completion_mask (2B, L):
+    rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected, so one forward scores both.
+
+    NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still counts."""
+    rows = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), width), pad_id)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    completion_mask = torch.zeros(len(rows), width)
+    for i, (p, c) in enumerate(rows):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p) : len(p) + len(c)] = 1
+    return input_ids, attention_mask, completion_mask
+
+
+def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r(x, y) of each row, (N,): the scalar head on the hidden state of the last real token."""
+    # NOTE: positions count real tokens only, so left- and right-padded rows get the same positions
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = model.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state  # (N, L, D)
+    # NOTE: the last real token found from the attention mask, not from pad_token_id (P5: TRL #937, when
+    # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
+    last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)  # (N,)
+    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: float = 0.0,
+                       center_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and accuracy of B pairs of rewards (B,) each."""
+    # ALGO: the Bradley–Terry negative log-likelihood (InstructGPT Eq. 1; DPO paper Eq. 2), with a margin
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()
+    # ALGO: reward centering (Eisenstein et al. 2023): the BT loss only sees differences, so pin the mean near 0
+    if center_coef:
+        loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    accuracy = (chosen_rewards > rejected_rewards).float().mean()  # NOTE: a tie counts as wrong
+    return loss, accuracy
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: list, pad_id: int, batch_size: int = 256) -> dict:
+    """eval/accuracy (the share of held-out pairs ranked as the labeller ranked them), eval/loss, eval/margin."""
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        input_ids, attention_mask, _ = (t.to(model.device) for t in concat_pairs(batch, pad_id))
+        rewards = score_last_token(model, input_ids, attention_mask)  # (2B,)
+        chosen.append(rewards[: len(batch)])
+        rejected.append(rewards[len(batch) :])
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    loss, accuracy = bradley_terry_loss(chosen, rejected)
+    return {"eval/accuracy": float(accuracy), "eval/loss": float(loss), "eval/margin": float((chosen - rejected).mean()),
+            "eval/reward_mean": float(torch.cat([chosen, rejected]).mean())}
+
+
+def load_pairs(args: Args, warn=print) -> tuple[list[dict], list[dict]]:
+    """Training and held-out pairs: from JSONL, or built by letting the judge rank the model's own names."""
+    if args.data is not None:
+        train = read_preferences(args.data)
+        if args.eval_data is not None:
+            return train, read_preferences(args.eval_data)
+        if len(train) < 2:
+            raise ValueError(f"{args.data} has {len(train)} pair: need 2 or more to hold some out, or pass --eval-data")
+        n_eval = max(1, len(train) // 10)
+        return train[:-n_eval], train[-n_eval:]
+    judge = get_judge(args.judge, args.device)
+    # NOTE: the names are sampled from the same checkpoint loaded as a causal LM (the head cannot generate)
+    sampler, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype) if args.source == "policy" else (None, None)
+    built = []
+    for split, n, flip in (("train", args.num_prompts, args.flip_prob), ("heldout", args.eval_prompts, 0.0)):
+        if split == "heldout" and args.eval_data is not None:
+            return built[0], read_preferences(args.eval_data)
+        prompts = pair_prompts(n, split, args.seed if split == "train" else 0)  # the held-out set never moves
+        names = candidate_names(prompts, args.names_per_prompt, args.source, args.seed if split == "train" else 0,
+                                sampler, tokenizer)
+        built.append(rank_pairs(prompts, names, judge, flip, args.seed))
+        warn(f"{split}: {len(built[-1])} pairs ranked by {args.judge} from {n} prompts (ties dropped)")
+    return built[0], built[1]
+
+
+def main(args: Args) -> dict:
+    run_name = f"reward_model__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    print(json.dumps(asdict(args)))
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    # 1. the backbone with a scalar head (dropout off); a causal-LM checkpoint gets a fresh head
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype,
+                                                model_class=AutoModelForSequenceClassification, num_labels=1)
+    if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
+        # NOTE: N(0, 1/sqrt(d+1)) as in SFD reward.py and OpenAI's lm-human-preferences (N-blog detail 6)
+        torch.nn.init.normal_(model.score.weight, std=1 / np.sqrt(model.config.hidden_size + 1))
+    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+
+    # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids) with EOS on both completions
+    train_pairs, eval_pairs = load_pairs(args)
+    train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
+    heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
+    steps_per_epoch = max(1, len(train) // args.batch_size)
+    total_steps = steps_per_epoch * args.num_epochs
+    print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    with open(os.path.join(run_dir, "pairs.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])  # a look at what the model learns from
+    if args.track:
+        import wandb
+        wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
+
+    def log(metrics: dict) -> None:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if args.track:
+            wandb.log(metrics, step=metrics["step"])
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate_pairs(model, heldout, tokenizer.pad_token_id)
+        log({"step": step, **metrics})
+        save_atomic(model, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
+        return metrics
+
+    eval_metrics = run_eval(0)
+    model.train()
+    step = 0
+    for epoch in range(args.num_epochs):
+        order = rng.permutation(len(train))
+        for start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
+            step, t0 = step + 1, time.perf_counter()
+            # 3. one forward over the 2B sequences: chosen rows first, rejected rows after
+            batch = [train[i] for i in order[start : start + args.batch_size]]
+            input_ids, attention_mask, _ = (t.to(model.device) for t in concat_pairs(batch, tokenizer.pad_token_id))
+            rewards = score_last_token(model, input_ids, attention_mask)  # (2B,)
+            chosen_rewards, rejected_rewards = rewards[: len(batch)], rewards[len(batch) :]
+            # 4. the Bradley–Terry loss
+            loss, accuracy = bradley_terry_loss(chosen_rewards, rejected_rewards, args.margin, args.center_coef)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {float(loss)} at step {step}; the last good model is in "
+                                         f"{run_dir}/model: lower --learning-rate or check the data")
+            # 5. clip, linear decay to 0, step
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * (1 - (step - 1) / total_steps)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_s = time.perf_counter() - t0
+            # 6. log, eval, save
+            if step % args.log_every == 0:
+                log({"step": step, "epoch": epoch, "train/loss": float(loss.detach()), "train/accuracy": float(accuracy),
+                     "train/margin": float((chosen_rewards - rejected_rewards).detach().mean()),
+                     "train/reward_mean": float(rewards.detach().mean()), "train/grad_norm": float(grad_norm),
+                     "train/lr": optimizer.param_groups[0]["lr"], "perf/step_s": step_s,
+                     "perf/tokens_per_s": float(attention_mask.sum()) / step_s})
+            if step % args.eval_every == 0 or step == total_steps:
+                eval_metrics = run_eval(step)
+    return {"train/loss": float(loss.detach()), "train/accuracy": float(accuracy), **eval_metrics, "run_dir": run_dir}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args, description=__doc__))
+    except (ValueError, OSError, FloatingPointError) as e:
+        sys.exit(f"reward_model.py: error: {e}")
