@@ -1,9 +1,27 @@
 import os
+import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_script(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python <argv>` from the repository root, as a user would type it."""
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    """Bad input stops the script with a message, not a traceback."""
+    assert result.returncode != 0, result.stdout[-1000:]
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def assert_help_lists(script: str, flags: list[str]) -> None:
+    help_text = run_script(script, "--help").stdout
+    assert all(flag in help_text for flag in flags), [f for f in flags if f not in help_text]
 
 
 def pytest_configure(config):

@@ -4,8 +4,6 @@ import inspect
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +11,8 @@ import torch
 import dpo
 import reward_model
 from common import encode_pairs
+from conftest import assert_help_lists, assert_one_line_error, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG2 = math.log(2)
 
 
@@ -148,17 +146,12 @@ def test_main_on_jsonl_raises_the_margin(tmp_path):
 def test_cli_bad_input_is_one_line(tmp_path, rows, flags, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = subprocess.run([sys.executable, "dpo.py", "--data", str(path), "--output-dir", str(tmp_path), *flags],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert_one_line_error(run_script("dpo.py", "--data", str(path), "--output-dir", str(tmp_path), *flags), message)
 
 
 def test_cli_runs(tmp_path):
-    result = subprocess.run([sys.executable, "dpo.py", "--judge", "correct", "--num-prompts", "16", "--eval-pairs", "8",
-                             "--batch-size", "8", "--num-epochs", "1", "--eval-size", "4", "--eval-every", "2",
-                             "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script("dpo.py", "--judge", "correct", "--num-prompts", "16", "--eval-pairs", "8", "--batch-size", "8",
+                        "--num-epochs", "1", "--eval-size", "4", "--eval-every", "2", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "eval/accuracy" in result.stdout and len(os.listdir(tmp_path)) == 1
-    help_text = subprocess.run([sys.executable, "dpo.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
-    for flag in ["--loss-type", "--label-smoothing", "--rpo-alpha", "--precompute-ref-logps", "--flip-prob"]:
-        assert flag in help_text
+    assert_help_lists("dpo.py", ["--loss-type", "--label-smoothing", "--rpo-alpha", "--precompute-ref-logps", "--flip-prob"])

@@ -2,16 +2,13 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import grpo
 from common import encode_prompt, eval_prompts
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import assert_help_lists, assert_one_line_error, run_script
 
 
 def test_group_advantages_by_hand():
@@ -202,13 +199,12 @@ def test_a_bad_judge_is_a_clear_error(tmp_path, monkeypatch, judge_output, messa
     (["--prompts", "missing.jsonl"], "does not exist"),
 ])
 def test_cli_bad_input_is_one_line(flags, message):
-    result = subprocess.run([sys.executable, "grpo.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert_one_line_error(run_script("grpo.py", *flags), message)
 
 
 def test_cli_runs(tmp_path):
-    result = subprocess.run([sys.executable, "grpo.py", "--group-size", "4", "--batch-size", "2", "--micro-batch-size", "8",
-                             "--total-steps", "2", "--eval-every", "2", "--eval-size", "4", "--log-every", "1",
-                             "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script("grpo.py", "--group-size", "4", "--batch-size", "2", "--micro-batch-size", "8", "--total-steps", "2",
+                        "--eval-every", "2", "--eval-size", "4", "--log-every", "1", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "train/frac_zero_std" in result.stdout and len(os.listdir(tmp_path)) == 1
+    assert_help_lists("grpo.py", ["--scale-rewards", "--loss-agg", "--clip-eps-high", "--num-iterations", "--kl-estimator", "--mask-truncated"])

@@ -3,16 +3,13 @@ import inspect
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import grpo
 import reinforce
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import assert_help_lists, assert_one_line_error, run_script
 
 
 def test_baselines_by_hand():
@@ -101,10 +98,9 @@ def test_group_baselines_need_two_completions(tmp_path):
 
 
 def test_cli_runs(tmp_path):
-    result = subprocess.run([sys.executable, "reinforce.py", "--group-size", "4", "--batch-size", "2", "--micro-batch-size", "8",
-                             "--total-steps", "2", "--eval-every", "2", "--eval-size", "4", "--log-every", "1",
-                             "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script("reinforce.py", "--group-size", "4", "--batch-size", "2", "--micro-batch-size", "8", "--total-steps", "2",
+                        "--eval-every", "2", "--eval-size", "4", "--log-every", "1", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "train/reward" in result.stdout and len(os.listdir(tmp_path)) == 1
-    bad = subprocess.run([sys.executable, "reinforce.py", "--group-size", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "at least 2 completions" in bad.stderr and "Traceback" not in bad.stderr
+    assert_one_line_error(run_script("reinforce.py", "--group-size", "1"), "at least 2 completions")
+    assert_help_lists("reinforce.py", ["--baseline", "--baseline-decay", "--beta", "--mask-truncated"])

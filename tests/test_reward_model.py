@@ -3,8 +3,6 @@ padding, the rm: judge agreeing with training, the pair builder, smoke and CLI r
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,8 +12,8 @@ import reward_model as rm
 from common import (candidate_names, encode_completion, encode_pairs, encode_prompt, get_judge, load_model_and_tokenizer,
                     pair_prompts, rank_pairs, read_preferences)
 from common.preferences import split_shared_prefix
+from conftest import assert_help_lists, assert_one_line_error, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Name this paint color: #d48475", "Name this paint color: #1f4e79", "Name this paint color: #ffffff"]
 NAMES = ["Sunset Dust", "Navy", "Whispering Dawn Morning Mist"]
 
@@ -195,17 +193,12 @@ def test_main_reads_jsonl_pairs_and_learns_them(tmp_path):
 def test_cli_bad_input_is_one_line(tmp_path, rows, flags, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = subprocess.run([sys.executable, "reward_model.py", "--data", str(path), "--output-dir", str(tmp_path), *flags],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert_one_line_error(run_script("reward_model.py", "--data", str(path), "--output-dir", str(tmp_path), *flags), message)
 
 
 def test_cli_runs(tmp_path):
-    result = subprocess.run([sys.executable, "reward_model.py", "--judge", "correct", "--num-prompts", "24", "--eval-prompts",
-                             "8", "--batch-size", "8", "--num-epochs", "1", "--output-dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script("reward_model.py", "--judge", "correct", "--num-prompts", "24", "--eval-prompts", "8",
+                        "--batch-size", "8", "--num-epochs", "1", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "eval/accuracy" in result.stdout and len(os.listdir(tmp_path)) == 1
-    help_text = subprocess.run([sys.executable, "reward_model.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
-    for flag in ["--center-coef", "--margin", "--flip-prob", "--identical-pairs", "--too-long"]:
-        assert flag in help_text
+    assert_help_lists("reward_model.py", ["--center-coef", "--margin", "--flip-prob", "--identical-pairs", "--too-long"])

@@ -2,8 +2,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,8 +9,7 @@ import torch
 
 import sft
 from common import encode_completion, encode_prompt
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import assert_help_lists, assert_one_line_error, run_script
 
 
 def tiny_args(tmp_path, **overrides) -> sft.Args:
@@ -135,16 +132,12 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path):
     (["--judge", "critic"], "unknown judge 'critic'"),
 ])
 def test_cli_bad_input_is_one_line(flags, message):
-    result = subprocess.run([sys.executable, "sft.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert_one_line_error(run_script("sft.py", *flags), message)
 
 
 def test_cli_runs(tmp_path):
-    result = subprocess.run([sys.executable, "sft.py", "--total-steps", "2", "--batch-size", "4", "--eval-every", "2",
-                             "--eval-size", "4", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64",
-                             "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script("sft.py", "--total-steps", "2", "--batch-size", "4", "--eval-every", "2", "--eval-size", "4",
+                        "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "eval/reward" in result.stdout and len(os.listdir(tmp_path)) == 1
-    help_text = subprocess.run([sys.executable, "sft.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
-    for flag in ["--grad-accum-steps", "--tokenizer", "--synthetic-frac", "--save-to", "--judge"]:
-        assert flag in help_text
+    assert_help_lists("sft.py", ["--grad-accum-steps", "--tokenizer", "--synthetic-frac", "--save-to", "--judge"])

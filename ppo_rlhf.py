@@ -1,0 +1,438 @@
+"""PPO-RLHF — PPO with a value model, a reward model (or judge) and a KL penalty to a frozen reference
+(Ouyang et al. 2022, InstructGPT, §3.5 Eq. 2; Stiennon et al. 2020, §3.4; Ziegler et al. 2019, §2.2;
+PPO: Schulman et al. 2017, Eq. 7 and 9; GAE: Schulman et al. 2016, Eq. 16). Implementation details follow
+"The N Implementation Details of RLHF with PPO" (Huang et al. 2024, arXiv:2403.17031) and its code,
+summarize_from_feedback_details (SFD) @ ee77a9a, and TRL's PPOTrainer @ f2cd577 (trl/experimental/ppo).
+
+Four roles: the policy pi (trained), the reference pi_ref (a frozen copy of the starting policy), the score
+r(x, y) (a reward model from reward_model.py, or a judge) and the value model V (trained; initialised from the
+reward model when there is one, else from the policy's backbone with a zero scalar head). Each completion y of
+prompt x is an episode whose actions are its tokens y_t. Every token gets a reward (InstructGPT Eq. 2, per token):
+    r_t = -beta * k1_t  +  [t = last real token] * r(x, y),     k1_t = log pi(y_t | s_t) - log pi_ref(y_t | s_t)
+GAE (gamma, lambda) turns rewards and values into advantages; returns are advantages + values:
+    delta_t = r_t + gamma V(s_t+1) - V(s_t),    A_t = delta_t + gamma lambda A_t+1,    R_t = A_t + V(s_t)
+and epochs x shuffled minibatches minimise the clipped surrogate plus the clipped value loss:
+    L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
+        + vf_coef * 1/2 mean_t max((V_t - R_t)^2, (clip(V_t, V_old_t - eps_v, V_old_t + eps_v) - R_t)^2)
+    rho_t = pi(y_t | s_t) / pi_old(y_t | s_t),  means over the real completion tokens of the minibatch
+Differences from InstructGPT: (1) no pretraining-mix term (PPO-ptx, gamma_ptx = 0); (2) a judge or a tiny reward
+model, not a 6B RM; (3) the score sits on the last real token, not one position later (see ALGO below, pitfall
+P8); (4) one optimiser for policy and value (as TRL), Adam eps 1e-5 (SFD), LR annealed linearly to 0.
+With --reward-model, --judge is not trained on: it is the "gold" reward of the eval, so eval/reward against
+train/score shows over-optimisation of the proxy (Gao et al. 2022).
+Shapes: N sequences (= prompts) per rollout, M per minibatch, P prompt tokens (left padded), T completion
+tokens (right padded after EOS), V vocab, D hidden size.
+Run: python ppo_rlhf.py                                            # judge poet+correct, ~4 min on 2 CPU cores
+     python ppo_rlhf.py --reward-model runs/reward_model__.../model --judge poet
+"""
+import copy
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+from transformers import AutoModelForSequenceClassification
+
+from common import PROMPT, color_names, encode_prompt, eval_prompts, evaluate, get_judge, load_model_and_tokenizer, read_jsonl, save_atomic
+
+
+@dataclass
+class Args:
+    # run
+    exp_name: str = "default"
+    """name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed for python, numpy and torch (prompt order, sampling, minibatch order)"""
+    output_dir: str = "runs"
+    """runs go to output_dir/ppo_rlhf__exp_name__seed__time/"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    # model, reward and task
+    model: Optional[str] = None
+    """HF causal LM to train (folder or hub id); None = the shipped painter"""
+    device: str = "auto"
+    """cuda if present, else cpu"""
+    dtype: str = "auto"
+    """bfloat16 on cuda, float32 on cpu"""
+    reward_model: Optional[str] = None
+    """a reward model saved by reward_model.py: the score r(x, y), and the value model's starting point;
+    it must share the policy's tokenizer (it reads the policy's token ids)"""
+    judge: str = "poet+correct"
+    """the score when there is no --reward-model (a judge or weighted sum, common/judges.py); with one, the eval's gold reward"""
+    prompts: Optional[str] = None
+    """JSONL of {"prompt", "answer"?} rows (answer goes to the judge); None = the training-split hexes"""
+    # algorithm
+    kl_coef: float = 0.05
+    """beta: weight of the per-token k1 penalty in the reward (TRL and SFD: 0.05); the start value if adaptive"""
+    target_kl: Optional[float] = None
+    """KL_target (nats per completion) of the adaptive controller (Ziegler et al. 2019 §2.2); None = fixed beta"""
+    kl_horizon: float = 10000
+    """horizon (episodes) of the adaptive controller: beta *= 1 + clip(KL/KL_target - 1, -0.2, 0.2) * N / horizon"""
+    truncated: Literal["penalty", "mask", "none"] = "penalty"
+    """completions without EOS: score := --truncated-score (the EOS trick, SFD), drop them from the loss (DAPO), or score as is"""
+    truncated_score: float = -1.0
+    """the fixed score of a completion that never reached EOS (SFD penalty_reward_value = -1)"""
+    gamma: float = 1.0
+    """gamma: discount (1 as TRL and SFD: the score is the only reward that matters, at the end)"""
+    lam: float = 0.95
+    """lambda: GAE bias/variance trade-off (TRL and SFD: 0.95; OpenRLHF and verl: 1.0)"""
+    clip_eps: float = 0.2
+    """epsilon: the ratio is clipped to [1 - eps, 1 + eps]"""
+    value_clip: float = 0.2
+    """eps_v: the new value may move at most this far from the rollout's value before the loss stops pulling"""
+    vf_coef: float = 0.1
+    """weight of the value loss (TRL and SFD: 0.1)"""
+    whiten_rewards: bool = False
+    """scale the per-token rewards to unit variance over the batch before GAE (mean kept; TRL whiten_rewards)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed from logits / temperature to match the sampler"""
+    max_new_tokens: int = 8
+    """T: longest completion (painter names take 2-4 tokens plus EOS)"""
+    # optimisation
+    total_steps: int = 300
+    """rollout-update steps"""
+    batch_size: int = 32
+    """N: prompts per rollout, one completion each"""
+    num_minibatches: int = 2
+    """minibatches per epoch (M = N / num_minibatches); one optimiser step each"""
+    num_ppo_epochs: int = 4
+    """passes over each rollout (TRL and SFD: 4)"""
+    learning_rate: float = 2e-4
+    """Adam learning rate of policy and value, annealed linearly to 0 (SFD, N-blog detail 5)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm (policy and value together) to this"""
+    # eval and logging
+    eval_every: int = 50
+    """evaluate (and save) every this many steps, and at the start and end"""
+    eval_size: int = 64
+    """held-out prompts per eval"""
+    log_every: int = 10
+    """print and log train metrics every this many steps"""
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) under the sampling distribution softmax(logits / T): (N, T, V), (N, T) -> (N, T)."""
+    # NOTE: without the / temperature the trainer differentiates a different policy than the sampler's
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy (N, T) of the sampling distribution softmax(logits / T) at each position."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def completion_mask_from(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) -> mask of the tokens up to and including the first EOS, and which rows never reached EOS.
+    NOTE: found from the first EOS, not from the pad id, which may equal EOS."""
+    is_eos = completion_ids == eos_id
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), completion_ids.shape[1])
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    return (positions[None] <= first_eos[:, None]).float(), ~is_eos.any(1)
+
+
+def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperature: float):
+    """Log-probs (N, T) of the completion tokens and the logits (N, T, V) that predict them."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
+    return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
+
+
+def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r(x, y) of each row, (N,): the scalar head on the hidden state of the last real token."""
+    # NOTE: positions count real tokens only, so left- and right-padded rows get the same positions
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = model.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state  # (N, L, D)
+    # NOTE: the last real token found from the attention mask, not from pad_token_id (P5: TRL #937, when
+    # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
+    last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)  # (N,)
+    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+def forward_values(value_model, input_ids, attention_mask, n_prompt: int) -> torch.Tensor:
+    """V(s_t) (N, T): the scalar head on every hidden state, read where the policy's logits for y_t are read."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = value_model.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    # NOTE: the state s_t before token y_t is the prefix ending at position P-1+t, the same shift as the logits
+    return value_model.score(hidden[:, n_prompt - 1 : -1]).squeeze(-1).float()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ALGO: masked whitening (TRL core masked_whiten: unbiased variance; SFD, N-blog detail 12)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the real tokens only; padding is ignored and comes back as 0.
+    shift_mean=False keeps the mean (used for rewards, so a positive score stays positive)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)  # NOTE: Bessel's correction, as TRL
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+# ALGO: the EOS trick (N-blog detail 4; SFD ppo.py:663-667; TRL missing_eos_penalty, pitfall P6)
+def sequence_scores(scores: torch.Tensor, truncated: torch.Tensor, mode: str, penalty: float) -> torch.Tensor:
+    """(N,) scores -> the score each episode ends with: a completion that never said EOS gets the fixed
+    penalty, so the policy learns to finish instead of being paid for a half name (mode "penalty")."""
+    return torch.where(truncated, torch.full_like(scores, penalty), scores) if mode == "penalty" else scores
+
+
+# ALGO: per-token rewards, InstructGPT Eq. 2 spread over tokens (N-blog detail 11)
+def per_token_rewards(scores, logprobs, ref_logprobs, completion_mask, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,), (N, T) x 3 -> rewards (N, T) and their KL part, non_score_rewards (N, T).
+    -beta * k1 on every real completion token (k1 is a number here, no gradient: the KL enters as reward, P3),
+    and the score on the LAST REAL token: EOS, or token T-1 for a completion cut at max_new_tokens.
+    NOTE (P8): TRL and SFD add the score at index sequence_length + 1, the first pad AFTER the EOS
+    (`padding_mask_p1`, TRL ppo_trainer.py:762-779, SFD ppo.py); it still trains because their value mask
+    keeps that extra slot, so the score reaches EOS only through V and gamma*lambda*A of a padding position
+    (TRL #1893, #3750, PR #5338). The episode ends with the EOS action, so its reward belongs to it: we put it
+    there, as OpenRLHF and verl do, and no padding position ever gets a reward or a value."""
+    non_score_rewards = -kl_coef * (logprobs - ref_logprobs) * completion_mask
+    lengths = completion_mask.sum(1)                                              # (N,), 0 for masked rows
+    last = (lengths - 1).clamp(min=0).long()
+    rewards = non_score_rewards.clone()
+    rewards[torch.arange(len(last), device=last.device), last] += scores * (lengths > 0)
+    return rewards, non_score_rewards
+
+
+# ALGO: generalised advantage estimation (Schulman et al. 2016, Eq. 16), backwards over the tokens
+def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) x 3 -> advantages and returns (N, T). The state after the last real token is terminal: its value
+    is 0 (we zero values on padding, which also zeroes delta and A there)."""
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    return advantages * mask, (advantages + values) * mask  # returns R_t = A_t + V(s_t) (TRL, SFD)
+
+
+# ALGO: the clipped surrogate (PPO Eq. 7), per token, written as a loss to minimise
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over real tokens of max(-A rho, -A clip(rho)), and the share of tokens where the clip is active."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    return masked_mean(torch.max(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
+
+
+# ALGO: the clipped value loss (PPO2 / OpenAI baselines; TRL and SFD, N-blog detail 13)
+def value_loss(values, old_values, returns, mask, value_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """1/2 mean over real tokens of max((V - R)^2, (V_clipped - R)^2) and the share where the clip binds."""
+    clipped_values = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
+    return 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask), masked_mean((clipped_loss > unclipped_loss).float(), mask)
+
+
+# ALGO: the adaptive KL controller (Ziegler et al. 2019 §2.2; lm-human-preferences AdaptiveKLController)
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_episodes: int, horizon: float) -> float:
+    """beta_next = beta * (1 + K * e), e = clip(KL / KL_target - 1, -0.2, 0.2), K = n_episodes / horizon."""
+    return kl_coef * (1 + float(np.clip(kl / target - 1, -0.2, 0.2)) * n_episodes / horizon)
+
+
+def load_reward_model(path: str, tokenizer, device: str, dtype: str):
+    """A reward model saved by reward_model.py, checked to be one and to share the policy's tokenizer.
+    NOTE: a different tokenizer is REFUSED, not re-tokenised: the RM reads the policy's token ids and the
+    value model, initialised from the RM, must give a value per POLICY token. `--judge rm:PATH` (which
+    decodes the text and re-encodes it with the RM's own tokenizer) is the way to use such a model."""
+    reward_model, rm_tokenizer = load_model_and_tokenizer(path, device, dtype, model_class=AutoModelForSequenceClassification)
+    if (not any(a.endswith("ForSequenceClassification") for a in reward_model.config.architectures or [])
+            or reward_model.config.num_labels != 1):
+        raise ValueError(f"--reward-model {path!r} is not a reward model (a sequence-classification model with one "
+                         f"label, as reward_model.py saves); its architectures are {reward_model.config.architectures}")
+    if rm_tokenizer.get_vocab() != tokenizer.get_vocab() or rm_tokenizer.eos_token_id != tokenizer.eos_token_id:
+        raise ValueError(f"--reward-model {path!r} has a different tokenizer from the policy's: ppo_rlhf.py scores the "
+                         "policy's token ids and starts the value model from the RM, so they must match; train the RM "
+                         "from the policy (reward_model.py --model ...) or use --judge rm:PATH, which re-tokenises text")
+    return reward_model.eval().requires_grad_(False)
+
+
+def main(args: Args) -> dict:
+    run_name = f"ppo_rlhf__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    print(json.dumps(asdict(args)))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    N = args.batch_size
+    if N % args.num_minibatches or N // args.num_minibatches < 2:
+        raise ValueError(f"--num-minibatches {args.num_minibatches} must divide --batch-size {N} into minibatches of 2 or more")
+    M = N // args.num_minibatches
+
+    # prompts: the user's JSONL rows (the eval takes the first ones), or the training-split hexes (the
+    # eval takes the held-out ones)
+    if args.prompts is not None:
+        rows = read_jsonl(args.prompts, ("prompt",))
+    else:
+        rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
+    if len(rows) < N:
+        raise ValueError(f"{len(rows)} prompts for a batch of {N}: lower --batch-size or add prompts")
+    eval_rows = [{"prompt": p} for p in eval_prompts(args.eval_size)] if args.prompts is None else rows[: args.eval_size]
+    eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
+
+    # the four roles; dropout is off in all of them (common's loader; N-blog detail 9, P4d)
+    judge = get_judge(args.judge, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)              # policy
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)                                 # reference
+    reward_model = None
+    if args.reward_model is not None:                                                             # reward
+        reward_model = load_reward_model(args.reward_model, tokenizer, args.device, args.dtype)
+        value_model = copy.deepcopy(reward_model).requires_grad_(True)  # value from the RM (SFD ppo.py:482, TRL)
+    else:
+        value_model, _ = load_model_and_tokenizer(args.model, args.device, args.dtype,
+                                                  model_class=AutoModelForSequenceClassification, num_labels=1)
+        torch.nn.init.zeros_(value_model.score.weight)  # NOTE: a zero head, V = 0 at first (OAI's N(0, 0), N-blog detail 8)
+    value_model.train()
+    # NOTE: Adam eps 1e-5 as SFD (ppo.py); PyTorch's default 1e-8 makes larger early updates (N-blog detail 14)
+    optimizer = torch.optim.Adam(list(model.parameters()) + list(value_model.parameters()), lr=args.learning_rate, eps=1e-5)
+    kl_coef = args.kl_coef
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    if args.track:
+        import wandb
+        wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
+
+    def log(metrics: dict, samples: list[dict] | None = None) -> None:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if samples is not None:
+            with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+                f.writelines(json.dumps({"step": metrics["step"], **s}) + "\n" for s in samples)
+        if args.track:
+            wandb.log(metrics, step=metrics["step"])
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+    def run_eval(step: int) -> dict:
+        metrics, samples = evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
+                                    args.max_new_tokens, **eval_extra)
+        log({"step": step, **metrics}, samples)
+        print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
+        save_atomic(model, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
+        return metrics
+
+    eval_metrics = run_eval(0)
+    for step in range(1, args.total_steps + 1):
+        t0 = time.perf_counter()
+        # 1. sample N prompts, one completion each
+        batch_rows = [rows[i] for i in rng.choice(len(rows), size=N, replace=False)]
+        prompts = [r["prompt"] for r in batch_rows]
+        encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in prompts]},
+                                padding=True, return_tensors="pt").to(model.device)
+        prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # (N, P), left padded
+        P = prompt_ids.shape[1]
+        if P + args.max_new_tokens > getattr(model.config, "max_position_embeddings", 1 << 30):
+            raise ValueError(f"prompt of {P} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's context")
+
+        # 2. generate (KV cache, plain sampling at temperature), then truncate after the first EOS
+        with torch.no_grad():
+            model.eval()
+            sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                                       temperature=args.temperature, top_k=0, top_p=1.0,
+                                       max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            model.train()
+        completion_ids = sequences[:, P:]                                           # (N, T)
+        completion_mask, truncated = completion_mask_from(completion_ids, tokenizer.eos_token_id)
+        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)   # (N, P+T): nothing after EOS
+        completion_len = completion_mask.sum(1).mean()
+
+        # 3. score: the reward model on the policy's own token ids (last real token), or the judge on the text
+        with torch.no_grad():
+            if reward_model is not None:
+                raw_scores = score_last_token(reward_model, sequences, attention_mask)
+            else:
+                completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # pads after EOS are special
+                extra = {"answer": [r["answer"] for r in batch_rows]} if "answer" in batch_rows[0] else {}
+                raw_scores = torch.tensor(judge(prompts, [c.strip() for c in completions], **extra), dtype=torch.float32)
+        if raw_scores.shape != (N,) or not torch.isfinite(raw_scores).all():
+            raise ValueError(f"the score ({args.reward_model or args.judge!r}) must return one finite number per completion; "
+                             f"got shape {tuple(raw_scores.shape)}, {int((~torch.isfinite(raw_scores)).sum())} non-finite")
+        scores = sequence_scores(raw_scores.to(model.device), truncated, args.truncated, args.truncated_score)
+        if args.truncated == "mask":
+            completion_mask = completion_mask * (~truncated)[:, None]
+
+        # 4. the rollout's log-probs (policy = pi_old, reference) and values, once, without gradient
+        with torch.no_grad():
+            old_logprobs, _ = forward_logprobs(model, sequences, attention_mask, P, args.temperature)   # (N, T)
+            ref_logprobs, _ = forward_logprobs(ref_model, sequences, attention_mask, P, args.temperature)
+            old_values = forward_values(value_model, sequences, attention_mask, P) * completion_mask    # (N, T)
+
+            # 5. per-token rewards, GAE, returns, whitened advantages
+            rewards, non_score_rewards = per_token_rewards(scores, old_logprobs, ref_logprobs, completion_mask, kl_coef)
+            if args.whiten_rewards:
+                rewards = masked_whiten(rewards, completion_mask, shift_mean=False)
+            advantages, returns = gae(rewards, old_values, completion_mask, args.gamma, args.lam)
+            advantages = masked_whiten(advantages, completion_mask)  # NOTE: whitened after the returns are taken
+        if not (torch.isfinite(old_values).all() and torch.isfinite(advantages).all()):
+            raise FloatingPointError(f"values or advantages are NaN/inf at step {step}; the last good model is in "
+                                     f"{run_dir}/model: lower --learning-rate or check the reward model")
+
+        # 6. num_ppo_epochs passes, each over shuffled minibatches of M sequences, one optimiser step each
+        sums = torch.zeros(8)  # loss, policy loss, value loss, clipfrac, value clipfrac, approx KL, entropy, grad norm
+        for _ in range(args.num_ppo_epochs):
+            for s in torch.from_numpy(rng.permutation(N)).to(model.device).split(M):
+                mask = completion_mask[s]
+                logprobs, logits = forward_logprobs(model, sequences[s], attention_mask[s], P, args.temperature)
+                values = forward_values(value_model, sequences[s], attention_mask[s], P)
+                pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[s], advantages[s], mask, args.clip_eps)
+                vf_loss, vf_clipfrac = value_loss(values, old_values[s], returns[s], mask, args.value_clip)
+                loss = pg_loss + args.vf_coef * vf_loss
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
+                                             f"{run_dir}/model: lower --learning-rate")
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / args.total_steps)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    approx_kl = masked_mean(0.5 * (logprobs - old_logprobs[s]) ** 2, mask)  # TRL approxkl
+                    sums += torch.stack([loss, pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl,
+                                         masked_mean(entropy(logits, args.temperature), mask), grad_norm]).detach().cpu()
+        sums /= args.num_ppo_epochs * args.num_minibatches
+
+        # 7. adapt beta, log, eval, save
+        sequence_kl = float(((old_logprobs - ref_logprobs) * completion_mask).sum(1).mean())  # k1, nats per completion
+        logged_kl_coef = kl_coef
+        if args.target_kl is not None:
+            kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, args.target_kl, N, args.kl_horizon)
+        step_s = time.perf_counter() - t0
+        if step % args.log_every == 0:
+            n_tokens = completion_mask.sum().clamp(min=1)
+            residual_var = masked_mean((returns - old_values - masked_mean(returns - old_values, completion_mask)) ** 2, completion_mask)
+            returns_var = masked_mean((returns - masked_mean(returns, completion_mask)) ** 2, completion_mask)
+            metrics = {"step": step, "train/loss": float(sums[0]), "train/policy_loss": float(sums[1]),
+                       "train/value_loss": float(sums[2]), "train/reward": float(raw_scores.mean()),
+                       "train/reward_std": float(raw_scores.std()), "train/score": float(scores.mean()),
+                       "train/non_score_reward": float(non_score_rewards.sum(1).mean()),
+                       "train/kl": float(((old_logprobs - ref_logprobs) * completion_mask).sum() / n_tokens),
+                       "train/kl_coef": logged_kl_coef, "train/approx_kl": float(sums[5]),
+                       "train/clipfrac": float(sums[3]), "train/value_clipfrac": float(sums[4]),
+                       "train/explained_variance": float(1 - residual_var / returns_var.clamp(min=1e-8)),
+                       "train/entropy": float(sums[6]), "train/grad_norm": float(sums[7]),
+                       "train/completion_len": float(completion_len), "train/truncated": float(truncated.float().mean()),
+                       "perf/step_s": step_s, "perf/tokens_per_s": float(attention_mask.sum()) / step_s}
+            log(metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            eval_metrics = run_eval(step)
+    return {**eval_metrics, "run_dir": run_dir}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args, description=__doc__))
+    except (ValueError, OSError, FloatingPointError) as e:
+        sys.exit(f"ppo_rlhf.py: error: {e}")
