@@ -41,8 +41,7 @@ xkcd = next(ast.literal_eval(n.value) for n in tree.body
 with open(os.path.join(here, "xkcd.csv"), "w", newline="") as f:
     writer = csv.writer(f, lineterminator="\n")
     writer.writerow(["name", "hex"])
+    xkcd = {name: hex_ for name, hex_ in xkcd.items() if "shit" not in name}  # kept out of a demo model
     for name, hex_ in sorted(xkcd.items()):
-        if "shit" in name:  # the survey's crude names: kept out of a model that teachers demo
-            continue
         writer.writerow([name.removeprefix("xkcd:").title(), hex_.lower()])
 print(f"{len(rows)} colour names ({len(bestof)} best-of), {len(xkcd)} xkcd names")
