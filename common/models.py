@@ -50,7 +50,8 @@ def load_model_and_tokenizer(model: str | None = None, device: str = "auto", dty
         raise FileNotFoundError(f"model path {path!r} is not a directory: pass a saved model folder or a hub id")
     try:
         tokenizer = load_tokenizer(os.path.expanduser(path))
-        net = model_class.from_pretrained(os.path.expanduser(path), dtype=dtype_, **kwargs)
+        # safetensors only: never unpickle weights; trust_remote_code stays off (transformers' default)
+        net = model_class.from_pretrained(os.path.expanduser(path), dtype=dtype_, use_safetensors=True, **kwargs)
     except OSError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OSError(f"could not load model {path!r} ({first_line}); pass a local folder, or a hub id "

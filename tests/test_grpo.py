@@ -159,7 +159,7 @@ def tiny_args(tmp_path, **overrides) -> grpo.Args:
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, {"beta": 0.0, "loss_agg": "token-mean", "scale_rewards": "batch"},
+    {}, {"beta": 0.0, "loss_agg": "token-mean", "scale_rewards": "batch", "micro_batch_size": 64},
     {"num_iterations": 2, "kl_estimator": "k1", "mask_truncated": True, "loss_agg": "constant", "max_new_tokens": 2},
 ])
 def test_main_runs_and_logs_the_shared_metrics(tmp_path, overrides):

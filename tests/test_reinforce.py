@@ -94,7 +94,7 @@ def test_main_runs_with_each_baseline(tmp_path, baseline):
 def test_group_baselines_need_two_completions(tmp_path):
     with pytest.raises(ValueError, match="at least 2 completions"):
         reinforce.main(tiny_args(tmp_path, group_size=1, micro_batch_size=2))
-    reinforce.main(tiny_args(tmp_path, group_size=1, micro_batch_size=2, baseline="moving-average", total_steps=1, eval_every=1))
+    reinforce.main(tiny_args(tmp_path, group_size=1, micro_batch_size=64, baseline="moving-average", total_steps=1, eval_every=1))
 
 
 def test_cli_runs(tmp_path):
