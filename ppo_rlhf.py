@@ -22,7 +22,7 @@ With --reward-model, --judge is not trained on: it is the "gold" reward of the e
 train/score shows over-optimisation of the proxy (Gao et al. 2022).
 Shapes: N sequences (= prompts) per rollout, M per minibatch, P prompt tokens (left padded), T completion
 tokens (right padded after EOS), V vocab, D hidden size.
-Run: python ppo_rlhf.py                                            # judge poet+correct, ~4 min on 2 CPU cores
+Run: python ppo_rlhf.py                                            # judge poet+correct, ~3 min on 2 CPU cores
      python ppo_rlhf.py --reward-model runs/reward_model__.../model --judge poet
 """
 import copy

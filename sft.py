@@ -12,7 +12,7 @@ word-level tokenizer over the colour names (so every name it samples is made of 
 small Llama. The built-in data mixes real names, their hexes jittered a little, with random colours
 named by their nearest xkcd colour, which teach which words mean which colours.
 Shapes: B batch, L prompt + completion tokens (right padded), V vocab.
-Run: python sft.py                                   # a new painter, ~20 min on 2 CPU cores
+Run: python sft.py                                   # a new painter, ~8 min on 2 CPU cores
      python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --learning-rate 1e-5
 """
 import json
