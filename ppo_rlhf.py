@@ -1,8 +1,8 @@
 """PPO-RLHF — PPO with a value model, a reward model (or judge) and a KL penalty to a frozen reference
 (Ouyang et al. 2022, InstructGPT, §3.5 Eq. 2; Stiennon et al. 2020, §3.4; Ziegler et al. 2019, §2.2;
 PPO: Schulman et al. 2017, Eq. 7 and 9; GAE: Schulman et al. 2016, Eq. 16). Implementation details follow
-"The N Implementation Details of RLHF with PPO" (Huang et al. 2024, arXiv:2403.17031) and its code,
-summarize_from_feedback_details (SFD) @ ee77a9a, and TRL's PPOTrainer @ f2cd577 (trl/experimental/ppo).
+"The N Implementation Details of RLHF with PPO" (Huang et al. 2024, arXiv:2403.17031; "N-blog" below) and
+its code, summarize_from_feedback_details (SFD) @ ee77a9a, and TRL's PPOTrainer @ f2cd577 (trl/experimental/ppo).
 
 Four roles: the policy pi (trained), the reference pi_ref (a frozen copy of the starting policy), the score
 r(x, y) (a reward model from reward_model.py, or a judge) and the value model V (trained; initialised from the
@@ -16,8 +16,8 @@ and epochs x shuffled minibatches minimise the clipped surrogate plus the clippe
         + vf_coef * 1/2 mean_t max((V_t - R_t)^2, (clip(V_t, V_old_t - eps_v, V_old_t + eps_v) - R_t)^2)
     rho_t = pi(y_t | s_t) / pi_old(y_t | s_t),  means over the real completion tokens of the minibatch
 Differences from InstructGPT: (1) no pretraining-mix term (PPO-ptx, gamma_ptx = 0); (2) a judge or a tiny reward
-model, not a 6B RM; (3) the score sits on the last real token, not one position later (see ALGO below, pitfall
-P8); (4) one optimiser for policy and value (as TRL), Adam eps 1e-5 (SFD), LR annealed linearly to 0.
+model, not a 6B RM; (3) the score sits on the last real token, not one position later (see ALGO below;
+TRL #1893); (4) one optimiser for policy and value (as TRL), Adam eps 1e-5 (SFD), LR annealed linearly to 0.
 With --reward-model, --judge is not trained on: it is the "gold" reward of the eval, so eval/reward against
 train/score shows over-optimisation of the proxy (Gao et al. 2022).
 Shapes: N sequences (= prompts) per rollout, M per minibatch, P prompt tokens (left padded), T completion
@@ -150,7 +150,7 @@ def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     # NOTE: positions count real tokens only, so left- and right-padded rows get the same positions
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     hidden = model.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state  # (N, L, D)
-    # NOTE: the last real token found from the attention mask, not from pad_token_id (P5: TRL #937, when
+    # NOTE: the last real token found from the attention mask, not from pad_token_id (TRL #937: when
     # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
     last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)  # (N,)
     return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
@@ -179,7 +179,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return (whitened if shift_mean else whitened + mean) * mask
 
 
-# ALGO: the EOS trick (N-blog detail 4; SFD ppo.py:663-667; TRL missing_eos_penalty, pitfall P6)
+# ALGO: the EOS trick (N-blog detail 4; SFD ppo.py:663-667; TRL missing_eos_penalty)
 def sequence_scores(scores: torch.Tensor, truncated: torch.Tensor, mode: str, penalty: float) -> torch.Tensor:
     """(N,) scores -> the score each episode ends with: a completion that never said EOS gets the fixed
     penalty, so the policy learns to finish instead of being paid for a half name (mode "penalty")."""
@@ -189,9 +189,9 @@ def sequence_scores(scores: torch.Tensor, truncated: torch.Tensor, mode: str, pe
 # ALGO: per-token rewards, InstructGPT Eq. 2 spread over tokens (N-blog detail 11)
 def per_token_rewards(scores, logprobs, ref_logprobs, completion_mask, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,), (N, T) x 3 -> rewards (N, T) and their KL part, non_score_rewards (N, T).
-    -beta * k1 on every real completion token (k1 is a number here, no gradient: the KL enters as reward, P3),
+    -beta * k1 on every real completion token (k1 is a number here, no gradient: the KL enters as reward),
     and the score on the LAST REAL token: EOS, or token T-1 for a completion cut at max_new_tokens.
-    NOTE (P8): TRL and SFD add the score at index sequence_length + 1, the first pad AFTER the EOS
+    NOTE: TRL and SFD add the score at index sequence_length + 1, the first pad AFTER the EOS
     (`padding_mask_p1`, TRL ppo_trainer.py:762-779, SFD ppo.py); it still trains because their value mask
     keeps that extra slot, so the score reaches EOS only through V and gamma*lambda*A of a padding position
     (TRL #1893, #3750, PR #5338). The episode ends with the EOS action, so its reward belongs to it: we put it

@@ -8,6 +8,8 @@ pairs (x, y_c chosen, y_r rejected) we minimise the negative log-likelihood of t
 with an optional margin m (Llama 2, Touvron et al. 2023, Eq. 2, there per pair; here one constant) and the
 reward-centering term of weight c (Eisenstein et al. 2023; TRL's center_rewards_coefficient), which pins the
 free offset of r near 0 so that rewards are comparable across runs.
+SFD = summarize_from_feedback_details (Huang et al.), the code of "The N Implementation Details of RLHF with
+PPO" (Huang et al. 2024, arXiv:2403.17031; "N-blog" below, with its detail numbers).
 Differences from the papers: (1) pairs, not InstructGPT's K-way comparisons (K choose 2 pairs in one batch);
 (2) the pairs are labelled by a judge (AI feedback) instead of people, optionally with flipped labels
 (--flip-prob) to imitate noisy raters; (3) no post-hoc gain/bias normalisation (SFD stores a bias; use
@@ -119,7 +121,7 @@ def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     # NOTE: positions count real tokens only, so left- and right-padded rows get the same positions
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     hidden = model.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state  # (N, L, D)
-    # NOTE: the last real token found from the attention mask, not from pad_token_id (P5: TRL #937, when
+    # NOTE: the last real token found from the attention mask, not from pad_token_id (TRL #937: when
     # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
     last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)  # (N,)
     return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
