@@ -297,9 +297,10 @@ def main(args: Args) -> dict:
                 loss, clipped = grpo_loss(logprobs, old, advantages[s], completion_mask[s], args.clip_eps_low,
                                           args.clip_eps_high, args.beta, kl, **agg)
                 loss.backward()
-                with torch.no_grad():
-                    sums += torch.stack([loss, clipped, (kl * completion_mask[s]).sum(),
-                                         (entropy(logits, args.temperature) * completion_mask[s]).sum()]).detach().cpu()
+                with torch.no_grad():  # the entropy is a pass over the whole vocabulary: only on logging steps
+                    logging = step % args.log_every == 0
+                    entropy_sum = (entropy(logits, args.temperature) * completion_mask[s]).sum() if logging else torch.zeros(())
+                    sums += torch.stack([loss, clipped, (kl * completion_mask[s]).sum(), entropy_sum.to(loss.device)]).detach().cpu()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is in "

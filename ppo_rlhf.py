@@ -398,10 +398,12 @@ def main(args: Args) -> dict:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / args.total_steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
+                with torch.no_grad():  # the entropy is a pass over the whole vocabulary: only on logging steps
                     approx_kl = masked_mean(0.5 * (logprobs - old_logprobs[s]) ** 2, mask)  # TRL approxkl
+                    logging = step % args.log_every == 0
+                    mean_entropy = masked_mean(entropy(logits, args.temperature), mask) if logging else torch.zeros(())
                     sums += torch.stack([loss, pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl,
-                                         masked_mean(entropy(logits, args.temperature), mask), grad_norm]).detach().cpu()
+                                         mean_entropy.to(loss.device), grad_norm]).detach().cpu()
         sums /= args.num_ppo_epochs * args.num_minibatches
 
         # 7. adapt beta, log, eval, save

@@ -263,8 +263,10 @@ def main(args: Args) -> dict:
             logprobs, logits = forward_logprobs(model, sequences[s], attention_mask[s], P, args.temperature)
             loss = reinforce_loss(logprobs, advantages[s], completion_mask[s], B * G)
             loss.backward()
-            with torch.no_grad():
-                sums += torch.stack([loss, (entropy(logits, args.temperature) * completion_mask[s]).sum()]).detach().cpu()
+            with torch.no_grad():  # the entropy is a pass over the whole vocabulary: only on logging steps
+                logging = step % args.log_every == 0
+                entropy_sum = (entropy(logits, args.temperature) * completion_mask[s]).sum() if logging else torch.zeros(())
+                sums += torch.stack([loss, entropy_sum.to(loss.device)]).detach().cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is in "

@@ -165,7 +165,8 @@ def completion_nll(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float) -> float:
-    """Linear warm-up to peak, then cosine decay to peak * min_ratio."""
+    """Linear warm-up to peak, then cosine decay to peak * min_ratio (SGDR, Loshchilov & Hutter 2017, Eq. 5,
+    without restarts; nanoGPT's get_lr)."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
