@@ -201,6 +201,7 @@ def load_pairs(args: Args, model, tokenizer, judge, warn=print) -> tuple[list[di
 
 
 def main(args: Args) -> dict:
+    t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
     run_name = f"dpo__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     print(json.dumps(asdict(args)))
@@ -250,13 +251,16 @@ def main(args: Args) -> dict:
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
     def run_eval(step: int) -> dict:
+        nonlocal eval_s
+        t_eval = time.perf_counter()
         metrics, samples = evaluate(policy, tokenizer, judge, eval_prompts(args.eval_size), args.temperature, args.max_new_tokens)
         policy_logps = all_logprobs(policy, heldout, pad_id)  # (N_eval, 2)
         margins = (policy_logps - heldout_ref) @ torch.tensor([1.0, -1.0])
         metrics["eval/accuracy"] = float((margins > 0).float().mean())  # held-out pairs the implicit reward ranks right
-        log({"step": step, **metrics}, samples)
+        log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s}, samples)
         print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
         save_atomic(policy, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
+        eval_s += time.perf_counter() - t_eval
         return metrics
 
     eval_metrics = run_eval(0)

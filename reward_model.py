@@ -181,6 +181,7 @@ def load_pairs(args: Args, warn=print) -> tuple[list[dict], list[dict]]:
 
 
 def main(args: Args) -> dict:
+    t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
     run_name = f"reward_model__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     print(json.dumps(asdict(args)))
@@ -222,9 +223,12 @@ def main(args: Args) -> dict:
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
     def run_eval(step: int) -> dict:
+        nonlocal eval_s
+        t_eval = time.perf_counter()
         metrics = evaluate_pairs(model, heldout, tokenizer.pad_token_id)
-        log({"step": step, **metrics})
+        log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s})
         save_atomic(model, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
+        eval_s += time.perf_counter() - t_eval
         return metrics
 
     eval_metrics = run_eval(0)

@@ -183,6 +183,7 @@ def encode_rows(tokenizer, rows: list[tuple[str, str]], context: int) -> list[tu
 
 
 def main(args: Args) -> dict:
+    t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
     run_name = f"sft__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     print(json.dumps(asdict(args)))
@@ -240,10 +241,13 @@ def main(args: Args) -> dict:
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
     def run_eval(step: int) -> dict:
+        nonlocal eval_s
+        t_eval = time.perf_counter()
         metrics, samples = evaluate(model, tokenizer, judge, prompts_for_eval, args.temperature, args.max_new_tokens)
-        log({"step": step, **metrics}, samples)
+        log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s}, samples)
         print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
         save_atomic(model, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
+        eval_s += time.perf_counter() - t_eval
         return metrics
 
     eval_metrics = run_eval(0)
