@@ -30,8 +30,10 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (candidate_names, encode_pairs, eval_prompts, evaluate, get_judge, load_model_and_tokenizer,
                     pair_prompts, rank_pairs, read_preferences, save_atomic)
@@ -200,14 +202,41 @@ def load_pairs(args: Args, model, tokenizer, judge, warn=print) -> tuple[list[di
     return built[0], built[1]
 
 
+# DDP: what makes the loop distributed (README "Scaling out"); without torchrun it is a world of one
+def init_distributed(device: str) -> tuple[int, int]:
+    """torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK: join the group
+    (NCCL between GPUs, gloo between CPU processes) and return (rank, world size). Plain python: (0, 1)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # then "cuda" means this rank's GPU
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the ranks (NCCL reduces on the GPU, gloo on the CPU); x itself in a world of one."""
+    if not dist.is_initialized():
+        return x
+    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
 def main(args: Args) -> dict:
     t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
     run_name = f"dpo__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    print(json.dumps(asdict(args)))
+    rank, world = init_distributed(args.device)
+    if rank == 0:
+        print(json.dumps(asdict(args)))
+    # DDP: the same seed on every rank: the same pairs and the same batch order, of which each rank takes its share
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     if args.loss_type != "sigmoid" and args.label_smoothing:
         raise ValueError(f"--label-smoothing is cDPO's and applies to --loss-type sigmoid only, not {args.loss_type}")
 
@@ -219,7 +248,7 @@ def main(args: Args) -> dict:
     pad_id = tokenizer.pad_token_id
 
     # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids) with EOS on both completions
-    train_pairs, eval_pairs = load_pairs(args, policy, tokenizer, judge)
+    train_pairs, eval_pairs = load_pairs(args, policy, tokenizer, judge, warn=print if rank == 0 else lambda _: None)
     train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
     heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
     heldout_ref = all_logprobs(reference, heldout, pad_id)  # (N_eval, 2), once
@@ -228,19 +257,25 @@ def main(args: Args) -> dict:
         ref_logps, reference = all_logprobs(reference, train, pad_id), None  # (N, 2)
     steps_per_epoch = max(1, len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.num_epochs
-    print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
+    if rank == 0:
+        print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
 
+    # DDP: the wrapper all-reduces (averages) the gradients in backward; eval and save use the bare model
+    net = DDP(policy) if world > 1 else policy
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
-    with open(os.path.join(run_dir, "pairs.jsonl"), "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])  # a look at what the policy learns from
-    if args.track:
+    if rank == 0:  # DDP: only rank 0 writes the run folder, logs, evaluates and saves
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+        with open(os.path.join(run_dir, "pairs.jsonl"), "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])  # a look at what the policy learns from
+    if args.track and rank == 0:
         import wandb
         wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
 
     def log(metrics: dict, samples: list[dict] | None = None) -> None:
+        if rank != 0:
+            return
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if samples is not None:
@@ -263,7 +298,7 @@ def main(args: Args) -> dict:
         eval_s += time.perf_counter() - t_eval
         return metrics
 
-    eval_metrics = run_eval(0)
+    eval_metrics = run_eval(0) if rank == 0 else {}
     policy.train()
     step = 0
     for epoch in range(args.num_epochs):
@@ -271,6 +306,8 @@ def main(args: Args) -> dict:
         for start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
             step, t0 = step + 1, time.perf_counter()
             indices = order[start : start + args.batch_size]
+            share = args.batch_size // world  # DDP: this rank's share of the batch; equal shares, so the mean
+            indices = indices[rank * share : (rank + 1) * share]  # of the ranks' mean losses is the batch's mean loss
             batch = [train[i] for i in indices]
             B = len(batch)
             # 3. pi_ref's log-probs: looked up, or one no-grad forward (never recomputed within the step)
@@ -281,7 +318,7 @@ def main(args: Args) -> dict:
                     ref_both, _ = batch_logprobs(reference, batch, pad_id)  # (2B,)
                 ref_chosen_logps, ref_rejected_logps = ref_both[:B], ref_both[B:]
             # 4. the policy's log-probs: one forward over chosen and rejected together
-            logps, lengths = batch_logprobs(policy, batch, pad_id)  # (2B,), (2B,)
+            logps, lengths = batch_logprobs(net, batch, pad_id)  # (2B,), (2B,)
             # 5. the preference loss (+ RPO's NLL on the chosen completion, per token)
             loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps,
                                                               args.beta, args.loss_type, args.label_smoothing,
@@ -300,17 +337,23 @@ def main(args: Args) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_s = time.perf_counter() - t0
-            # 7. log, eval, save
+            # 7. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
             if step % args.log_every == 0:
-                log({"step": step, "epoch": epoch, "train/loss": float(loss.detach()),
-                     "rewards/chosen": float(chosen_rewards.mean()), "rewards/rejected": float(rejected_rewards.mean()),
-                     "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
-                     "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
-                     "logps/chosen": float(logps[:B].detach().mean()), "logps/rejected": float(logps[B:].detach().mean()),
+                means = all_sum(torch.stack([loss.detach(), chosen_rewards.mean(), rejected_rewards.mean(),
+                                             (chosen_rewards > rejected_rewards).float().mean(), logps[:B].detach().mean(),
+                                             logps[B:].detach().mean()]).cpu()) / world
+                tokens = float(all_sum(torch.tensor(float(sum(2 * len(p) + len(c) + len(r) for p, c, r in batch)))))
+                log({"step": step, "epoch": epoch, "train/loss": float(means[0]),
+                     "rewards/chosen": float(means[1]), "rewards/rejected": float(means[2]),
+                     "rewards/margins": float(means[1] - means[2]), "rewards/accuracies": float(means[3]),
+                     "logps/chosen": float(means[4]), "logps/rejected": float(means[5]),
                      "train/grad_norm": float(grad_norm), "train/lr": optimizer.param_groups[0]["lr"],
-                     "perf/step_s": step_s, "perf/tokens_per_s": sum(2 * len(p) + len(c) + len(r) for p, c, r in batch) / step_s})
-            if step % args.eval_every == 0 or step == total_steps:
+                     "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s})
+            if rank == 0 and (step % args.eval_every == 0 or step == total_steps):
                 eval_metrics = run_eval(step)
+    if world > 1:
+        dist.barrier()  # DDP: wait for rank 0's last eval and save, then leave together
+        dist.destroy_process_group()
     return {"train/loss": float(loss.detach()), **eval_metrics, "run_dir": run_dir}
 
 

@@ -17,8 +17,9 @@ rho = 1 and the clip never binds; --num-iterations > 1 reuses each batch; (2) a 
 model; (3) constant learning rate, no warm-up.
 Shapes: B prompts per step, G completions per prompt, N = B*G sequences, P prompt tokens (left padded),
 T completion tokens, V vocab.
-Run: python grpo.py --group-size 8
+Run: python grpo.py --group-size 8     (several processes: torchrun --nproc_per_node 2 grpo.py)
 """
+import contextlib
 import copy
 import json
 import os
@@ -30,7 +31,9 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import PROMPT, color_names, encode_prompt, eval_prompts, evaluate, get_judge, load_model_and_tokenizer, read_jsonl, save_atomic
 
@@ -179,20 +182,56 @@ def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperatur
     return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
 
 
+# DDP: what makes the loop distributed (README "Scaling out"); without torchrun it is a world of one
+def init_distributed(device: str) -> tuple[int, int]:
+    """torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK: join the group
+    (NCCL between GPUs, gloo between CPU processes) and return (rank, world size). Plain python: (0, 1)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # then "cuda" means this rank's GPU
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the ranks (NCCL reduces on the GPU, gloo on the CPU); x itself in a world of one."""
+    if not dist.is_initialized():
+        return x
+    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """The ranks' x concatenated along dim 0 in rank order; x itself in a world of one."""
+    if not dist.is_initialized():
+        return x
+    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").contiguous()
+    parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, y)
+    return torch.cat(parts).to(x.device)
+
+
 def main(args: Args) -> dict:
     t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
     run_name = f"grpo__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    print(json.dumps(asdict(args)))
+    rank, world = init_distributed(args.device)
+    if rank == 0:
+        print(json.dumps(asdict(args)))
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    B, G = args.batch_size, args.group_size
+    torch.manual_seed(args.seed + rank)  # DDP: each rank samples different completions (same weights everywhere)
+    rng = np.random.default_rng(args.seed)  # the same prompt order on every rank
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    B, G = args.batch_size // world, args.group_size  # B: this rank's prompts, each with its whole group
     if G < 2:
         raise ValueError(f"--group-size {G}: a group baseline needs at least 2 completions per prompt")
     if B * G > args.micro_batch_size and (B * G) % args.micro_batch_size:
-        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide batch_size * group_size = {B * G}")
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide batch_size * group_size / processes = {B * G}")
 
     # prompts: the user's JSONL rows (the eval takes the first ones), or the training-split hexes (the
     # eval takes the held-out ones)
@@ -200,8 +239,8 @@ def main(args: Args) -> dict:
         rows = read_jsonl(args.prompts, ("prompt",))
     else:
         rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
-    if len(rows) < B:
-        raise ValueError(f"{len(rows)} prompts for a batch of {B}: lower --batch-size or add prompts")
+    if len(rows) < args.batch_size:
+        raise ValueError(f"{len(rows)} prompts for a batch of {args.batch_size}: lower --batch-size or add prompts")
     eval_rows = [{"prompt": p} for p in eval_prompts(args.eval_size)] if args.prompts is None else rows[: args.eval_size]
     eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
     judge = get_judge(args.judge, args.device)
@@ -209,15 +248,20 @@ def main(args: Args) -> dict:
     ref_model = None
     if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    # DDP: the wrapper all-reduces (averages) the gradients in backward; generate, eval and save use the bare model
+    policy = DDP(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
-    if args.track:
+    if rank == 0:  # DDP: only rank 0 writes the run folder, logs, evaluates and saves
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+    if args.track and rank == 0:
         import wandb
         wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
 
     def log(metrics: dict, samples: list[dict] | None = None) -> None:
+        if rank != 0:
+            return
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if samples is not None:
@@ -238,11 +282,12 @@ def main(args: Args) -> dict:
         eval_s += time.perf_counter() - t_eval
         return metrics
 
-    eval_metrics = run_eval(0)
+    eval_metrics = run_eval(0) if rank == 0 else {}
     for step in range(1, args.total_steps + 1):
         t0 = time.perf_counter()
-        # 1. sample B prompts; each is repeated G times, so rows i*G .. i*G+G-1 are prompt i's group
-        batch_rows = [rows[i] for i in rng.choice(len(rows), size=B, replace=False)]
+        # 1. sample the batch's prompts; each is repeated G times, so rows i*G .. i*G+G-1 are prompt i's group
+        batch_rows = [rows[i] for i in rng.choice(len(rows), size=args.batch_size, replace=False)]
+        batch_rows = batch_rows[rank * B : (rank + 1) * B]  # DDP: this rank's B prompts; a group never splits
         prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
         encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, r["prompt"]) for r in batch_rows]},
                                 padding=True, return_tensors="pt").to(model.device)
@@ -275,8 +320,10 @@ def main(args: Args) -> dict:
         if not torch.isfinite(rewards).all():
             raise ValueError(f"judge {args.judge!r} returned {int((~torch.isfinite(rewards)).sum())} non-finite scores (NaN or inf)")
 
-        # 4. advantages, per group
-        advantages = group_advantages(rewards.view(B, G), args.scale_rewards).view(-1).to(model.device)  # (N,)
+        # 4. advantages, per group, from the whole batch's rewards (DDP: gathered in rank order), then this rank's rows
+        all_rewards = all_gather(rewards)                                           # (world * N,)
+        advantages = group_advantages(all_rewards.view(-1, G), args.scale_rewards).view(-1)[rank * B * G : (rank + 1) * B * G]
+        advantages = advantages.to(model.device)                                    # (N,)
 
         # 5. old and reference log-probs, without gradient
         with torch.no_grad():
@@ -290,17 +337,22 @@ def main(args: Args) -> dict:
                                           for s in torch.arange(B * G).split(args.micro_batch_size)])
 
         # 6. mu policy updates on this batch, each accumulated over micro-batches
-        n_tokens = int(completion_mask.sum())
+        # DDP: the gradients are AVERAGED over ranks, so each rank divides by (whole-batch count / world): then
+        # k processes with B/k prompts each give the gradient of one process with all B prompts, even for token-mean
+        n_tokens = float(all_sum(completion_mask.sum())) / world
         agg = dict(mode=args.loss_agg, n_sequences=B * G, n_tokens=n_tokens, max_new_tokens=args.max_new_tokens)
+        micro_batches = torch.arange(B * G).split(args.micro_batch_size)
         for _ in range(args.num_iterations):
             sums = torch.zeros(4)  # loss, clipped tokens, kl, entropy: summed over micro-batches
-            for s in torch.arange(B * G).split(args.micro_batch_size):
-                logprobs, logits = forward_logprobs(model, sequences[s], attention_mask[s], P, args.temperature)
-                old = logprobs.detach() if old_logprobs is None else old_logprobs[s]
-                kl = kl_estimate(logprobs, ref_logprobs[s], args.kl_estimator) if ref_model is not None else torch.zeros_like(logprobs)
-                loss, clipped = grpo_loss(logprobs, old, advantages[s], completion_mask[s], args.clip_eps_low,
-                                          args.clip_eps_high, args.beta, kl, **agg)
-                loss.backward()
+            for i, s in enumerate(micro_batches):
+                # DDP: all-reduce the gradients once, in the last micro-batch's backward
+                with policy.no_sync() if world > 1 and i < len(micro_batches) - 1 else contextlib.nullcontext():
+                    logprobs, logits = forward_logprobs(policy, sequences[s], attention_mask[s], P, args.temperature)
+                    old = logprobs.detach() if old_logprobs is None else old_logprobs[s]
+                    kl = kl_estimate(logprobs, ref_logprobs[s], args.kl_estimator) if ref_model is not None else torch.zeros_like(logprobs)
+                    loss, clipped = grpo_loss(logprobs, old, advantages[s], completion_mask[s], args.clip_eps_low,
+                                              args.clip_eps_high, args.beta, kl, **agg)
+                    loss.backward()
                 with torch.no_grad():  # the entropy is a pass over the whole vocabulary: only on logging steps
                     logging = step % args.log_every == 0
                     entropy_sum = (entropy(logits, args.temperature) * completion_mask[s]).sum() if logging else torch.zeros(())
@@ -313,20 +365,26 @@ def main(args: Args) -> dict:
             optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
 
-        # 7. log, eval, save
+        # 7. log (DDP: sums over all ranks, so the metrics are the whole batch's), eval, save
         if step % args.log_every == 0:
-            group_std = rewards.view(B, G).std(1)
-            metrics = {"step": step, "train/loss": float(sums[0]), "train/reward": float(rewards.mean()),
+            sums = all_sum(sums)
+            counts = all_sum(torch.stack([completion_len, truncated.float().mean(), attention_mask.sum().float()]).cpu())
+            all_tokens = max(n_tokens * world, 1)
+            group_std = all_rewards.view(-1, G).std(1)
+            metrics = {"step": step, "train/loss": float(sums[0]) / world, "train/reward": float(all_rewards.mean()),
                        "train/reward_std": float(group_std.mean()), "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
-                       "train/clipfrac": float(sums[1]) / max(n_tokens, 1), "train/entropy": float(sums[3]) / max(n_tokens, 1),
-                       "train/grad_norm": float(grad_norm), "train/completion_len": float(completion_len),
-                       "train/truncated": float(truncated.float().mean()),
-                       "perf/step_s": step_s, "perf/tokens_per_s": float(attention_mask.sum()) / step_s}
+                       "train/clipfrac": float(sums[1]) / all_tokens, "train/entropy": float(sums[3]) / all_tokens,
+                       "train/grad_norm": float(grad_norm), "train/completion_len": float(counts[0]) / world,
+                       "train/truncated": float(counts[1]) / world,
+                       "perf/step_s": step_s, "perf/tokens_per_s": float(counts[2]) / step_s}
             if ref_model is not None:
-                metrics["train/kl"] = float(sums[2]) / max(n_tokens, 1)
+                metrics["train/kl"] = float(sums[2]) / all_tokens
             log(metrics)
-        if step % args.eval_every == 0 or step == args.total_steps:
+        if rank == 0 and (step % args.eval_every == 0 or step == args.total_steps):
             eval_metrics = run_eval(step)
+    if world > 1:
+        dist.barrier()  # DDP: wait for rank 0's last eval and save, then leave together
+        dist.destroy_process_group()
     return {**eval_metrics, "run_dir": run_dir}
 
 

@@ -23,6 +23,7 @@ train/score shows over-optimisation of the proxy (Gao et al. 2022).
 Shapes: N sequences (= prompts) per rollout, M per minibatch, P prompt tokens (left padded), T completion
 tokens (right padded after EOS), V vocab, D hidden size.
 Run: python ppo_rlhf.py                                            # judge poet+correct, ~3 min on 2 CPU cores
+     torchrun --nproc_per_node 2 ppo_rlhf.py                        # several processes (DDP)
      python ppo_rlhf.py --reward-model runs/reward_model__.../model --judge poet
 """
 import copy
@@ -36,7 +37,9 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModelForSequenceClassification
 
 from common import PROMPT, color_names, encode_prompt, eval_prompts, evaluate, get_judge, load_model_and_tokenizer, read_jsonl, save_atomic
@@ -149,19 +152,24 @@ def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     """r(x, y) of each row, (N,): the scalar head on the hidden state of the last real token."""
     # NOTE: positions count real tokens only, so left- and right-padded rows get the same positions
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state  # (N, L, D)
+    # NOTE: through the model's own forward, not model.base_model, so that a DDP wrapper sees the call and
+    # syncs the gradients; the last of the hidden states is the final (normed) one, the head's input
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+    hidden = out.hidden_states[-1]  # (N, L, D)
     # NOTE: the last real token found from the attention mask, not from pad_token_id (TRL #937: when
     # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
     last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)  # (N,)
-    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+    head = getattr(model, "module", model).score  # DDP: the wrapped model's head
+    return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
 def forward_values(value_model, input_ids, attention_mask, n_prompt: int) -> torch.Tensor:
     """V(s_t) (N, T): the scalar head on every hidden state, read where the policy's logits for y_t are read."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = value_model.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    # NOTE: the model's own forward (so that DDP syncs the gradients); its last hidden state is the head's input
+    out = value_model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
     # NOTE: the state s_t before token y_t is the prefix ending at position P-1+t, the same shift as the logits
-    return value_model.score(hidden[:, n_prompt - 1 : -1]).squeeze(-1).float()
+    return getattr(value_model, "module", value_model).score(out.hidden_states[-1][:, n_prompt - 1 : -1]).squeeze(-1).float()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -259,18 +267,43 @@ def load_reward_model(path: str, tokenizer, device: str, dtype: str):
     return reward_model.eval().requires_grad_(False)
 
 
+# DDP: what makes the loop distributed (README "Scaling out"); without torchrun it is a world of one
+def init_distributed(device: str) -> tuple[int, int]:
+    """torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK: join the group
+    (NCCL between GPUs, gloo between CPU processes) and return (rank, world size). Plain python: (0, 1)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # then "cuda" means this rank's GPU
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the ranks (NCCL reduces on the GPU, gloo on the CPU); x itself in a world of one."""
+    if not dist.is_initialized():
+        return x
+    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
 def main(args: Args) -> dict:
     t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
     run_name = f"ppo_rlhf__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    print(json.dumps(asdict(args)))
+    rank, world = init_distributed(args.device)
+    if rank == 0:
+        print(json.dumps(asdict(args)))
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    N = args.batch_size
-    if N % args.num_minibatches or N // args.num_minibatches < 2:
-        raise ValueError(f"--num-minibatches {args.num_minibatches} must divide --batch-size {N} into minibatches of 2 or more")
+    torch.manual_seed(args.seed + rank)  # DDP: each rank samples different completions (same weights everywhere)
+    rng = np.random.default_rng(args.seed)  # the same prompt order and minibatch shuffles on every rank
+    N = args.batch_size // world  # DDP: this rank's share of the prompts
+    if args.batch_size % world or N % args.num_minibatches or N // args.num_minibatches < 2:
+        raise ValueError(f"--num-minibatches {args.num_minibatches} must divide --batch-size {args.batch_size}"
+                         + (f" / {world} processes" if world > 1 else "") + " into minibatches of 2 or more")
     M = N // args.num_minibatches
 
     # prompts: the user's JSONL rows (the eval takes the first ones), or the training-split hexes (the
@@ -279,8 +312,8 @@ def main(args: Args) -> dict:
         rows = read_jsonl(args.prompts, ("prompt",))
     else:
         rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
-    if len(rows) < N:
-        raise ValueError(f"{len(rows)} prompts for a batch of {N}: lower --batch-size or add prompts")
+    if len(rows) < args.batch_size:
+        raise ValueError(f"{len(rows)} prompts for a batch of {args.batch_size}: lower --batch-size or add prompts")
     eval_rows = [{"prompt": p} for p in eval_prompts(args.eval_size)] if args.prompts is None else rows[: args.eval_size]
     eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
 
@@ -297,17 +330,23 @@ def main(args: Args) -> dict:
                                                   model_class=AutoModelForSequenceClassification, num_labels=1)
         torch.nn.init.zeros_(value_model.score.weight)  # NOTE: a zero head, V = 0 at first (OAI's N(0, 0), N-blog detail 8)
     value_model.train()
+    # DDP: each trained model in its own wrapper, which all-reduces (averages) its gradients in backward;
+    # generate, eval and save use the bare policy
+    policy, value_net = (DDP(model), DDP(value_model)) if world > 1 else (model, value_model)
     # NOTE: Adam eps 1e-5 as SFD (ppo.py); PyTorch's default 1e-8 makes larger early updates (N-blog detail 14)
     optimizer = torch.optim.Adam(list(model.parameters()) + list(value_model.parameters()), lr=args.learning_rate, eps=1e-5)
     kl_coef = args.kl_coef
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
-    if args.track:
+    if rank == 0:  # DDP: only rank 0 writes the run folder, logs, evaluates and saves
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+    if args.track and rank == 0:
         import wandb
         wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
 
     def log(metrics: dict, samples: list[dict] | None = None) -> None:
+        if rank != 0:
+            return
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if samples is not None:
@@ -328,11 +367,12 @@ def main(args: Args) -> dict:
         eval_s += time.perf_counter() - t_eval
         return metrics
 
-    eval_metrics = run_eval(0)
+    eval_metrics = run_eval(0) if rank == 0 else {}
     for step in range(1, args.total_steps + 1):
         t0 = time.perf_counter()
-        # 1. sample N prompts, one completion each
-        batch_rows = [rows[i] for i in rng.choice(len(rows), size=N, replace=False)]
+        # 1. sample the batch's prompts, one completion each
+        batch_rows = [rows[i] for i in rng.choice(len(rows), size=args.batch_size, replace=False)]
+        batch_rows = batch_rows[rank * N : (rank + 1) * N]  # DDP: this rank's N prompts
         prompts = [r["prompt"] for r in batch_rows]
         encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in prompts]},
                                 padding=True, return_tensors="pt").to(model.device)
@@ -380,6 +420,8 @@ def main(args: Args) -> dict:
                 rewards = masked_whiten(rewards, completion_mask, shift_mean=False)
             advantages, returns = gae(rewards, old_values, completion_mask, args.gamma, args.lam)
             advantages = masked_whiten(advantages, completion_mask)  # NOTE: whitened after the returns are taken
+            # DDP: the whitening (and below, the minibatch token means) use this rank's tokens, as TRL's PPO does per
+            # process; k processes then match one process with the whole batch in expectation, not to the bit
         if not (torch.isfinite(old_values).all() and torch.isfinite(advantages).all()):
             raise FloatingPointError(f"values or advantages are NaN/inf at step {step}; the last good model is in "
                                      f"{run_dir}/model: lower --learning-rate or check the reward model")
@@ -389,8 +431,8 @@ def main(args: Args) -> dict:
         for _ in range(args.num_ppo_epochs):
             for s in torch.from_numpy(rng.permutation(N)).to(model.device).split(M):
                 mask = completion_mask[s]
-                logprobs, logits = forward_logprobs(model, sequences[s], attention_mask[s], P, args.temperature)
-                values = forward_values(value_model, sequences[s], attention_mask[s], P)
+                logprobs, logits = forward_logprobs(policy, sequences[s], attention_mask[s], P, args.temperature)
+                values = forward_values(value_net, sequences[s], attention_mask[s], P)
                 pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[s], advantages[s], mask, args.clip_eps)
                 vf_loss, vf_clipfrac = value_loss(values, old_values[s], returns[s], mask, args.value_clip)
                 loss = pg_loss + args.vf_coef * vf_loss
@@ -411,10 +453,10 @@ def main(args: Args) -> dict:
         sums /= args.num_ppo_epochs * args.num_minibatches
 
         # 7. adapt beta, log, eval, save
-        sequence_kl = float(((old_logprobs - ref_logprobs) * completion_mask).sum(1).mean())  # k1, nats per completion
+        sequence_kl = float(all_sum(((old_logprobs - ref_logprobs) * completion_mask).sum(1).mean())) / world  # k1, nats per completion
         logged_kl_coef = kl_coef
         if args.target_kl is not None:
-            kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, args.target_kl, N, args.kl_horizon)
+            kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, args.target_kl, args.batch_size, args.kl_horizon)
         step_s = time.perf_counter() - t0
         if step % args.log_every == 0:
             n_tokens = completion_mask.sum().clamp(min=1)
@@ -430,10 +472,16 @@ def main(args: Args) -> dict:
                        "train/explained_variance": float(1 - residual_var / returns_var.clamp(min=1e-8)),
                        "train/entropy": float(sums[6]), "train/grad_norm": float(sums[7]),
                        "train/completion_len": float(completion_len), "train/truncated": float(truncated.float().mean()),
-                       "perf/step_s": step_s, "perf/tokens_per_s": float(attention_mask.sum()) / step_s}
+                       "perf/step_s": step_s, "perf/tokens_per_s": float(all_sum(attention_mask.sum())) / step_s}
+            # DDP: the mean of the ranks' metrics (each rank's are means over its share of the batch)
+            names = [k for k in metrics if k.startswith("train/")]
+            metrics.update(zip(names, (all_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64)) / world).tolist()))
             log(metrics)
-        if step % args.eval_every == 0 or step == args.total_steps:
+        if rank == 0 and (step % args.eval_every == 0 or step == args.total_steps):
             eval_metrics = run_eval(step)
+    if world > 1:
+        dist.barrier()  # DDP: wait for rank 0's last eval and save, then leave together
+        dist.destroy_process_group()
     return {**eval_metrics, "run_dir": run_dir}
 
 

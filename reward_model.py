@@ -29,8 +29,10 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModelForSequenceClassification
 
 from common import (candidate_names, encode_pairs, get_judge, load_model_and_tokenizer, pair_prompts, rank_pairs,
@@ -120,11 +122,15 @@ def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     """r(x, y) of each row, (N,): the scalar head on the hidden state of the last real token."""
     # NOTE: positions count real tokens only, so left- and right-padded rows get the same positions
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state  # (N, L, D)
+    # NOTE: through the model's own forward, not model.base_model, so that a DDP wrapper sees the call and
+    # syncs the gradients; the last of the hidden states is the final (normed) one, the head's input
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+    hidden = out.hidden_states[-1]  # (N, L, D)
     # NOTE: the last real token found from the attention mask, not from pad_token_id (TRL #937: when
     # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
     last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)  # (N,)
-    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+    head = getattr(model, "module", model).score  # DDP: the wrapped model's head
+    return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: float = 0.0,
@@ -180,14 +186,41 @@ def load_pairs(args: Args, warn=print) -> tuple[list[dict], list[dict]]:
     return built[0], built[1]
 
 
+# DDP: what makes the loop distributed (README "Scaling out"); without torchrun it is a world of one
+def init_distributed(device: str) -> tuple[int, int]:
+    """torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK: join the group
+    (NCCL between GPUs, gloo between CPU processes) and return (rank, world size). Plain python: (0, 1)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # then "cuda" means this rank's GPU
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the ranks (NCCL reduces on the GPU, gloo on the CPU); x itself in a world of one."""
+    if not dist.is_initialized():
+        return x
+    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
 def main(args: Args) -> dict:
     t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
     run_name = f"reward_model__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    print(json.dumps(asdict(args)))
+    rank, world = init_distributed(args.device)
+    if rank == 0:
+        print(json.dumps(asdict(args)))
+    # DDP: the same seed on every rank: the same head, pairs and batch order, of which each rank takes its share
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
 
     # 1. the backbone with a scalar head (dropout off); a causal-LM checkpoint gets a fresh head
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype,
@@ -198,24 +231,30 @@ def main(args: Args) -> dict:
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
 
     # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids) with EOS on both completions
-    train_pairs, eval_pairs = load_pairs(args)
+    train_pairs, eval_pairs = load_pairs(args, warn=print if rank == 0 else lambda _: None)
     train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
     heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
     steps_per_epoch = max(1, len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.num_epochs
-    print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
+    if rank == 0:
+        print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
 
+    # DDP: the wrapper all-reduces (averages) the gradients in backward; eval and save use the bare model
+    net = DDP(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
-    with open(os.path.join(run_dir, "pairs.jsonl"), "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])  # a look at what the model learns from
-    if args.track:
+    if rank == 0:  # DDP: only rank 0 writes the run folder, logs, evaluates and saves
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+        with open(os.path.join(run_dir, "pairs.jsonl"), "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])  # a look at what the model learns from
+    if args.track and rank == 0:
         import wandb
         wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
 
     def log(metrics: dict) -> None:
+        if rank != 0:
+            return
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if args.track:
@@ -231,7 +270,7 @@ def main(args: Args) -> dict:
         eval_s += time.perf_counter() - t_eval
         return metrics
 
-    eval_metrics = run_eval(0)
+    eval_metrics = run_eval(0) if rank == 0 else {}
     model.train()
     step = 0
     for epoch in range(args.num_epochs):
@@ -240,8 +279,10 @@ def main(args: Args) -> dict:
             step, t0 = step + 1, time.perf_counter()
             # 3. one forward over the 2B sequences: chosen rows first, rejected rows after
             batch = [train[i] for i in order[start : start + args.batch_size]]
+            share = args.batch_size // world  # DDP: this rank's share of the batch; equal shares, so the mean of
+            batch = batch[rank * share : (rank + 1) * share]  # the ranks' mean losses is the batch's mean loss
             input_ids, attention_mask, _ = (t.to(model.device) for t in concat_pairs(batch, tokenizer.pad_token_id))
-            rewards = score_last_token(model, input_ids, attention_mask)  # (2B,)
+            rewards = score_last_token(net, input_ids, attention_mask)  # (2B,)
             chosen_rewards, rejected_rewards = rewards[: len(batch)], rewards[len(batch) :]
             # 4. the Bradley–Terry loss
             loss, accuracy = bradley_terry_loss(chosen_rewards, rejected_rewards, args.margin, args.center_coef)
@@ -256,15 +297,19 @@ def main(args: Args) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_s = time.perf_counter() - t0
-            # 6. log, eval, save
+            # 6. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
             if step % args.log_every == 0:
-                log({"step": step, "epoch": epoch, "train/loss": float(loss.detach()), "train/accuracy": float(accuracy),
-                     "train/margin": float((chosen_rewards - rejected_rewards).detach().mean()),
-                     "train/reward_mean": float(rewards.detach().mean()), "train/grad_norm": float(grad_norm),
+                means = all_sum(torch.stack([loss.detach(), accuracy, (chosen_rewards - rejected_rewards).detach().mean(),
+                                             rewards.detach().mean(), attention_mask.sum() * world]).float().cpu()) / world
+                log({"step": step, "epoch": epoch, "train/loss": float(means[0]), "train/accuracy": float(means[1]),
+                     "train/margin": float(means[2]), "train/reward_mean": float(means[3]), "train/grad_norm": float(grad_norm),
                      "train/lr": optimizer.param_groups[0]["lr"], "perf/step_s": step_s,
-                     "perf/tokens_per_s": float(attention_mask.sum()) / step_s})
-            if step % args.eval_every == 0 or step == total_steps:
+                     "perf/tokens_per_s": float(means[4]) / step_s})
+            if rank == 0 and (step % args.eval_every == 0 or step == total_steps):
                 eval_metrics = run_eval(step)
+    if world > 1:
+        dist.barrier()  # DDP: wait for rank 0's last eval and save, then leave together
+        dist.destroy_process_group()
     return {"train/loss": float(loss.detach()), "train/accuracy": float(accuracy), **eval_metrics, "run_dir": run_dir}
 
 

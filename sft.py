@@ -15,6 +15,7 @@ Shapes: B batch, L prompt + completion tokens (right padded), V vocab.
 Run: python sft.py                                   # a new painter, ~8 min on 2 CPU cores
      python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --learning-rate 1e-5
 """
+import contextlib
 import json
 import math
 import os
@@ -27,8 +28,10 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -182,17 +185,43 @@ def encode_rows(tokenizer, rows: list[tuple[str, str]], context: int) -> list[tu
     return examples
 
 
+# DDP: what makes the loop distributed (README "Scaling out"); without torchrun it is a world of one
+def init_distributed(device: str) -> tuple[int, int]:
+    """torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK: join the group
+    (NCCL between GPUs, gloo between CPU processes) and return (rank, world size). Plain python: (0, 1)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # then "cuda" means this rank's GPU
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the ranks (NCCL reduces on the GPU, gloo on the CPU); x itself in a world of one."""
+    if not dist.is_initialized():
+        return x
+    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
 def main(args: Args) -> dict:
     t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
     run_name = f"sft__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    print(json.dumps(asdict(args)))
+    rank, world = init_distributed(args.device)
+    if rank == 0:
+        print(json.dumps(asdict(args)))
+    # DDP: the same seed on every rank: the same initial weights and the same batches, of which each rank takes its share
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    if args.batch_size % args.grad_accum_steps:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}")
+    if args.batch_size % (world * args.grad_accum_steps):
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps {args.grad_accum_steps}"
+                         + (f" x {world} processes" if world > 1 else ""))
 
     # 1. data: the user's JSONL rows, or the built-in colour names (sampled fresh every step)
     rows = None
@@ -217,20 +246,26 @@ def main(args: Args) -> dict:
         room = context - len(encode_prompt(tokenizer, PROMPT.format(hex="#000000")))  # and names too long to fit
         names = tuple((n, h) for n, h in color_names("train")
                       if len(ids := encode_completion(tokenizer, n)) <= room and tokenizer.unk_token_id not in ids)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    if rank == 0:
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    # DDP: the wrapper all-reduces (averages) the gradients in backward; eval and save use the bare model
+    net = DDP(model) if world > 1 else model
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, betas=(0.9, 0.95))
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
-    if args.track:
+    if rank == 0:  # DDP: only rank 0 writes the run folder, logs, evaluates and saves
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+    if args.track and rank == 0:
         import wandb
         wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
 
     def log(metrics: dict, samples: list[dict] | None = None) -> None:
+        if rank != 0:
+            return
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if samples is not None:
@@ -250,7 +285,7 @@ def main(args: Args) -> dict:
         eval_s += time.perf_counter() - t_eval
         return metrics
 
-    eval_metrics = run_eval(0)
+    eval_metrics = run_eval(0) if rank == 0 else {}
     order, cursor = (rng.permutation(len(rows)), 0) if rows else (None, 0)
     model.train()
     for step in range(1, args.total_steps + 1):
@@ -264,13 +299,19 @@ def main(args: Args) -> dict:
             batch, cursor = [examples[i] for i in order[cursor : cursor + args.batch_size]], cursor + args.batch_size
         # 4. gradient of the loss over the whole batch, accumulated over micro-batches
         n_tokens = sum(len(c) for _, c in batch)  # NOTE: counted before the micro-batches: one normaliser for all
-        micro = args.batch_size // args.grad_accum_steps
+        # DDP: this rank's share of the batch; the gradients are AVERAGED over ranks, so each rank divides its
+        # sum by n_tokens / world: then k processes with B/k rows give the gradient of one process with B rows
+        share = args.batch_size // world
+        batch, n_tokens = batch[rank * share : (rank + 1) * share], n_tokens / world
+        micro = share // args.grad_accum_steps
         loss_sum = 0.0
-        for start in range(0, args.batch_size, micro):
-            input_ids, attention_mask, completion_mask = (t.to(model.device) for t in collate(batch[start : start + micro], tokenizer.pad_token_id))
-            logits = model(input_ids, attention_mask=attention_mask).logits      # (B/k, L, V)
-            loss = completion_nll(logits, input_ids, completion_mask) / n_tokens
-            loss.backward()
+        for start in range(0, share, micro):
+            # DDP: all-reduce the gradients once, in the last micro-batch's backward
+            with net.no_sync() if world > 1 and start + micro < share else contextlib.nullcontext():
+                input_ids, attention_mask, completion_mask = (t.to(model.device) for t in collate(batch[start : start + micro], tokenizer.pad_token_id))
+                logits = net(input_ids, attention_mask=attention_mask).logits        # (B/k, L, V)
+                loss = completion_nll(logits, input_ids, completion_mask) / n_tokens
+                loss.backward()
             loss_sum += loss.detach()
         if not torch.isfinite(loss_sum):
             raise FloatingPointError(f"loss is {float(loss_sum)} at step {step}; the last good model is in "
@@ -282,15 +323,19 @@ def main(args: Args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
-        # 6. log, eval, save
+        # 6. log (DDP: summed over ranks, so the metrics are the whole batch's), eval, save
         if step % args.log_every == 0:
-            log({"step": step, "train/loss": float(loss_sum), "train/grad_norm": float(grad_norm),
+            sums = all_sum(torch.tensor([float(loss_sum), sum(len(p) + len(c) for p, c in batch)]))
+            log({"step": step, "train/loss": float(sums[0]) / world, "train/grad_norm": float(grad_norm),
                  "train/lr": optimizer.param_groups[0]["lr"], "perf/step_s": step_s,
-                 "perf/tokens_per_s": sum(len(p) + len(c) for p, c in batch) / step_s})
-        if step % args.eval_every == 0 or step == args.total_steps:
+                 "perf/tokens_per_s": float(sums[1]) / step_s})
+        if rank == 0 and (step % args.eval_every == 0 or step == args.total_steps):
             eval_metrics = run_eval(step)
-    if args.save_to:
+    if args.save_to and rank == 0:
         save_atomic(model, tokenizer, args.save_to)
+    if world > 1:
+        dist.barrier()  # DDP: wait for rank 0's last eval and save, then leave together
+        dist.destroy_process_group()
     return {"train/loss": float(loss_sum), **eval_metrics, "run_dir": run_dir}
 
 

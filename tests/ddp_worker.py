@@ -1,0 +1,50 @@
+"""Runs an algorithm script's main() with two things swapped, so that one process and `torchrun
+--nproc_per_node 2` can be compared to fp32 rounding (tests/test_ddp.py):
+- sampling: a fixed function of the prompt, so both see the very same completions;
+- AdamW: plain SGD, whose update is linear in the gradient. Adam's update g / (|g| + eps) turns fp32
+  rounding of near-zero gradients (about 1e-9 here) into weight differences of up to the learning rate,
+  so with Adam two correct runs differ by more than 1e-5; the gradients themselves agree to about 1e-8.
+
+    python tests/ddp_worker.py grpo --batch-size 4 ...                 # one process, the whole batch
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py grpo ...   # two, half each
+"""
+import collections
+import importlib
+import os
+import sys
+import zlib
+
+import torch
+import tyro
+from transformers import LlamaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def fixed_generate(self, input_ids=None, attention_mask=None, max_new_tokens=8, **_):
+    """(N, P) prompts -> (N, P + max_new_tokens): the k-th copy of a prompt always gets the same completion,
+    random words of random length (sometimes truncated), whatever batch or rank it is in."""
+    eos, pad = self.generation_config.eos_token_id, self.generation_config.pad_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    seen, completions = collections.Counter(), []
+    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+        prompt = tuple(i for i, m in zip(ids, mask) if m)
+        seen[prompt] += 1
+        g = torch.Generator().manual_seed(zlib.crc32(repr((prompt, seen[prompt])).encode()))
+        length = int(torch.randint(1, max_new_tokens + 1, (1,), generator=g))
+        tokens = torch.randint(4, self.config.vocab_size, (max_new_tokens,), generator=g)  # ids 0-3 are special
+        if length < max_new_tokens:
+            tokens[length], tokens[length + 1 :] = eos, pad
+        completions.append(tokens)
+    return torch.cat([input_ids, torch.stack(completions).to(input_ids.device)], dim=1)
+
+
+def sgd(params, lr: float, weight_decay: float = 0.0, **_):
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+
+if __name__ == "__main__":
+    LlamaForCausalLM.generate = fixed_generate
+    torch.optim.AdamW = sgd
+    module = importlib.import_module(sys.argv[1])
+    module.main(tyro.cli(module.Args, args=sys.argv[2:]))
