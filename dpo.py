@@ -170,7 +170,7 @@ def batch_logprobs(model, batch: list, pad_id: int) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 256) -> torch.Tensor:
+def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 64) -> torch.Tensor:
     """(N, 2): log pi(y_c|x) and log pi(y_r|x) of every pair, in batches."""
     columns = []
     for start in range(0, len(pairs), batch_size):
