@@ -308,9 +308,8 @@ def main(args: Args) -> dict:
         advantages = advantages.view(-1)[rank * B * G : (rank + 1) * B * G]       # (N,)
 
         # 6. one on-policy update, accumulated over micro-batches
-        # DDP: the gradients are AVERAGED over ranks, so each rank divides by (whole-batch count / world): then
-        # k processes with B/k prompts each give the gradient of one process with all B prompts
-        n_tokens = float(all_sum(completion_mask.sum())) / world
+        # DDP: the gradients are AVERAGED over ranks, so each rank divides by its own B * G = whole batch / world:
+        # then k processes with B/k prompts each give the gradient of one process with all B prompts
         micro_batches = torch.arange(B * G).split(args.micro_batch_size)
         sums = torch.zeros(2)  # loss, entropy: summed over micro-batches
         for i, s in enumerate(micro_batches):
@@ -335,7 +334,7 @@ def main(args: Args) -> dict:
         if step % args.log_every == 0:
             sums = all_sum(sums)
             counts = all_sum(torch.stack([completion_len, truncated.float().mean(), attention_mask.sum().float(), kl.sum()]).cpu())
-            all_tokens = max(n_tokens * world, 1)
+            all_tokens = max(float(all_sum(completion_mask.sum())), 1)
             group_std = all_rewards.view(-1, G).std(1) if G > 1 else torch.zeros(B)  # G = 1: no groups
             metrics = {"step": step, "train/loss": float(sums[0]) / world, "train/reward": float(all_rewards.mean()),
                        "train/reward_std": float(group_std.mean()), "train/frac_zero_std": float((group_std < 1e-6).float().mean()),

@@ -31,12 +31,13 @@ import argparse
 import glob
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
 import sys
 import time
+
+from compare_trl import child_env, machine  # the same child environment and machine record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "tests", "bench", "results")
@@ -59,13 +60,6 @@ RM_ARGS = ["--judge", JUDGE, "--num-prompts", "1024", "--eval-prompts", "128"]
 RM_PAIRS_PER_STEP, RM_JUDGE_CALLS = 64, 1024 * 4
 COLORS = {"sft": "tab:gray", "dpo": "tab:purple", "grpo": "tab:blue", "rloo": "tab:green", "ppo": "tab:orange",
           "rm+ppo": "tab:red"}
-
-
-def env(threads: int) -> dict:
-    e = dict(os.environ)
-    e.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-             HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return e
 
 
 def read_rows(run_dir: str) -> list[dict]:
@@ -101,7 +95,7 @@ def run_script(script: str, args: list[str], out_dir: str, python: str, threads:
     print("$ OMP_NUM_THREADS=%d %s" % (threads, " ".join(cmd[1:])), flush=True)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with open(os.path.join(out_dir, "stdout.log"), "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(threads), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(threads), stdout=log, stderr=subprocess.STDOUT)
         stopped = False
         while proc.poll() is None:
             time.sleep(poll_s)
@@ -260,18 +254,6 @@ def plot(results: dict, budget_s: float, path: str) -> None:
     plt.close(fig)
 
 
-def machine(threads: int) -> dict:
-    import torch
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads_per_run": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "one_process_at_a_time": True}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-s", type=float, default=90.0, help="training seconds (perf/train_s) per method and seed (default 90)")
@@ -295,7 +277,7 @@ def main() -> None:
         results, budget = {m: [] for m in a.methods}, a.budget_s
         saved = {"config": {"budget_s": budget, "seeds": a.seeds, "judge": JUDGE, "methods": {
                      m: {"script": METHODS[m][0], "args": METHODS[m][1], "samples_per_step": METHODS[m][2]} for m in a.methods},
-                     "rm_args": RM_ARGS, "machine": machine(a.threads), "command": " ".join(sys.argv)},
+                     "rm_args": RM_ARGS, "machine": {**machine(), "threads_per_run": a.threads, "one_process_at_a_time": True}, "command": " ".join(sys.argv)},
                  "runs": results}
         for seed in a.seeds:  # seeds outermost: a slow spell on the shared machine hits every method alike
             for method in a.methods:
