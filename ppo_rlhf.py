@@ -479,8 +479,9 @@ def main(args: Args) -> dict:
             log(metrics)
         if rank == 0 and (step % args.eval_every == 0 or step == args.total_steps):
             eval_metrics = run_eval(step)
-    if world > 1:
-        dist.barrier()  # DDP: wait for rank 0's last eval and save, then leave together
+    if world > 1:  # DDP: free the wrapper first: if its reducer held the group last, freeing it could deadlock
+        del policy, value_net
+        dist.barrier()  # wait for rank 0's last eval and save, then leave together
         dist.destroy_process_group()
     return {**eval_metrics, "run_dir": run_dir}
 

@@ -307,8 +307,9 @@ def main(args: Args) -> dict:
                      "perf/tokens_per_s": float(means[4]) / step_s})
             if rank == 0 and (step % args.eval_every == 0 or step == total_steps):
                 eval_metrics = run_eval(step)
-    if world > 1:
-        dist.barrier()  # DDP: wait for rank 0's last eval and save, then leave together
+    if world > 1:  # DDP: free the wrapper first: if its reducer held the group last, freeing it could deadlock
+        del net
+        dist.barrier()  # wait for rank 0's last eval and save, then leave together
         dist.destroy_process_group()
     return {"train/loss": float(loss.detach()), "train/accuracy": float(accuracy), **eval_metrics, "run_dir": run_dir}
 

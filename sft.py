@@ -333,8 +333,9 @@ def main(args: Args) -> dict:
             eval_metrics = run_eval(step)
     if args.save_to and rank == 0:
         save_atomic(model, tokenizer, args.save_to)
-    if world > 1:
-        dist.barrier()  # DDP: wait for rank 0's last eval and save, then leave together
+    if world > 1:  # DDP: free the wrapper first: if its reducer held the group last, freeing it could deadlock
+        del net
+        dist.barrier()  # wait for rank 0's last eval and save, then leave together
         dist.destroy_process_group()
     return {"train/loss": float(loss_sum), **eval_metrics, "run_dir": run_dir}
 
