@@ -34,9 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
-from common import (candidate_names, encode_pairs, eval_prompts, evaluate, get_judge, load_model_and_tokenizer,
-                    pair_prompts, rank_pairs, read_preferences, save_atomic)
+from common import (autocast, candidate_names, encode_pairs, eval_prompts, evaluate, get_judge, load_model_and_tokenizer,
+                    pair_prompts, rank_pairs, read_preferences, resolve_device_dtype, save_atomic)
 
 
 @dataclass
@@ -56,7 +57,9 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """bfloat16 on cuda, float32 on cpu"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     # data
     data: Optional[str] = None
     """JSONL of {prompt, chosen, rejected} (or full-text {chosen, rejected}); None = built-in judge-ranked pairs"""
@@ -128,10 +131,26 @@ def concat_pairs(batch: list[tuple[list[int], list[int], list[int]]], pad_id: in
     return input_ids, attention_mask, completion_mask
 
 
+LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs copies at once
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(token): (2B, L, V), (2B, L) -> (2B, L) in fp32.
+    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (2B, L, V) in fp32
+    would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at 2B=64, L=512, V=151,936
+    (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+    def block_logprobs(block_logits, block_tokens):
+        logp = torch.log_softmax(block_logits.float(), dim=-1)
+        return logp.gather(-1, block_tokens.unsqueeze(-1)).squeeze(-1)
+    rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
+    blocks = zip(logits.split(rows), tokens.split(rows))
+    return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
+
+
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """log pi(y | x) of each row, (2B,): the SUM of the completion's token log-probs, prompt and padding excluded."""
     # NOTE: the one-token shift: logits at position t predict the token at t + 1
-    logprobs = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)  # (2B, L-1)
+    logprobs = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (2B, L-1)
     # NOTE: a sum, not a mean: averaging changes the objective (TRL #789; the mean is SimPO's)
     return (logprobs * completion_mask[:, 1:]).sum(1)
 
@@ -165,7 +184,7 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
 def batch_logprobs(model, batch: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs (2B,) and completion lengths (2B,) in ONE forward over chosen and rejected."""
     input_ids, attention_mask, completion_mask = (t.to(model.device) for t in concat_pairs(batch, pad_id))
-    logits = model(input_ids, attention_mask=attention_mask).logits  # (2B, L, V)
+    logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, L, V)
     return sequence_logprobs(logits, input_ids, completion_mask), completion_mask.sum(1)
 
 
@@ -179,7 +198,7 @@ def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 64) -> torch
     return torch.cat(columns)
 
 
-def load_pairs(args: Args, model, tokenizer, judge, warn=print) -> tuple[list[dict], list[dict]]:
+def load_pairs(args: Args, model, tokenizer, judge, dtype: torch.dtype, warn=print) -> tuple[list[dict], list[dict]]:
     """Training and held-out pairs: from JSONL, or names sampled from the starting policy, ranked by the judge."""
     if args.data is not None:
         train = read_preferences(args.data)
@@ -196,7 +215,7 @@ def load_pairs(args: Args, model, tokenizer, judge, warn=print) -> tuple[list[di
         seed = args.seed if split == "train" else 0  # the held-out set never moves
         prompts = pair_prompts(n, split, seed)
         names = candidate_names(prompts, args.names_per_prompt, "policy", seed, model, tokenizer,
-                                args.temperature, args.max_new_tokens)
+                                args.temperature, args.max_new_tokens, dtype)
         built.append(rank_pairs(prompts, names, judge, flip, args.seed))
         warn(f"{split}: {len(built[-1])} pairs ranked by {args.judge} from {n} prompts (ties dropped)")
     return built[0], built[1]
@@ -240,26 +259,31 @@ def main(args: Args) -> dict:
     if args.loss_type != "sigmoid" and args.label_smoothing:
         raise ValueError(f"--label-smoothing is cDPO's and applies to --loss-type sigmoid only, not {args.loss_type}")
 
-    # 1. the policy and its frozen reference (dropout off in both), the judge
-    policy, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    # 1. the policy (fp32 master weights) and its frozen reference (may be bf16; dropout off in both), the judge
+    device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
+    policy, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    reference = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
     judge = get_judge(args.judge, args.device)
     context = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
     pad_id = tokenizer.pad_token_id
 
     # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids) with EOS on both completions
-    train_pairs, eval_pairs = load_pairs(args, policy, tokenizer, judge, warn=print if rank == 0 else lambda _: None)
+    train_pairs, eval_pairs = load_pairs(args, policy, tokenizer, judge, dtype, warn=print if rank == 0 else lambda _: None)
     train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
     heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
-    heldout_ref = all_logprobs(reference, heldout, pad_id)  # (N_eval, 2), once
+    with autocast(device, dtype):
+        heldout_ref = all_logprobs(reference, heldout, pad_id)  # (N_eval, 2), once
     ref_logps = None
     if args.precompute_ref_logps:  # NOTE: the same numbers as per batch; saves a forward per step and the memory of pi_ref
-        ref_logps, reference = all_logprobs(reference, train, pad_id), None  # (N, 2)
+        with autocast(device, dtype):
+            ref_logps, reference = all_logprobs(reference, train, pad_id), None  # (N, 2)
     steps_per_epoch = max(1, len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.num_epochs
     if rank == 0:
         print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
 
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # DDP: the wrapper all-reduces (averages) the gradients in backward; eval and save use the bare model
     net = DDP(policy) if world > 1 else policy
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -288,8 +312,10 @@ def main(args: Args) -> dict:
     def run_eval(step: int) -> dict:
         nonlocal eval_s
         t_eval = time.perf_counter()
-        metrics, samples = evaluate(policy, tokenizer, judge, eval_prompts(args.eval_size), args.temperature, args.max_new_tokens)
-        policy_logps = all_logprobs(policy, heldout, pad_id)  # (N_eval, 2)
+        metrics, samples = evaluate(policy, tokenizer, judge, eval_prompts(args.eval_size), args.temperature,
+                                    args.max_new_tokens, dtype=dtype)
+        with autocast(device, dtype):
+            policy_logps = all_logprobs(policy, heldout, pad_id)  # (N_eval, 2)
         margins = (policy_logps - heldout_ref) @ torch.tensor([1.0, -1.0])
         metrics["eval/accuracy"] = float((margins > 0).float().mean())  # held-out pairs the implicit reward ranks right
         log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s}, samples)
@@ -314,11 +340,12 @@ def main(args: Args) -> dict:
             if ref_logps is not None:
                 ref_chosen_logps, ref_rejected_logps = ref_logps[indices].to(policy.device).T
             else:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(device, dtype):
                     ref_both, _ = batch_logprobs(reference, batch, pad_id)  # (2B,)
                 ref_chosen_logps, ref_rejected_logps = ref_both[:B], ref_both[B:]
             # 4. the policy's log-probs: one forward over chosen and rejected together
-            logps, lengths = batch_logprobs(net, batch, pad_id)  # (2B,), (2B,)
+            with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
+                logps, lengths = batch_logprobs(net, batch, pad_id)  # (2B,), (2B,)
             # 5. the preference loss (+ RPO's NLL on the chosen completion, per token)
             loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps,
                                                               args.beta, args.loss_type, args.label_smoothing,

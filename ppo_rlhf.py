@@ -40,9 +40,11 @@ import torch
 import torch.distributed as dist
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForSequenceClassification
 
-from common import PROMPT, color_names, encode_prompt, eval_prompts, evaluate, get_judge, load_model_and_tokenizer, read_jsonl, save_atomic
+from common import (PROMPT, autocast, color_names, encode_prompt, eval_prompts, evaluate, get_judge,
+                    load_model_and_tokenizer, read_jsonl, resolve_device_dtype, sample, sampling_config, save_atomic)
 
 
 @dataclass
@@ -62,7 +64,9 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """bfloat16 on cuda, float32 on cpu"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     reward_model: Optional[str] = None
     """a reward model saved by reward_model.py: the score r(x, y), and the value model's starting point;
     it must share the policy's tokenizer (it reads the policy's token ids)"""
@@ -119,31 +123,45 @@ class Args:
     """print and log train metrics every this many steps"""
 
 
+LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs and entropy copy at once
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(token) under the sampling distribution softmax(logits / T): (N, T, V), (N, T) -> (N, T)."""
-    # NOTE: without the / temperature the trainer differentiates a different policy than the sampler's
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log pi(token) under the sampling distribution softmax(logits / T): (N, T, V), (N, T) -> (N, T) in fp32.
+    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (N, T, V) in fp32
+    would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at N=64, T=512, V=151,936
+    (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+    def block_logprobs(block_logits, block_tokens):
+        # NOTE: without the / temperature the trainer differentiates a different policy than the sampler's
+        logp = torch.log_softmax(block_logits.float() / temperature, dim=-1)
+        return logp.gather(-1, block_tokens.unsqueeze(-1)).squeeze(-1)
+    rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
+    blocks = zip(logits.split(rows), tokens.split(rows))
+    return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
 
 
+@torch.no_grad()
 def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy (N, T) of the sampling distribution softmax(logits / T) at each position."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Entropy (N, T) of the sampling distribution softmax(logits / T) at each position, a block of rows at a time."""
+    rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
+    blocks = [torch.log_softmax(block.float() / temperature, dim=-1) for block in logits.split(rows)]
+    return torch.cat([-(logp.exp() * logp).sum(-1) for logp in blocks])
 
 
-def completion_mask_from(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) -> mask of the tokens up to and including the first EOS, and which rows never reached EOS.
-    NOTE: found from the first EOS, not from the pad id, which may equal EOS."""
-    is_eos = completion_ids == eos_id
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), completion_ids.shape[1])
+def completion_mask_from(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) -> mask of the tokens up to and including the first stop token, and which rows never stopped.
+    NOTE: found from the stop ids, not from the pad id, which may equal EOS; and from ALL of them (EOS, the model's
+    EOS list, the chat template's end-of-turn), the same ones generation stops on (common.sampling_config)."""
+    is_stop = torch.isin(completion_ids, stop_ids)
+    first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
-    return (positions[None] <= first_eos[:, None]).float(), ~is_eos.any(1)
+    return (positions[None] <= first_stop[:, None]).float(), ~is_stop.any(1)
 
 
 def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperature: float):
     """Log-probs (N, T) of the completion tokens and the logits (N, T, V) that predict them."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
     logits = logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
     return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
 
@@ -154,7 +172,8 @@ def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     # NOTE: through the model's own forward, not model.base_model, so that a DDP wrapper sees the call and
     # syncs the gradients; the last of the hidden states is the final (normed) one, the head's input
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
+                use_cache=False)
     hidden = out.hidden_states[-1]  # (N, L, D)
     # NOTE: the last real token found from the attention mask, not from pad_token_id (TRL #937: when
     # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
@@ -167,7 +186,8 @@ def forward_values(value_model, input_ids, attention_mask, n_prompt: int) -> tor
     """V(s_t) (N, T): the scalar head on every hidden state, read where the policy's logits for y_t are read."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     # NOTE: the model's own forward (so that DDP syncs the gradients); its last hidden state is the head's input
-    out = value_model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+    out = value_model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
+                      use_cache=False)
     # NOTE: the state s_t before token y_t is the prefix ending at position P-1+t, the same shift as the logits
     return getattr(value_model, "module", value_model).score(out.hidden_states[-1][:, n_prompt - 1 : -1]).squeeze(-1).float()
 
@@ -250,12 +270,12 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_episodes: int, 
     return kl_coef * (1 + float(np.clip(kl / target - 1, -0.2, 0.2)) * n_episodes / horizon)
 
 
-def load_reward_model(path: str, tokenizer, device: str, dtype: str):
+def load_reward_model(path: str, tokenizer, device: str):
     """A reward model saved by reward_model.py, checked to be one and to share the policy's tokenizer.
     NOTE: a different tokenizer is REFUSED, not re-tokenised: the RM reads the policy's token ids and the
     value model, initialised from the RM, must give a value per POLICY token. `--judge rm:PATH` (which
     decodes the text and re-encodes it with the RM's own tokenizer) is the way to use such a model."""
-    reward_model, rm_tokenizer = load_model_and_tokenizer(path, device, dtype, model_class=AutoModelForSequenceClassification)
+    reward_model, rm_tokenizer = load_model_and_tokenizer(path, device, model_class=AutoModelForSequenceClassification)
     if (not any(a.endswith("ForSequenceClassification") for a in reward_model.config.architectures or [])
             or reward_model.config.num_labels != 1):
         raise ValueError(f"--reward-model {path!r} is not a reward model (a sequence-classification model with one "
@@ -318,18 +338,27 @@ def main(args: Args) -> dict:
     eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
 
     # the four roles; dropout is off in all of them (common's loader; N-blog detail 9, P4d)
+    # trained models (policy, value) keep fp32 master weights; frozen ones (reference, reward) may be bf16
     judge = get_judge(args.judge, args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)              # policy
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)                                 # reference
+    device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device)                          # policy
+    ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)                       # reference
     reward_model = None
     if args.reward_model is not None:                                                             # reward
-        reward_model = load_reward_model(args.reward_model, tokenizer, args.device, args.dtype)
+        reward_model = load_reward_model(args.reward_model, tokenizer, args.device)
         value_model = copy.deepcopy(reward_model).requires_grad_(True)  # value from the RM (SFD ppo.py:482, TRL)
+        reward_model = reward_model.to(dtype)
     else:
-        value_model, _ = load_model_and_tokenizer(args.model, args.device, args.dtype,
+        value_model, _ = load_model_and_tokenizer(args.model, args.device,
                                                   model_class=AutoModelForSequenceClassification, num_labels=1)
         torch.nn.init.zeros_(value_model.score.weight)  # NOTE: a zero head, V = 0 at first (OAI's N(0, 0), N-blog detail 8)
     value_model.train()
+    if args.gradient_checkpointing:
+        for trained in (model, value_model):
+            trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the sampler: plain sampling at temperature from our flags only; its stop ids also end the masks
+    sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
+    stop_ids = torch.tensor(sampling.eos_token_id, device=device)
     # DDP: each trained model in its own wrapper, which all-reduces (averages) its gradients in backward;
     # generate, eval and save use the bare policy
     policy, value_net = (DDP(model), DDP(value_model)) if world > 1 else (model, value_model)
@@ -360,7 +389,7 @@ def main(args: Args) -> dict:
         nonlocal eval_s
         t_eval = time.perf_counter()
         metrics, samples = evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
-                                    args.max_new_tokens, **eval_extra)
+                                    args.max_new_tokens, dtype=dtype, **eval_extra)
         log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s}, samples)
         print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
         save_atomic(model, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
@@ -381,20 +410,16 @@ def main(args: Args) -> dict:
         if P + args.max_new_tokens > getattr(model.config, "max_position_embeddings", 1 << 30):
             raise ValueError(f"prompt of {P} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's context")
 
-        # 2. generate (KV cache, plain sampling at temperature), then truncate after the first EOS
-        with torch.no_grad():
-            model.eval()
-            sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                                       temperature=args.temperature, top_k=0, top_p=1.0,
-                                       max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            model.train()
+        # 2. generate (KV cache, plain sampling at temperature), then truncate after the first stop token
+        with autocast(device, dtype):
+            sequences = sample(model, prompt_ids, prompt_mask, sampling)           # (N, P+T)
         completion_ids = sequences[:, P:]                                           # (N, T)
-        completion_mask, truncated = completion_mask_from(completion_ids, tokenizer.eos_token_id)
+        completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)
         attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)   # (N, P+T): nothing after EOS
         completion_len = completion_mask.sum(1).mean()
 
         # 3. score: the reward model on the policy's own token ids (last real token), or the judge on the text
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, dtype):
             if reward_model is not None:
                 raw_scores = score_last_token(reward_model, sequences, attention_mask)
             else:
@@ -409,12 +434,13 @@ def main(args: Args) -> dict:
             completion_mask = completion_mask * (~truncated)[:, None]
 
         # 4. the rollout's log-probs (policy = pi_old, reference) and values, once, without gradient
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, dtype):
             old_logprobs, _ = forward_logprobs(model, sequences, attention_mask, P, args.temperature)   # (N, T)
             ref_logprobs, _ = forward_logprobs(ref_model, sequences, attention_mask, P, args.temperature)
             old_values = forward_values(value_model, sequences, attention_mask, P) * completion_mask    # (N, T)
 
-            # 5. per-token rewards, GAE, returns, whitened advantages
+        # 5. per-token rewards, GAE, returns, whitened advantages (in fp32)
+        with torch.no_grad():
             rewards, non_score_rewards = per_token_rewards(scores, old_logprobs, ref_logprobs, completion_mask, kl_coef)
             if args.whiten_rewards:
                 rewards = masked_whiten(rewards, completion_mask, shift_mean=False)
@@ -431,8 +457,9 @@ def main(args: Args) -> dict:
         for _ in range(args.num_ppo_epochs):
             for s in torch.from_numpy(rng.permutation(N)).to(model.device).split(M):
                 mask = completion_mask[s]
-                logprobs, logits = forward_logprobs(policy, sequences[s], attention_mask[s], P, args.temperature)
-                values = forward_values(value_net, sequences[s], attention_mask[s], P)
+                with autocast(device, dtype):  # the forwards in bf16 (or fp32); the losses below in fp32
+                    logprobs, logits = forward_logprobs(policy, sequences[s], attention_mask[s], P, args.temperature)
+                    values = forward_values(value_net, sequences[s], attention_mask[s], P)
                 pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[s], advantages[s], mask, args.clip_eps)
                 vf_loss, vf_clipfrac = value_loss(values, old_values[s], returns[s], mask, args.value_clip)
                 loss = pg_loss + args.vf_coef * vf_loss

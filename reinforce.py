@@ -32,8 +32,10 @@ import torch
 import torch.distributed as dist
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
-from common import PROMPT, color_names, encode_prompt, eval_prompts, evaluate, get_judge, load_model_and_tokenizer, read_jsonl, save_atomic
+from common import (PROMPT, autocast, color_names, encode_prompt, eval_prompts, evaluate, get_judge,
+                    load_model_and_tokenizer, read_jsonl, resolve_device_dtype, sample, sampling_config, save_atomic)
 
 
 @dataclass
@@ -53,7 +55,9 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """bfloat16 on cuda, float32 on cpu"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     judge: str = "poet+correct"
     """reward: a judge name or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct"""
     prompts: Optional[str] = None
@@ -109,10 +113,21 @@ def baseline_advantages(rewards: torch.Tensor, baseline: str, running_mean: floa
     return rewards, running_mean
 
 
+LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs and entropy copy at once
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(token) under the sampling distribution softmax(logits / T): (N, T, V), (N, T) -> (N, T)."""
-    # NOTE: without the / temperature the trainer differentiates a different policy than the sampler's
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log pi(token) under the sampling distribution softmax(logits / T): (N, T, V), (N, T) -> (N, T) in fp32.
+    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (N, T, V) in fp32
+    would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at N=64, T=512, V=151,936
+    (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+    def block_logprobs(block_logits, block_tokens):
+        # NOTE: without the / temperature the trainer differentiates a different policy than the sampler's
+        logp = torch.log_softmax(block_logits.float() / temperature, dim=-1)
+        return logp.gather(-1, block_tokens.unsqueeze(-1)).squeeze(-1)
+    rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
+    blocks = zip(logits.split(rows), tokens.split(rows))
+    return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
 
 
 # ALGO: the KL penalty in the reward: k1 summed over the completion, a number with no gradient
@@ -129,25 +144,28 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
     return -(advantages[:, None] * logprobs * mask).sum() / n_sequences
 
 
+@torch.no_grad()
 def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy (N, T) of the sampling distribution softmax(logits / T) at each position."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Entropy (N, T) of the sampling distribution softmax(logits / T) at each position, a block of rows at a time."""
+    rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
+    blocks = [torch.log_softmax(block.float() / temperature, dim=-1) for block in logits.split(rows)]
+    return torch.cat([-(logp.exp() * logp).sum(-1) for logp in blocks])
 
 
-def completion_mask_from(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) -> mask of the tokens up to and including the first EOS, and which rows never reached EOS.
-    NOTE: found from the first EOS, not from the pad id, which may equal EOS."""
-    is_eos = completion_ids == eos_id
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), completion_ids.shape[1])
+def completion_mask_from(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) -> mask of the tokens up to and including the first stop token, and which rows never stopped.
+    NOTE: found from the stop ids, not from the pad id, which may equal EOS; and from ALL of them (EOS, the model's
+    EOS list, the chat template's end-of-turn), the same ones generation stops on (common.sampling_config)."""
+    is_stop = torch.isin(completion_ids, stop_ids)
+    first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
-    return (positions[None] <= first_eos[:, None]).float(), ~is_eos.any(1)
+    return (positions[None] <= first_stop[:, None]).float(), ~is_stop.any(1)
 
 
 def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperature: float):
     """Log-probs (N, T) of the completion tokens and the logits (N, T, V) that predict them."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
     logits = logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
     return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
 
@@ -214,10 +232,16 @@ def main(args: Args) -> dict:
     eval_rows = [{"prompt": p} for p in eval_prompts(args.eval_size)] if args.prompts is None else rows[: args.eval_size]
     eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
     judge = get_judge(args.judge, args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device)  # fp32 master weights
     ref_model = None
     if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)  # frozen: may be bf16
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the sampler: plain sampling at temperature from our flags only; its stop ids also end the masks
+    sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
+    stop_ids = torch.tensor(sampling.eos_token_id, device=device)
     # DDP: the wrapper all-reduces (averages) the gradients in backward; generate, eval and save use the bare model
     policy = DDP(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -245,7 +269,7 @@ def main(args: Args) -> dict:
         nonlocal eval_s
         t_eval = time.perf_counter()
         metrics, samples = evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
-                                    args.max_new_tokens, **eval_extra)
+                                    args.max_new_tokens, dtype=dtype, **eval_extra)
         log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s}, samples)
         print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
         save_atomic(model, tokenizer, os.path.join(run_dir, "model"))
@@ -269,14 +293,10 @@ def main(args: Args) -> dict:
             raise ValueError(f"prompt of {P} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's context")
 
         # 2. generate G completions per prompt (KV cache, plain sampling at temperature, dropout off)
-        with torch.no_grad():
-            model.eval()
-            sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                                       temperature=args.temperature, top_k=0, top_p=1.0,
-                                       max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            model.train()
+        with autocast(device, dtype):
+            sequences = sample(model, prompt_ids, prompt_mask, sampling)           # (N, P+T)
         completion_ids = sequences[:, P:]                                           # (N, T)
-        completion_mask, truncated = completion_mask_from(completion_ids, tokenizer.eos_token_id)
+        completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)
         attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)   # (N, P+T)
         completion_len = completion_mask.sum(1).mean()
         if args.mask_truncated:
@@ -294,7 +314,7 @@ def main(args: Args) -> dict:
         # 4. the k1 KL penalty in the reward, from log-probs of the sampling policy and the reference
         kl = torch.zeros(B * G, device=model.device)
         if ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, dtype):
                 logprobs, ref_logprobs = (torch.cat([forward_logprobs(m, sequences[s], attention_mask[s], P, args.temperature)[0]
                                                      for s in torch.arange(B * G).split(args.micro_batch_size)])
                                           for m in (model, ref_model))
@@ -315,7 +335,8 @@ def main(args: Args) -> dict:
         for i, s in enumerate(micro_batches):
             # DDP: all-reduce the gradients once, in the last micro-batch's backward
             with policy.no_sync() if world > 1 and i < len(micro_batches) - 1 else contextlib.nullcontext():
-                logprobs, logits = forward_logprobs(policy, sequences[s], attention_mask[s], P, args.temperature)
+                with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
+                    logprobs, logits = forward_logprobs(policy, sequences[s], attention_mask[s], P, args.temperature)
                 loss = reinforce_loss(logprobs, advantages[s], completion_mask[s], B * G)
                 loss.backward()
             with torch.no_grad():  # the entropy is a pass over the whole vocabulary: only on logging steps

@@ -35,8 +35,8 @@ import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModelForSequenceClassification
 
-from common import (candidate_names, encode_pairs, get_judge, load_model_and_tokenizer, pair_prompts, rank_pairs,
-                    read_preferences, save_atomic)
+from common import (autocast, candidate_names, encode_pairs, get_judge, load_model_and_tokenizer, pair_prompts,
+                    rank_pairs, read_preferences, resolve_device_dtype, save_atomic)
 
 
 @dataclass
@@ -56,7 +56,9 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """bfloat16 on cuda, float32 on cpu"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     # data
     data: Optional[str] = None
     """JSONL of {prompt, chosen, rejected} (or full-text {chosen, rejected}); None = built-in judge-ranked pairs"""
@@ -124,7 +126,8 @@ def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     # NOTE: through the model's own forward, not model.base_model, so that a DDP wrapper sees the call and
     # syncs the gradients; the last of the hidden states is the final (normed) one, the head's input
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
+                use_cache=False)
     hidden = out.hidden_states[-1]  # (N, L, D)
     # NOTE: the last real token found from the attention mask, not from pad_token_id (TRL #937: when
     # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
@@ -146,13 +149,14 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs: list, pad_id: int, batch_size: int = 256) -> dict:
+def evaluate_pairs(model, pairs: list, pad_id: int, dtype: torch.dtype = torch.float32, batch_size: int = 256) -> dict:
     """eval/accuracy (the share of held-out pairs ranked as the labeller ranked them), eval/loss, eval/margin."""
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
         input_ids, attention_mask, _ = (t.to(model.device) for t in concat_pairs(batch, pad_id))
-        rewards = score_last_token(model, input_ids, attention_mask)  # (2B,)
+        with autocast(model.device, dtype):
+            rewards = score_last_token(model, input_ids, attention_mask)  # (2B,)
         chosen.append(rewards[: len(batch)])
         rejected.append(rewards[len(batch) :])
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
@@ -172,15 +176,17 @@ def load_pairs(args: Args, warn=print) -> tuple[list[dict], list[dict]]:
         n_eval = max(1, len(train) // 10)
         return train[:-n_eval], train[-n_eval:]
     judge = get_judge(args.judge, args.device)
-    # NOTE: the names are sampled from the same checkpoint loaded as a causal LM (the head cannot generate)
+    # NOTE: the names are sampled from the same checkpoint loaded as a causal LM (the head cannot generate); it
+    # is not trained, so its weights may be bf16 (args.dtype "auto" on cuda)
     sampler, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype) if args.source == "policy" else (None, None)
+    dtype = resolve_device_dtype(args.device, args.dtype)[1]
     built = []
     for split, n, flip in (("train", args.num_prompts, args.flip_prob), ("heldout", args.eval_prompts, 0.0)):
         if split == "heldout" and args.eval_data is not None:
             return built[0], read_preferences(args.eval_data)
         prompts = pair_prompts(n, split, args.seed if split == "train" else 0)  # the held-out set never moves
         names = candidate_names(prompts, args.names_per_prompt, args.source, args.seed if split == "train" else 0,
-                                sampler, tokenizer)
+                                sampler, tokenizer, dtype=dtype)
         built.append(rank_pairs(prompts, names, judge, flip, args.seed))
         warn(f"{split}: {len(built[-1])} pairs ranked by {args.judge} from {n} prompts (ties dropped)")
     return built[0], built[1]
@@ -222,8 +228,9 @@ def main(args: Args) -> dict:
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
 
-    # 1. the backbone with a scalar head (dropout off); a causal-LM checkpoint gets a fresh head
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype,
+    # 1. the backbone with a scalar head (dropout off, fp32 master weights); a causal-LM checkpoint gets a fresh head
+    device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device,
                                                 model_class=AutoModelForSequenceClassification, num_labels=1)
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         # NOTE: N(0, 1/sqrt(d+1)) as in SFD reward.py and OpenAI's lm-human-preferences (N-blog detail 6)
@@ -239,6 +246,8 @@ def main(args: Args) -> dict:
     if rank == 0:
         print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
 
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # DDP: the wrapper all-reduces (averages) the gradients in backward; eval and save use the bare model
     net = DDP(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -264,7 +273,7 @@ def main(args: Args) -> dict:
     def run_eval(step: int) -> dict:
         nonlocal eval_s
         t_eval = time.perf_counter()
-        metrics = evaluate_pairs(model, heldout, tokenizer.pad_token_id)
+        metrics = evaluate_pairs(model, heldout, tokenizer.pad_token_id, dtype)
         log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s})
         save_atomic(model, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
         eval_s += time.perf_counter() - t_eval
@@ -282,7 +291,8 @@ def main(args: Args) -> dict:
             share = args.batch_size // world  # DDP: this rank's share of the batch; equal shares, so the mean of
             batch = batch[rank * share : (rank + 1) * share]  # the ranks' mean losses is the batch's mean loss
             input_ids, attention_mask, _ = (t.to(model.device) for t in concat_pairs(batch, tokenizer.pad_token_id))
-            rewards = score_last_token(net, input_ids, attention_mask)  # (2B,)
+            with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
+                rewards = score_last_token(net, input_ids, attention_mask)  # (2B,)
             chosen_rewards, rejected_rewards = rewards[: len(batch)], rewards[len(batch) :]
             # 4. the Bradley–Terry loss
             loss, accuracy = bradley_terry_loss(chosen_rewards, rejected_rewards, args.margin, args.center_coef)

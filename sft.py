@@ -29,14 +29,15 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from common import (PROMPT, color_names, encode_completion, encode_prompt, eval_prompts, evaluate, get_judge,
-                    load_model_and_tokenizer, read_jsonl, sample_colour_pairs, save_atomic, xkcd_names)
+from common import (PROMPT, autocast, color_names, encode_completion, encode_prompt, eval_prompts, evaluate, get_judge,
+                    load_model_and_tokenizer, read_jsonl, resolve_device_dtype, sample_colour_pairs, save_atomic,
+                    xkcd_names)
 
 
 @dataclass
@@ -68,7 +69,9 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """bfloat16 on cuda, float32 on cpu"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     # data
     data: Optional[str] = None
     """JSONL file of {"prompt", "completion"} rows; None = the built-in colour names"""
@@ -160,11 +163,27 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
     return input_ids, attention_mask, completion_mask
 
 
+LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs copies at once
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token): (B, L, V), (B, L) -> (B, L) in fp32.
+    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax (or cross_entropy) over all of
+    (B, L, V) in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at B=64, L=512,
+    V=151,936 (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+    def block_logprobs(block_logits, block_tokens):
+        logp = torch.log_softmax(block_logits.float(), dim=-1)
+        return logp.gather(-1, block_tokens.unsqueeze(-1)).squeeze(-1)
+    rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
+    blocks = zip(logits.split(rows), tokens.split(rows))
+    return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
+
+
 def completion_nll(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Sum over completion tokens (EOS included) of -log p(token | everything before it)."""
     # NOTE: the one-token shift: logits at position t predict the token at t + 1
-    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
-    return (nll * completion_mask[:, 1:].flatten()).sum()
+    nll = -token_logprobs(logits[:, :-1], input_ids[:, 1:])                   # (B, L-1)
+    return (nll * completion_mask[:, 1:]).sum()
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float) -> float:
@@ -177,7 +196,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 
 
 def encode_rows(tokenizer, rows: list[tuple[str, str]], context: int) -> list[tuple[list[int], list[int]]]:
-    examples = [(encode_prompt(tokenizer, p), encode_completion(tokenizer, c)) for p, c in rows]
+    examples = [(encode_prompt(tokenizer, p), encode_completion(tokenizer, p, c)) for p, c in rows]
     for (p, c), (prompt, _) in zip(examples, rows):
         if len(p) + len(c) > context:
             raise ValueError(f"prompt + completion of {len(p) + len(c)} tokens exceeds the model's context of "
@@ -230,24 +249,28 @@ def main(args: Args) -> dict:
     judge = get_judge(args.judge, args.device)
     prompts_for_eval = eval_prompts(args.eval_size) if rows is None else [p for p, _ in rows[: args.eval_size]]
 
-    # 2. model: a pretrained one, or a new tokenizer + small Llama trained on the data's own words
+    # 2. model: a pretrained one, or a new tokenizer + small Llama trained on the data's own words; fp32 weights
+    device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     if args.model is None:
         texts = [p for p, _ in rows] + [c for _, c in rows] if rows else (
             [PROMPT.format(hex="#" + d * 6) for d in "0123456789abcdef"] + [n for n, _ in color_names("train") + xkcd_names()])
         tokenizer = build_tokenizer(args.tokenizer, texts, min_count=2 if rows is None else 1)
         model = new_model(tokenizer, args.d_model, args.n_layers, args.n_heads, args.d_ff)
-        model.to("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
+        model.to(device)
     else:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+        model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     context = model.config.max_position_embeddings
     if rows is not None:
         examples = encode_rows(tokenizer, rows, context)
     else:  # NOTE: leave out names with words the tokenizer lacks (they would teach the model to say <unk>)
-        room = context - len(encode_prompt(tokenizer, PROMPT.format(hex="#000000")))  # and names too long to fit
+        prompt = PROMPT.format(hex="#000000")
+        room = context - len(encode_prompt(tokenizer, prompt))  # and names too long to fit
         names = tuple((n, h) for n, h in color_names("train")
-                      if len(ids := encode_completion(tokenizer, n)) <= room and tokenizer.unk_token_id not in ids)
+                      if len(ids := encode_completion(tokenizer, prompt, n)) <= room and tokenizer.unk_token_id not in ids)
     if rank == 0:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # DDP: the wrapper all-reduces (averages) the gradients in backward; eval and save use the bare model
     net = DDP(model) if world > 1 else model
 
@@ -278,7 +301,8 @@ def main(args: Args) -> dict:
     def run_eval(step: int) -> dict:
         nonlocal eval_s
         t_eval = time.perf_counter()
-        metrics, samples = evaluate(model, tokenizer, judge, prompts_for_eval, args.temperature, args.max_new_tokens)
+        metrics, samples = evaluate(model, tokenizer, judge, prompts_for_eval, args.temperature, args.max_new_tokens,
+                                    dtype=dtype)
         log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s}, samples)
         print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
         save_atomic(model, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
@@ -309,7 +333,8 @@ def main(args: Args) -> dict:
             # DDP: all-reduce the gradients once, in the last micro-batch's backward
             with net.no_sync() if world > 1 and start + micro < share else contextlib.nullcontext():
                 input_ids, attention_mask, completion_mask = (t.to(model.device) for t in collate(batch[start : start + micro], tokenizer.pad_token_id))
-                logits = net(input_ids, attention_mask=attention_mask).logits        # (B/k, L, V)
+                with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
+                    logits = net(input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B/k, L, V)
                 loss = completion_nll(logits, input_ids, completion_mask) / n_tokens
                 loss.backward()
             loss_sum += loss.detach()

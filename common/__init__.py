@@ -5,6 +5,7 @@ from .data import PROMPT, color_names, eval_prompts, read_jsonl, sample_colour_p
 from .evaluate import evaluate, generate
 from .judges import get_judge
 from .preferences import candidate_names, encode_pairs, pair_prompts, rank_pairs, read_preferences
-from .models import PAINTER, encode_completion, encode_prompt, load_model_and_tokenizer, save_atomic
+from .models import (PAINTER, autocast, encode_completion, encode_prompt, load_model_and_tokenizer, resolve_device_dtype,
+                     sample, sampling_config, save_atomic, stop_token_ids)
 
 _hf_logging.disable_progress_bar()

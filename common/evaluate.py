@@ -6,36 +6,36 @@ import torch
 
 from .data import color_names, eval_prompts, xkcd_names
 from .judges import colour_distances, correct
-from .models import context_length, encode_prompt
+from .models import autocast, context_length, encode_prompt, sample, sampling_config
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], temperature: float = 1.0, max_new_tokens: int = 16,
-             seed: int | None = None) -> list[str]:
-    """Sample one completion per prompt (left padded, KV cache, plain softmax sampling at temperature)."""
+             seed: int | None = None, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Sample one completion per prompt (left padded, KV cache, plain softmax sampling at temperature, the
+    same sampler as training's), under autocast in `dtype`."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if max(len(e) for e in encoded) + max_new_tokens > context_length(model):
         raise ValueError(f"prompt of {max(len(e) for e in encoded)} tokens + {max_new_tokens} new tokens exceeds "
                          f"the model's context of {context_length(model)}: shorten the prompt or --max-new-tokens")
     batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(model.device)
-    was_training = model.training
-    model.eval()
+    config = sampling_config(tokenizer, model, temperature, max_new_tokens)
     # NOTE: a seeded eval must not reset the training's random stream: fork the RNG, seed, restore
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)
-        output = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
+        with autocast(model.device, dtype):
+            output = sample(model, batch["input_ids"], batch["attention_mask"], config)
     return [t.strip() for t in tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
 
 
 def evaluate(model, tokenizer, judge, prompts: list[str] | None = None, temperature: float = 1.0,
-             max_new_tokens: int = 16, seed: int = 0, **judge_kwargs) -> tuple[dict, list[dict]]:
+             max_new_tokens: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32,
+             **judge_kwargs) -> tuple[dict, list[dict]]:
     """eval/reward (the judge), eval/correct, eval/distinct (share of unique names) and the samples.
     judge_kwargs (e.g. answer=[...], one per prompt) go to the judge, as TRL passes dataset columns."""
     prompts = prompts or eval_prompts()
-    names = generate(model, tokenizer, prompts, temperature, max_new_tokens, seed)
+    names = generate(model, tokenizer, prompts, temperature, max_new_tokens, seed, dtype)
     rewards = judge(prompts, names, **judge_kwargs)
     correctness = correct(prompts, names) if re.search(r"#[0-9a-fA-F]{6}", prompts[0]) else [float("nan")] * len(names)
     metrics = {"eval/reward": float(np.mean(rewards)), "eval/correct": float(np.mean(correctness)),

@@ -136,11 +136,14 @@ LLM_QUESTION = "Is '{completion}' a good, evocative name for the paint color {he
 
 def llm_judge(path: str, device: str = "auto"):
     """P("Yes") / (P("Yes") + P("No")) for the next token after the question (LLM-as-a-judge)."""
-    from .models import encode_prompt, load_model_and_tokenizer
-    model, tokenizer = load_model_and_tokenizer(path, device=device)
-    answer_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Yes", "No")]
-    if any(len(ids) != 1 or ids[0] == tokenizer.unk_token_id for ids in answer_ids):
-        raise ValueError(f"llm judge {path!r}: its tokenizer has no single token for 'Yes' and 'No'")
+    from .models import encode_completion, encode_prompt, load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="auto")  # frozen: bf16 on a GPU
+    # NOTE: the answer's first token as it follows the question: "Yes" after a chat template's generation
+    # prompt, " Yes" (one token with its leading space) after plain text
+    question = LLM_QUESTION.format(completion="Sunset Dust", hex="#d48475")
+    answer_ids = [encode_completion(tokenizer, question, w)[0] for w in ("Yes", "No")]
+    if tokenizer.unk_token_id in answer_ids or answer_ids[0] == answer_ids[1]:
+        raise ValueError(f"llm judge {path!r}: its tokenizer has no token for 'Yes' and 'No'")
 
     @torch.no_grad()
     def judge(prompts, completions, **kwargs) -> list[float]:
@@ -149,7 +152,7 @@ def llm_judge(path: str, device: str = "auto"):
         input_ids, attention_mask = left_pad([encode_prompt(tokenizer, q) for q in questions], tokenizer.pad_token_id)
         logits = model(input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                        position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0).to(model.device)).logits
-        yes_no = logits[:, -1, [answer_ids[0][0], answer_ids[1][0]]].float().softmax(-1)
+        yes_no = logits[:, -1, answer_ids].float().softmax(-1)
         return yes_no[:, 0].tolist()
     judge.__name__ = f"llm:{path}"
     return judge
@@ -159,13 +162,14 @@ def reward_model_judge(path: str, device: str = "auto"):
     """A scalar-head model saved by reward_model.py, read at the last real token of prompt + completion."""
     from transformers import AutoModelForSequenceClassification
     from .models import encode_completion, encode_prompt, load_model_and_tokenizer
-    model, tokenizer = load_model_and_tokenizer(path, device=device, model_class=AutoModelForSequenceClassification)
+    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="auto",  # frozen: bf16 on a GPU
+                                                model_class=AutoModelForSequenceClassification)
     if model.config.num_labels != 1 or not hasattr(model, "score"):
         raise ValueError(f"{path!r} is not a reward model: expected a sequence-classification model with one label")
 
     @torch.no_grad()
     def judge(prompts, completions, **kwargs) -> list[float]:
-        sequences = [encode_prompt(tokenizer, p) + encode_completion(tokenizer, completion_text(c))
+        sequences = [encode_prompt(tokenizer, p) + encode_completion(tokenizer, p, completion_text(c))
                      for p, c in zip(prompts, completions)]
         input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
         hidden = model.base_model(input_ids.to(model.device), attention_mask=attention_mask.to(model.device),

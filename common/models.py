@@ -1,19 +1,28 @@
-"""Loading and saving any Hugging Face causal LM (the shipped painter by default), and encoding prompts."""
+"""Loading and saving any Hugging Face causal LM (the shipped painter by default), mixed precision, encoding
+prompts and completions, and the sampler's settings: the plumbing that is the same for every method."""
 import os
 import shutil
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 PAINTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "painter")
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """auto = cuda with bf16 when a GPU is present, else cpu with fp32."""
+    """The device and the COMPUTE dtype: auto = cuda with bf16 when a GPU is present, else cpu with fp32."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     return torch.device(device), getattr(torch, dtype)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision: matmuls in `dtype` (bf16), weights, optimizer state and reductions in fp32.
+    NOTE: trained weights stay fp32 because a bf16 weight cannot hold a small update: at lr 1e-6 one AdamW step
+    changes ~0.3% of bf16 weights and ~all fp32 ones. TRL's GRPOTrainer (fp32 weights under autocast) and verl
+    (fp32 actor with bf16 compute, fsdp_workers.py) do the same. fp32 = autocast off, bit for bit as without it."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -30,7 +39,7 @@ def load_tokenizer(path: str):
     """Tokenizer with left padding (for generation) and a pad token.
 
     NOTE: when a tokenizer has no pad token we reuse EOS. That is safe here because no script finds
-    padding by comparing with pad_token_id: masks come from lengths or the attention mask, so a real
+    padding by comparing with pad_token_id: masks come from lengths, stop ids or the attention mask, so a real
     EOS at the end of a completion is always trained and scored (TRL issue #1623 is the failure mode).
     """
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -40,9 +49,11 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model_and_tokenizer(model: str | None = None, device: str = "auto", dtype: str = "auto",
+def load_model_and_tokenizer(model: str | None = None, device: str = "auto", dtype: str = "float32",
                              model_class=AutoModelForCausalLM, **kwargs):
-    """Any HF model by local path or hub id (None = the shipped painter), dropout off, on device/dtype."""
+    """Any HF model by local path or hub id (None = the shipped painter), dropout off, on device.
+    dtype is the dtype of the WEIGHTS: float32 for a model that is trained (the default; compute in bf16 comes
+    from `autocast`), "auto" (bf16 on cuda) or bfloat16 for a frozen one (reference, judge, reward model)."""
     path = model or PAINTER
     device_, dtype_ = resolve_device_dtype(device, dtype)
     looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
@@ -58,8 +69,6 @@ def load_model_and_tokenizer(model: str | None = None, device: str = "auto", dty
                       "on a machine that can reach the hub") from None
     if net.config.pad_token_id is None:
         net.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(net, "generation_config", None) is not None and net.generation_config.pad_token_id is None:
-        net.generation_config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(net)
     return net.to(device_), tokenizer
 
@@ -67,6 +76,8 @@ def load_model_and_tokenizer(model: str | None = None, device: str = "auto", dty
 def context_length(model) -> int:
     return getattr(model.config, "max_position_embeddings", None) or 1 << 30
 
+
+# ---- prompts, completions and the tokens that end them ---------------------------------------------------------
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Prompt token ids: through the chat template when the tokenizer has one, else the raw text."""
@@ -77,14 +88,89 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def encode_completion(tokenizer, completion: str) -> list[int]:
-    """Completion token ids followed by EOS, the token that teaches the model to stop."""
-    text = completion if getattr(tokenizer, "chat_template", None) else " " + completion.strip()
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an answer: the chat template's end-of-turn (<|im_end|>, <end_of_turn>, <|eot_id|>),
+    found by rendering an assistant turn and reading the special token right after its text; else EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        marker = "Sunset Dust"
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour"},
+                                                  {"role": "assistant", "content": marker}], tokenize=False)
+        except Exception:  # a template that refuses this conversation: fall back to EOS
+            text = ""
+        if marker in text:
+            after = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+            added = tokenizer.added_tokens_decoder
+            if after and after[0] in added and added[after[0]].special:
+                return after[0]
+    return tokenizer.eos_token_id
+
+
+def encode_completion(tokenizer, prompt: str, completion: str) -> list[int]:
+    """Completion token ids, ending with the token that teaches the model to stop (EOS, or with a chat template
+    its end-of-turn token), appended only when the text does not already end with one.
+
+    NOTE: the ids are cut from the tokenisation of the prompt and completion TOGETHER (through the chat template
+    when there is one), after checking that the prompt's own ids are a prefix of it (TRL's SFT trainer does the
+    same check). Tokenised alone, a SentencePiece tokenizer puts its space marker on the completion's first word
+    and the data gets a token that never follows the prompt in generation (transformers #26273)."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    end = end_of_turn_id(tokenizer)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": completion}], tokenize=False)
+        whole, alone = tokenizer(text, add_special_tokens=False)["input_ids"], completion
+    else:
+        whole, alone = tokenizer(prompt + " " + completion.strip())["input_ids"], " " + completion.strip()
+    if whole[: len(prompt_ids)] == prompt_ids:
+        ids = whole[len(prompt_ids):]
+    else:  # the template rewrites the prompt, or a token spans the boundary: the completion on its own
+        ids = tokenizer(alone, add_special_tokens=False)["input_ids"]
+    enders = [i for i, t in enumerate(ids) if t in (end, tokenizer.eos_token_id)]
+    return ids[: enders[0] + 1] if enders else ids + [end]
+
+
+# ---- the sampler: exactly the policy the loss differentiates -----------------------------------------------------
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS, the model's own EOS list (Qwen2.5 instruct stops on
+    <|im_end|> and <|endoftext|>, gemma-3 on <eos> and <end_of_turn>, Llama-3 instruct on <|eot_id|> and
+    <|end_of_text|>) and the chat template's end-of-turn. Used for generation and for the masks alike (a
+    mask that knew only EOS would train the padding after <|im_end|> as actions; TRL PR #7039)."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    for config in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(config, "eos_token_id", None)
+        ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return sorted(i for i in ids if i is not None)
+
+
+def sampling_config(tokenizer, model, temperature: float, max_new_tokens: int) -> GenerationConfig:
+    """Plain sampling from softmax(logits / temperature): no top-k, top-p, min-p or penalty, built from our
+    flags only (TRL builds its GenerationConfig from scratch for the same reason), stopping on every stop id."""
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                            eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig):
+    """model.generate with exactly `config`, in eval mode (dropout off, KV cache).
+    NOTE: generate fills every field that `config` leaves unset from the model's own generation_config, so a
+    checkpoint's repetition_penalty (1.05-1.1 on several instruct models), min_p, no_repeat_ngram_size or
+    bad_words_ids would change the distribution sampled from, and the rollouts would come from another policy
+    than the one whose log-probs the loss uses. While sampling, the model's own settings are set aside."""
+    own, model.generation_config = model.generation_config, GenerationConfig()
+    was_training = model.training
+    model.eval()
+    try:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    finally:
+        model.generation_config = own
+        model.train(was_training)
 
 
 def save_atomic(model, tokenizer, path: str) -> None:
-    """save_pretrained (safetensors) into a temporary folder, then swap it in: a crash never leaves half a model."""
+    """save_pretrained (safetensors) into a temporary folder, then swap it in: a crash never leaves half a model.
+    A trained model is saved as it is trained, in fp32 (its master weights); frozen bf16 copies are never saved."""
     tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

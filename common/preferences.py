@@ -3,6 +3,7 @@ from JSONL, then encoded to token ids with explicit handling of identical and ov
 import zlib
 
 import numpy as np
+import torch
 
 from .data import PROMPT, color_names, eval_prompts, read_jsonl
 from .evaluate import generate
@@ -23,7 +24,7 @@ def pair_prompts(n: int, split: str, seed: int) -> list[str]:
 
 
 def candidate_names(prompts: list[str], per_prompt: int, source: str, seed: int, model=None, tokenizer=None,
-                    temperature: float = 1.0, max_new_tokens: int = 16) -> list[list[str]]:
+                    temperature: float = 1.0, max_new_tokens: int = 16, dtype=torch.float32) -> list[list[str]]:
     """per_prompt names for each prompt: sampled from the model ("policy"), or random training names ("names")."""
     if source == "names":
         names, rng = color_names("train"), np.random.default_rng(seed)
@@ -31,7 +32,8 @@ def candidate_names(prompts: list[str], per_prompt: int, source: str, seed: int,
     repeated = [p for p in prompts for _ in range(per_prompt)]
     sampled = []
     for start in range(0, len(repeated), 512):  # chunks keep memory flat; seed + start keeps it deterministic
-        sampled += generate(model, tokenizer, repeated[start : start + 512], temperature, max_new_tokens, seed=seed + start)
+        sampled += generate(model, tokenizer, repeated[start : start + 512], temperature, max_new_tokens, seed=seed + start,
+                            dtype=dtype)
     return [sampled[i : i + per_prompt] for i in range(0, len(sampled), per_prompt)]
 
 
@@ -86,7 +88,7 @@ def read_preferences(path: str) -> list[dict]:
 
 def encode_pairs(tokenizer, pairs: list[dict], context: int, identical: str = "skip", too_long: str = "truncate",
                  warn=print) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt_ids, chosen_ids, rejected_ids), completions ending in EOS.
+    """(prompt_ids, chosen_ids, rejected_ids), completions ending in EOS (or the chat template's end-of-turn).
 
     identical: "skip" (counted, with a warning) or "error" for pairs whose chosen equals rejected;
     too_long: "truncate" (the completion's tail is cut to fit the context; counted, with a warning) or "error".
@@ -101,7 +103,7 @@ def encode_pairs(tokenizer, pairs: list[dict], context: int, identical: str = "s
             continue
         prompt_ids = encode_prompt(tokenizer, pair["prompt"])
         room = context - len(prompt_ids)
-        completions = [encode_completion(tokenizer, pair[k]) for k in ("chosen", "rejected")]
+        completions = [encode_completion(tokenizer, pair["prompt"], pair[k]) for k in ("chosen", "rejected")]
         if max(len(c) for c in completions) > room:
             if too_long == "error" or room < 1:
                 raise ValueError(f"pair {number}: prompt + completion of {len(prompt_ids) + max(map(len, completions))} "

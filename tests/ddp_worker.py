@@ -21,10 +21,11 @@ from transformers import LlamaForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def fixed_generate(self, input_ids=None, attention_mask=None, max_new_tokens=8, **_):
+def fixed_generate(self, input_ids=None, attention_mask=None, generation_config=None, **_):
     """(N, P) prompts -> (N, P + max_new_tokens): the k-th copy of a prompt always gets the same completion,
     random words of random length (sometimes truncated), whatever batch or rank it is in."""
-    eos, pad = self.generation_config.eos_token_id, self.generation_config.pad_token_id
+    eos, pad = generation_config.eos_token_id, generation_config.pad_token_id
+    max_new_tokens = generation_config.max_new_tokens
     eos = eos[0] if isinstance(eos, list) else eos
     seen, completions = collections.Counter(), []
     for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):

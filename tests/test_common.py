@@ -113,7 +113,7 @@ def test_unknown_judge_lists_the_known_ones():
 
 def test_llm_judge_gives_a_probability(tmp_path):
     from sft import build_tokenizer, new_model
-    tokenizer = build_tokenizer("bpe", ["Yes", "No"] * 10, vocab_size=300)
+    tokenizer = build_tokenizer("bpe", ["Answer Yes or No. Yes", "Answer Yes or No. No"] * 10, vocab_size=300)
     torch.manual_seed(0)
     save_atomic(new_model(tokenizer, 32, 1, 2, 64, context=256), tokenizer, str(tmp_path / "llm"))
     scores = get_judge(f"llm:{tmp_path / 'llm'}")([HEX, HEX], ["Navy Blue", "Lemon"])

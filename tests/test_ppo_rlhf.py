@@ -126,7 +126,7 @@ def test_values_are_read_at_the_state_before_each_token_whatever_the_padding():
     torch.nn.init.normal_(value_model.score.weight, std=1.0)
     short, long = (encode_prompt(tokenizer, f"Name this paint color: #{h}") for h in ("d48475", "1f4e79"))
     long = long + encode_prompt(tokenizer, "Name")  # a longer prompt, so the other row is left padded
-    completion = encode_completion(tokenizer, "Sunset Dust")
+    completion = encode_completion(tokenizer, "Name this paint color: #d48475", "Sunset Dust")
     P = len(long)
     input_ids = torch.tensor([[0] * (P - len(short)) + short + completion, long + completion])
     attention_mask = torch.tensor([[0] * (P - len(short)) + [1] * (len(short) + len(completion)), [1] * (P + len(completion))])

@@ -61,7 +61,7 @@ def test_the_loss_only_sees_differences_without_centering():
 # ---- the last real token --------------------------------------------------------------------------------------
 
 def sequences(tokenizer) -> list[list[int]]:
-    return [encode_prompt(tokenizer, p) + encode_completion(tokenizer, n) for p, n in zip(PROMPTS, NAMES)]
+    return [encode_prompt(tokenizer, p) + encode_completion(tokenizer, p, n) for p, n in zip(PROMPTS, NAMES)]
 
 
 def pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,7 +79,7 @@ def test_tokenizers_spell_the_hex_in_six_digits(kind):
     digits = [tokenizer.convert_ids_to_tokens(i) for i in prompt[-6:]]
     assert digits == list("d48475") and prompt[0] == tokenizer.bos_token_id
     for name in names[:4]:
-        ids = encode_completion(tokenizer, name)
+        ids = encode_completion(tokenizer, "Name this paint color: #d48475", name)
         assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids, skip_special_tokens=True).strip() == name
 

@@ -287,9 +287,9 @@ def our_tokens(method, data, tokenizer):
     row = json.loads(open(data).readline())
     p = encode_prompt(tokenizer, row["prompt"])
     if method == "sft":
-        c = encode_completion(tokenizer, row["completion"])
+        c = encode_completion(tokenizer, row["prompt"], row["completion"])
         return {"input_ids": p + c, "labels": [-100] * len(p) + c}  # sft.py's completion mask, as TRL's labels
-    c, r = encode_completion(tokenizer, row["chosen"]), encode_completion(tokenizer, row["rejected"])
+    c, r = (encode_completion(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected"))
     return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} if method == "dpo" else {"chosen_ids": p + c, "rejected_ids": p + r}
 
 
