@@ -283,7 +283,7 @@ def main(args: Args) -> dict:
         print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
 
     if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # DDP: the wrapper all-reduces (averages) the gradients in backward; eval and save use the bare model
     net = DDP(policy) if world > 1 else policy
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)

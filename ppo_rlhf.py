@@ -355,7 +355,7 @@ def main(args: Args) -> dict:
     value_model.train()
     if args.gradient_checkpointing:
         for trained in (model, value_model):
-            trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            trained.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # the sampler: plain sampling at temperature from our flags only; its stop ids also end the masks
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
     stop_ids = torch.tensor(sampling.eos_token_id, device=device)

@@ -238,7 +238,7 @@ def main(args: Args) -> dict:
     if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
         ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)  # frozen: may be bf16
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # the sampler: plain sampling at temperature from our flags only; its stop ids also end the masks
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
     stop_ids = torch.tensor(sampling.eos_token_id, device=device)

@@ -247,7 +247,7 @@ def main(args: Args) -> dict:
         print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
 
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # DDP: the wrapper all-reduces (averages) the gradients in backward; eval and save use the bare model
     net = DDP(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)

@@ -134,14 +134,19 @@ def style_judge(style: str):
 LLM_QUESTION = "Is '{completion}' a good, evocative name for the paint color {hex}? Answer Yes or No."
 
 
+def yes_no_ids(tokenizer) -> list[int]:
+    """The first token of the answers "Yes" and "No" as they follow the question: "Yes" after a chat template's
+    generation prompt, " Yes" (with its leading space, "ĠYes" or "▁Yes") after plain text."""
+    from .models import encode_completion
+    question = LLM_QUESTION.format(completion="Sunset Dust", hex="#d48475")
+    return [encode_completion(tokenizer, question, answer)[0] for answer in ("Yes", "No")]
+
+
 def llm_judge(path: str, device: str = "auto"):
     """P("Yes") / (P("Yes") + P("No")) for the next token after the question (LLM-as-a-judge)."""
-    from .models import encode_completion, encode_prompt, load_model_and_tokenizer
+    from .models import encode_prompt, load_model_and_tokenizer
     model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="auto")  # frozen: bf16 on a GPU
-    # NOTE: the answer's first token as it follows the question: "Yes" after a chat template's generation
-    # prompt, " Yes" (one token with its leading space) after plain text
-    question = LLM_QUESTION.format(completion="Sunset Dust", hex="#d48475")
-    answer_ids = [encode_completion(tokenizer, question, w)[0] for w in ("Yes", "No")]
+    answer_ids = yes_no_ids(tokenizer)
     if tokenizer.unk_token_id in answer_ids or answer_ids[0] == answer_ids[1]:
         raise ValueError(f"llm judge {path!r}: its tokenizer has no token for 'Yes' and 'No'")
 
