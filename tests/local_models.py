@@ -49,7 +49,7 @@ def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
 
 def save_random_model(path: str, tokenizer, arch: str = "llama", hidden: int = 32, layers: int = 2, heads: int = 2,
                       kv_heads: int | None = None, intermediate: int = 64, vocab_size: int | None = None,
-                      context: int = 128, generation: dict | None = None, dtype=None, seed: int = 0) -> str:
+                      context: int = 128, generation: dict | None = None, dtype=None, seed: int = 0, device=None) -> str:
     """A random-init causal LM saved with safetensors (in `dtype`, as checkpoints ship, e.g. bf16), its tokenizer,
     and a generation_config holding `generation` (e.g. repetition_penalty=2.0, eos_token_id=[2, 6])."""
     import torch
@@ -59,7 +59,8 @@ def save_random_model(path: str, tokenizer, arch: str = "llama", hidden: int = 3
                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                           max_position_embeddings=context, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = model_class(config)
+    with torch.device(device or "cpu"):  # random init on a GPU takes seconds, not minutes, for 0.5B parameters
+        model = model_class(config)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
                                                **{"eos_token_id": tokenizer.eos_token_id, **(generation or {})})
     if dtype is not None:

@@ -2,6 +2,7 @@
 EOS ids, chat templates, SentencePiece spaces, a 150k vocabulary. Checked on small models built here
 (tests/local_models.py) with the same quirks."""
 import copy
+import json
 import glob
 
 import pytest
@@ -254,3 +255,21 @@ def test_gradient_checkpointing_gives_the_same_step(script, tmp_path, monkeypatc
     assert plain.keys() == checkpointed.keys()
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
     assert any(not torch.equal(plain[k], painter_weights()[k]) for k in plain if k in painter_weights())  # it trained
+
+
+# ---- the GPU check, on its small config ------------------------------------------------------------------------------
+
+def test_the_gpu_check_runs_here_on_its_small_config(tmp_path):
+    from conftest import run_script
+    result = run_script("tests/bench/gpu_check.py", "--small", "--out", str(tmp_path / "report.json"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(tmp_path / "report.json"))
+    gap = report["sampler_trainer_gap"]
+    assert gap["float32"]["max_abs"] < 1e-5 and gap["float32"]["tokens"] > 100
+    assert gap["bfloat16"]["max_abs"] < 0.1  # bf16 kernels differ between the cached sampler and the full forward
+    assert report["throughput_bf16"]["generated_tokens_per_s"] > 0 and report["throughput_bf16"]["trained_tokens_per_s"] > 0
+    scripts = report["scripts"]
+    assert set(scripts) == {"sft", "reward_model", "dpo", "grpo", "reinforce", "ppo_rlhf"}
+    assert all(s["saved_dtype"] == "torch.float32" for s in scripts.values())
+    assert all(scripts[name]["changed_share"] >= 0.99 for name in ("sft", "dpo", "grpo", "reinforce", "ppo_rlhf"))
+    assert scripts["reward_model"]["changed_share"] > 0.1  # no softmax over the vocabulary: unseen tokens' rows stay
