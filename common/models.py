@@ -20,8 +20,10 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision: matmuls in `dtype` (bf16), weights, optimizer state and reductions in fp32.
     NOTE: trained weights stay fp32 because a bf16 weight cannot hold a small update: at lr 1e-6 one AdamW step
-    changes ~0.3% of bf16 weights and ~all fp32 ones. TRL's GRPOTrainer (fp32 weights under autocast) and verl
-    (fp32 actor with bf16 compute, fsdp_workers.py) do the same. fp32 = autocast off, bit for bit as without it."""
+    changes ~0.2% of the painter's weights in bf16 and ~all of them in fp32 (tests/test_real_models.py). TRL's
+    GRPOTrainer (fp32 weights under autocast; trl/trainer/grpo_trainer.py model init, @f2cd577) and verl (fp32 actor
+    and critic, bf16 compute; verl/workers/fsdp_workers.py mixed-precision settings) do the same.
+    dtype float32 = autocast off, bit for bit as without it."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
@@ -146,7 +148,8 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 
 def sampling_config(tokenizer, model, temperature: float, max_new_tokens: int) -> GenerationConfig:
     """Plain sampling from softmax(logits / temperature): no top-k, top-p, min-p or penalty, built from our
-    flags only (TRL builds its GenerationConfig from scratch for the same reason), stopping on every stop id."""
+    flags only (TRL builds its GenerationConfig from scratch for the same reason: trl/trainer/grpo_trainer.py
+    @f2cd577, around lines 1108-1124), stopping on every stop id."""
     return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                             eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id)
 
