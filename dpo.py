@@ -22,22 +22,18 @@ Run: python dpo.py                                   # poet-ranked pairs from th
 """
 import copy
 import json
-import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import (autocast, candidate_names, encode_pairs, eval_prompts, evaluate, get_judge, load_model_and_tokenizer,
-                    pair_prompts, rank_pairs, read_preferences, resolve_device_dtype, save_atomic)
+from common import (Logger, all_sum, autocast, cleanup_distributed, encode_pairs, eval_prompts, evaluate, get_judge,
+                    init_distributed, load_model_and_tokenizer, load_pairs, parse_args, resolve_device_dtype)
 
 
 @dataclass
@@ -51,6 +47,8 @@ class Args:
     """runs go to output_dir/dpo__exp_name__seed__time/"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "paint-post-training"
+    """the W&B project of --track"""
     # model
     model: Optional[str] = None
     """HF causal LM to train, and its frozen copy pi_ref (folder or hub id); None = the shipped painter"""
@@ -198,58 +196,9 @@ def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 64) -> torch
     return torch.cat(columns)
 
 
-def load_pairs(args: Args, model, tokenizer, judge, dtype: torch.dtype, warn=print) -> tuple[list[dict], list[dict]]:
-    """Training and held-out pairs: from JSONL, or names sampled from the starting policy, ranked by the judge."""
-    if args.data is not None:
-        train = read_preferences(args.data)
-        if args.eval_data is not None:
-            return train, read_preferences(args.eval_data)
-        if len(train) < 2:
-            raise ValueError(f"{args.data} has {len(train)} pair: need 2 or more to hold some out, or pass --eval-data")
-        n_eval = max(1, len(train) // 10)
-        return train[:-n_eval], train[-n_eval:]
-    built = []
-    for split, n, flip in (("train", args.num_prompts, args.flip_prob), ("heldout", args.eval_pairs, 0.0)):
-        if split == "heldout" and args.eval_data is not None:
-            return built[0], read_preferences(args.eval_data)
-        seed = args.seed if split == "train" else 0  # the held-out set never moves
-        prompts = pair_prompts(n, split, seed)
-        names = candidate_names(prompts, args.names_per_prompt, "policy", seed, model, tokenizer,
-                                args.temperature, args.max_new_tokens, dtype)
-        built.append(rank_pairs(prompts, names, judge, flip, args.seed))
-        warn(f"{split}: {len(built[-1])} pairs ranked by {args.judge} from {n} prompts (ties dropped)")
-    return built[0], built[1]
-
-
-# DDP: what makes the loop distributed (README "Scaling out"); without torchrun it is a world of one
-def init_distributed(device: str) -> tuple[int, int]:
-    """torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK: join the group
-    (NCCL between GPUs, gloo between CPU processes) and return (rank, world size). Plain python: (0, 1)."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if on_cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # then "cuda" means this rank's GPU
-    dist.init_process_group("nccl" if on_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """x summed over the ranks (NCCL reduces on the GPU, gloo on the CPU); x itself in a world of one."""
-    if not dist.is_initialized():
-        return x
-    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
-    dist.all_reduce(y)
-    return y.to(x.device)
-
-
 def main(args: Args) -> dict:
-    t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
-    run_name = f"dpo__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    rank, world = init_distributed(args.device)
-    if rank == 0:
-        print(json.dumps(asdict(args)))
+    rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
+    log = Logger("dpo", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     # DDP: the same seed on every rank: the same pairs and the same batch order, of which each rank takes its share
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -261,132 +210,113 @@ def main(args: Args) -> dict:
 
     # 1. the policy (fp32 master weights) and its frozen reference (may be bf16; dropout off in both), the judge
     device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
-    policy, tokenizer = load_model_and_tokenizer(args.model, args.device)
-    reference = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
     judge = get_judge(args.judge, args.device)
-    context = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
+    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     pad_id = tokenizer.pad_token_id
 
-    # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids) with EOS on both completions
-    train_pairs, eval_pairs = load_pairs(args, policy, tokenizer, judge, dtype, warn=print if rank == 0 else lambda _: None)
+    # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids), both completions ending in EOS
+    train_pairs, eval_pairs = load_pairs(args.data, args.eval_data, judge, (model, tokenizer), args.num_prompts,
+                                         args.eval_pairs, args.names_per_prompt, "policy", args.flip_prob, args.seed,
+                                         args.temperature, args.max_new_tokens, dtype,
+                                         warn=print if rank == 0 else lambda _: None)
     train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
     heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
     with autocast(device, dtype):
-        heldout_ref = all_logprobs(reference, heldout, pad_id)  # (N_eval, 2), once
+        heldout_ref = all_logprobs(ref_model, heldout, pad_id)  # (N_eval, 2), once
     ref_logps = None
-    if args.precompute_ref_logps:  # NOTE: the same numbers as per batch; saves a forward per step and the memory of pi_ref
+    if args.precompute_ref_logps:  # NOTE: the same numbers as per batch; saves a forward per step and pi_ref's memory
         with autocast(device, dtype):
-            ref_logps, reference = all_logprobs(reference, train, pad_id), None  # (N, 2)
+            ref_logps, ref_model = all_logprobs(ref_model, train, pad_id), None  # (N, 2)
     steps_per_epoch = max(1, len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.num_epochs
     if rank == 0:
         print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
-
+        with open(f"{log.dir}/pairs.jsonl", "w") as f:  # a look at what the policy learns from
+            f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])
     if args.gradient_checkpointing:
-        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # DDP: the wrapper all-reduces (averages) the gradients in backward; eval and save use the bare model
-    net = DDP(policy) if world > 1 else policy
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    if rank == 0:  # DDP: only rank 0 writes the run folder, logs, evaluates and saves
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        with open(os.path.join(run_dir, "pairs.jsonl"), "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])  # a look at what the policy learns from
-    if args.track and rank == 0:
-        import wandb
-        wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
-    def log(metrics: dict, samples: list[dict] | None = None) -> None:
-        if rank != 0:
-            return
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if samples is not None:
-            with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
-                f.writelines(json.dumps({"step": metrics["step"], **s}) + "\n" for s in samples)
-        if args.track:
-            wandb.log(metrics, step=metrics["step"])
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-
-    def run_eval(step: int) -> dict:
-        nonlocal eval_s
-        t_eval = time.perf_counter()
-        metrics, samples = evaluate(policy, tokenizer, judge, eval_prompts(args.eval_size), args.temperature,
+    def run_eval() -> tuple[dict, list[dict]]:
+        metrics, samples = evaluate(model, tokenizer, judge, eval_prompts(args.eval_size), args.temperature,
                                     args.max_new_tokens, dtype=dtype)
         with autocast(device, dtype):
-            policy_logps = all_logprobs(policy, heldout, pad_id)  # (N_eval, 2)
-        margins = (policy_logps - heldout_ref) @ torch.tensor([1.0, -1.0])
-        metrics["eval/accuracy"] = float((margins > 0).float().mean())  # held-out pairs the implicit reward ranks right
-        log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s}, samples)
-        print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
-        save_atomic(policy, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
-        eval_s += time.perf_counter() - t_eval
-        return metrics
+            logps = all_logprobs(model, heldout, pad_id)  # (N_eval, 2)
+        margins = (logps - heldout_ref) @ torch.tensor([1.0, -1.0])
+        metrics["eval/accuracy"] = float((margins > 0).float().mean())  # held-out pairs the implicit reward gets right
+        return metrics, samples
 
-    eval_metrics = run_eval(0) if rank == 0 else {}
-    policy.train()
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)  # rank 0: the starting model, then every --eval-every
+    model.train()
     step = 0
     for epoch in range(args.num_epochs):
         order = rng.permutation(len(train))
         for start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
             step, t0 = step + 1, time.perf_counter()
             indices = order[start : start + args.batch_size]
-            share = args.batch_size // world  # DDP: this rank's share of the batch; equal shares, so the mean
-            indices = indices[rank * share : (rank + 1) * share]  # of the ranks' mean losses is the batch's mean loss
+            share = args.batch_size // world  # DDP: this rank's share; equal shares, so the mean of the ranks'
+            indices = indices[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
             batch = [train[i] for i in indices]
             B = len(batch)
+
             # 3. pi_ref's log-probs: looked up, or one no-grad forward (never recomputed within the step)
             if ref_logps is not None:
-                ref_chosen_logps, ref_rejected_logps = ref_logps[indices].to(policy.device).T
+                ref_chosen_logps, ref_rejected_logps = ref_logps[indices].to(device).T
             else:
                 with torch.no_grad(), autocast(device, dtype):
-                    ref_both, _ = batch_logprobs(reference, batch, pad_id)  # (2B,)
+                    ref_both, _ = batch_logprobs(ref_model, batch, pad_id)  # (2B,)
                 ref_chosen_logps, ref_rejected_logps = ref_both[:B], ref_both[B:]
+
             # 4. the policy's log-probs: one forward over chosen and rejected together
             with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                logps, lengths = batch_logprobs(net, batch, pad_id)  # (2B,), (2B,)
+                logps, lengths = batch_logprobs(ddp_model, batch, pad_id)  # (2B,), (2B,)
+
             # 5. the preference loss (+ RPO's NLL on the chosen completion, per token)
-            loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref_chosen_logps, ref_rejected_logps,
-                                                              args.beta, args.loss_type, args.label_smoothing,
-                                                              lengths[:B], lengths[B:])
+            loss, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen_logps=logps[:B], rejected_logps=logps[B:], ref_chosen_logps=ref_chosen_logps,
+                ref_rejected_logps=ref_rejected_logps, beta=args.beta, loss_type=args.loss_type,
+                label_smoothing=args.label_smoothing, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
             if args.rpo_alpha:
                 # ALGO: RPO: the NLL of the chosen completion per token, which keeps log pi(y_c) from falling
                 loss = loss + args.rpo_alpha * (-logps[:B] / lengths[:B]).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {float(loss)} at step {step}; the last good model is in "
-                                         f"{run_dir}/model: lower --learning-rate or check the data")
+                                         f"{log.dir}/model: lower --learning-rate or check the data")
+
             # 6. clip, schedule (warm-up, then linear decay to 0), step
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            lr = args.learning_rate * min(step / max(1, args.warmup_steps), 1 - (step - 1) / total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = args.learning_rate * min(step / max(1, args.warmup_steps), 1 - (step - 1) / total_steps)
+                group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_s = time.perf_counter() - t0
+
             # 7. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
             if step % args.log_every == 0:
-                means = all_sum(torch.stack([loss.detach(), chosen_rewards.mean(), rejected_rewards.mean(),
-                                             (chosen_rewards > rejected_rewards).float().mean(), logps[:B].detach().mean(),
-                                             logps[B:].detach().mean()]).cpu()) / world
+                accuracy = (chosen_rewards > rejected_rewards).float().mean()
+                per_rank = torch.stack([loss.detach(), chosen_rewards.mean(), rejected_rewards.mean(), accuracy,
+                                        logps[:B].detach().mean(), logps[B:].detach().mean()])
+                means = all_sum(per_rank.cpu()) / world
+                loss_, chosen, rejected, accuracy, logps_chosen, logps_rejected = means.tolist()
+                margins = float(means[1] - means[2])
                 tokens = float(all_sum(torch.tensor(float(sum(2 * len(p) + len(c) + len(r) for p, c, r in batch)))))
-                log({"step": step, "epoch": epoch, "train/loss": float(means[0]),
-                     "rewards/chosen": float(means[1]), "rewards/rejected": float(means[2]),
-                     "rewards/margins": float(means[1] - means[2]), "rewards/accuracies": float(means[3]),
-                     "logps/chosen": float(means[4]), "logps/rejected": float(means[5]),
-                     "train/grad_norm": float(grad_norm), "train/lr": optimizer.param_groups[0]["lr"],
-                     "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s})
-            if rank == 0 and (step % args.eval_every == 0 or step == total_steps):
-                eval_metrics = run_eval(step)
-    if world > 1:  # DDP: free the wrapper first: if its reducer held the group last, freeing it could deadlock
-        del net
-        dist.barrier()  # wait for rank 0's last eval and save, then leave together
-        dist.destroy_process_group()
-    return {"train/loss": float(loss.detach()), **eval_metrics, "run_dir": run_dir}
+                log.log(step, {"epoch": epoch, "train/loss": loss_, "rewards/chosen": chosen,
+                               "rewards/rejected": rejected, "rewards/margins": margins,
+                               "rewards/accuracies": accuracy, "logps/chosen": logps_chosen,
+                               "logps/rejected": logps_rejected, "train/grad_norm": float(grad_norm),
+                               "train/lr": lr, "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s})
+            if step % args.eval_every == 0 or step == total_steps:
+                eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+    del ddp_model  # DDP: free the wrapper before leaving the process group
+    cleanup_distributed()
+    log.close()
+    return {"train/loss": float(loss.detach()), **eval_metrics, "run_dir": log.dir}
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args, description=__doc__))
-    except (ValueError, OSError, FloatingPointError) as e:
-        sys.exit(f"dpo.py: error: {e}")
+    main(parse_args(Args, __doc__))

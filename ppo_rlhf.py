@@ -27,24 +27,19 @@ Run: python ppo_rlhf.py                                            # judge poet+
      python ppo_rlhf.py --reward-model runs/reward_model__.../model --judge poet
 """
 import copy
-import json
-import os
 import random
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForSequenceClassification
 
-from common import (PROMPT, autocast, color_names, encode_prompt, eval_prompts, evaluate, get_judge,
-                    load_model_and_tokenizer, read_jsonl, resolve_device_dtype, sample, sampling_config, save_atomic)
+from common import (Logger, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge, init_distributed,
+                    load_model_and_tokenizer, load_prompts, parse_args, resolve_device_dtype, sample, sampling_config)
 
 
 @dataclass
@@ -58,6 +53,8 @@ class Args:
     """runs go to output_dir/ppo_rlhf__exp_name__seed__time/"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "paint-post-training"
+    """the W&B project of --track"""
     # model, reward and task
     model: Optional[str] = None
     """HF causal LM to train (folder or hub id); None = the shipped painter"""
@@ -287,35 +284,9 @@ def load_reward_model(path: str, tokenizer, device: str):
     return reward_model.eval().requires_grad_(False)
 
 
-# DDP: what makes the loop distributed (README "Scaling out"); without torchrun it is a world of one
-def init_distributed(device: str) -> tuple[int, int]:
-    """torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK: join the group
-    (NCCL between GPUs, gloo between CPU processes) and return (rank, world size). Plain python: (0, 1)."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if on_cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # then "cuda" means this rank's GPU
-    dist.init_process_group("nccl" if on_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """x summed over the ranks (NCCL reduces on the GPU, gloo on the CPU); x itself in a world of one."""
-    if not dist.is_initialized():
-        return x
-    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
-    dist.all_reduce(y)
-    return y.to(x.device)
-
-
 def main(args: Args) -> dict:
-    t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
-    run_name = f"ppo_rlhf__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    rank, world = init_distributed(args.device)
-    if rank == 0:
-        print(json.dumps(asdict(args)))
+    rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
+    log = Logger("ppo_rlhf", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed + rank)  # DDP: each rank samples different completions (same weights everywhere)
@@ -325,16 +296,7 @@ def main(args: Args) -> dict:
         raise ValueError(f"--num-minibatches {args.num_minibatches} must divide --batch-size {args.batch_size}"
                          + (f" / {world} processes" if world > 1 else "") + " into minibatches of 2 or more")
     M = N // args.num_minibatches
-
-    # prompts: the user's JSONL rows (the eval takes the first ones), or the training-split hexes (the
-    # eval takes the held-out ones)
-    if args.prompts is not None:
-        rows = read_jsonl(args.prompts, ("prompt",))
-    else:
-        rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
-    if len(rows) < args.batch_size:
-        raise ValueError(f"{len(rows)} prompts for a batch of {args.batch_size}: lower --batch-size or add prompts")
-    eval_rows = [{"prompt": p} for p in eval_prompts(args.eval_size)] if args.prompts is None else rows[: args.eval_size]
+    rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size)
     eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
 
     # the four roles; dropout is off in all of them (common's loader; N-blog detail 9, P4d)
@@ -351,7 +313,7 @@ def main(args: Args) -> dict:
     else:
         value_model, _ = load_model_and_tokenizer(args.model, args.device,
                                                   model_class=AutoModelForSequenceClassification, num_labels=1)
-        torch.nn.init.zeros_(value_model.score.weight)  # NOTE: a zero head, V = 0 at first (OAI's N(0, 0), N-blog detail 8)
+        torch.nn.init.zeros_(value_model.score.weight)  # NOTE: V = 0 at first (OAI's N(0, 0), N-blog detail 8)
     value_model.train()
     if args.gradient_checkpointing:
         for trained in (model, value_model):
@@ -359,56 +321,28 @@ def main(args: Args) -> dict:
     # the sampler: plain sampling at temperature from our flags only; its stop ids also end the masks
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
     stop_ids = torch.tensor(sampling.eos_token_id, device=device)
-    # DDP: each trained model in its own wrapper, which all-reduces (averages) its gradients in backward;
-    # generate, eval and save use the bare policy
-    policy, value_net = (DDP(model), DDP(value_model)) if world > 1 else (model, value_model)
+    # DDP: each trained model in its own wrapper, which averages its gradients in backward
+    ddp_model, ddp_value_model = (DDP(model), DDP(value_model)) if world > 1 else (model, value_model)
     # NOTE: Adam eps 1e-5 as SFD (ppo.py); PyTorch's default 1e-8 makes larger early updates (N-blog detail 14)
-    optimizer = torch.optim.Adam(list(model.parameters()) + list(value_model.parameters()), lr=args.learning_rate, eps=1e-5)
+    trained = list(model.parameters()) + list(value_model.parameters())
+    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
     kl_coef = args.kl_coef
-    if rank == 0:  # DDP: only rank 0 writes the run folder, logs, evaluates and saves
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-    if args.track and rank == 0:
-        import wandb
-        wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
 
-    def log(metrics: dict, samples: list[dict] | None = None) -> None:
-        if rank != 0:
-            return
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if samples is not None:
-            with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
-                f.writelines(json.dumps({"step": metrics["step"], **s}) + "\n" for s in samples)
-        if args.track:
-            wandb.log(metrics, step=metrics["step"])
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    def run_eval() -> tuple[dict, list[dict]]:
+        return evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
+                        args.max_new_tokens, dtype=dtype, **eval_extra)
 
-    def run_eval(step: int) -> dict:
-        nonlocal eval_s
-        t_eval = time.perf_counter()
-        metrics, samples = evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
-                                    args.max_new_tokens, dtype=dtype, **eval_extra)
-        log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s}, samples)
-        print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
-        save_atomic(model, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
-        eval_s += time.perf_counter() - t_eval
-        return metrics
-
-    eval_metrics = run_eval(0) if rank == 0 else {}
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)  # rank 0: the starting model, then every --eval-every
     for step in range(1, args.total_steps + 1):
         t0 = time.perf_counter()
         # 1. sample the batch's prompts, one completion each
         batch_rows = [rows[i] for i in rng.choice(len(rows), size=args.batch_size, replace=False)]
         batch_rows = batch_rows[rank * N : (rank + 1) * N]  # DDP: this rank's N prompts
         prompts = [r["prompt"] for r in batch_rows]
-        encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in prompts]},
-                                padding=True, return_tensors="pt").to(model.device)
+        prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+        encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(device)
         prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # (N, P), left padded
         P = prompt_ids.shape[1]
-        if P + args.max_new_tokens > getattr(model.config, "max_position_embeddings", 1 << 30):
-            raise ValueError(f"prompt of {P} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's context")
 
         # 2. generate (KV cache, plain sampling at temperature), then truncate after the first stop token
         with autocast(device, dtype):
@@ -419,17 +353,14 @@ def main(args: Args) -> dict:
         completion_len = completion_mask.sum(1).mean()
 
         # 3. score: the reward model on the policy's own token ids (last real token), or the judge on the text
-        with torch.no_grad(), autocast(device, dtype):
-            if reward_model is not None:
+        if reward_model is not None:
+            with torch.no_grad(), autocast(device, dtype):
                 raw_scores = score_last_token(reward_model, sequences, attention_mask)
-            else:
-                completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # pads after EOS are special
-                extra = {"answer": [r["answer"] for r in batch_rows]} if "answer" in batch_rows[0] else {}
-                raw_scores = torch.tensor(judge(prompts, [c.strip() for c in completions], **extra), dtype=torch.float32)
-        if raw_scores.shape != (N,) or not torch.isfinite(raw_scores).all():
-            raise ValueError(f"the score ({args.reward_model or args.judge!r}) must return one finite number per completion; "
-                             f"got shape {tuple(raw_scores.shape)}, {int((~torch.isfinite(raw_scores)).sum())} non-finite")
-        scores = sequence_scores(raw_scores.to(model.device), truncated, args.truncated, args.truncated_score)
+        else:
+            completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
+            extra = {"answer": [r["answer"] for r in batch_rows]} if "answer" in batch_rows[0] else {}
+            raw_scores = torch.tensor(judge(prompts, completions, **extra), dtype=torch.float32)
+        scores = sequence_scores(raw_scores.to(device), truncated, args.truncated, args.truncated_score)
         if args.truncated == "mask":
             completion_mask = completion_mask * (~truncated)[:, None]
 
@@ -441,80 +372,85 @@ def main(args: Args) -> dict:
 
         # 5. per-token rewards, GAE, returns, whitened advantages (in fp32)
         with torch.no_grad():
-            rewards, non_score_rewards = per_token_rewards(scores, old_logprobs, ref_logprobs, completion_mask, kl_coef)
+            rewards, non_score_rewards = per_token_rewards(scores, old_logprobs, ref_logprobs, completion_mask,
+                                                           kl_coef)
             if args.whiten_rewards:
                 rewards = masked_whiten(rewards, completion_mask, shift_mean=False)
             advantages, returns = gae(rewards, old_values, completion_mask, args.gamma, args.lam)
             advantages = masked_whiten(advantages, completion_mask)  # NOTE: whitened after the returns are taken
-            # DDP: the whitening (and below, the minibatch token means) use this rank's tokens, as TRL's PPO does per
-            # process; k processes then match one process with the whole batch in expectation, not to the bit
+            # DDP: the whitening (and below, the minibatch token means) use this rank's tokens, as TRL's PPO does
+            # per process; k processes then match one process with the whole batch in expectation, not to the bit
         if not (torch.isfinite(old_values).all() and torch.isfinite(advantages).all()):
             raise FloatingPointError(f"values or advantages are NaN/inf at step {step}; the last good model is in "
-                                     f"{run_dir}/model: lower --learning-rate or check the reward model")
+                                     f"{log.dir}/model: lower --learning-rate or check the reward model")
 
         # 6. num_ppo_epochs passes, each over shuffled minibatches of M sequences, one optimiser step each
-        sums = torch.zeros(8)  # loss, policy loss, value loss, clipfrac, value clipfrac, approx KL, entropy, grad norm
+        logging = step % args.log_every == 0
+        totals = {name: torch.zeros(()) for name in ("loss", "policy_loss", "value_loss", "clipfrac", "value_clipfrac",
+                                                      "approx_kl", "entropy", "grad_norm")}  # summed over minibatches
         for _ in range(args.num_ppo_epochs):
-            for s in torch.from_numpy(rng.permutation(N)).to(model.device).split(M):
+            for s in torch.from_numpy(rng.permutation(N)).to(device).split(M):
                 mask = completion_mask[s]
                 with autocast(device, dtype):  # the forwards in bf16 (or fp32); the losses below in fp32
-                    logprobs, logits = forward_logprobs(policy, sequences[s], attention_mask[s], P, args.temperature)
-                    values = forward_values(value_net, sequences[s], attention_mask[s], P)
-                pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[s], advantages[s], mask, args.clip_eps)
-                vf_loss, vf_clipfrac = value_loss(values, old_values[s], returns[s], mask, args.value_clip)
+                    logprobs, logits = forward_logprobs(ddp_model, sequences[s], attention_mask[s], P,
+                                                        args.temperature)
+                    values = forward_values(ddp_value_model, sequences[s], attention_mask[s], P)
+                pg_loss, clipfrac = policy_loss(logprobs=logprobs, old_logprobs=old_logprobs[s],
+                                                advantages=advantages[s], mask=mask, clip_eps=args.clip_eps)
+                vf_loss, vf_clipfrac = value_loss(values=values, old_values=old_values[s], returns=returns[s],
+                                                  mask=mask, value_clip=args.value_clip)
                 loss = pg_loss + args.vf_coef * vf_loss
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
                 if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
-                                             f"{run_dir}/model: lower --learning-rate")
+                    raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is "
+                                             f"in {log.dir}/model: lower --learning-rate")
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / args.total_steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():  # the entropy is a pass over the whole vocabulary: only on logging steps
+                with torch.no_grad():
                     approx_kl = masked_mean(0.5 * (logprobs - old_logprobs[s]) ** 2, mask)  # TRL approxkl
-                    logging = step % args.log_every == 0
+                    # the entropy is a pass over the whole vocabulary: only on logging steps
                     mean_entropy = masked_mean(entropy(logits, args.temperature), mask) if logging else torch.zeros(())
-                    sums += torch.stack([loss, pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl,
-                                         mean_entropy.to(loss.device), grad_norm]).detach().cpu()
-        sums /= args.num_ppo_epochs * args.num_minibatches
+                for name, value in zip(totals, (loss, pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl,
+                                                mean_entropy, grad_norm)):
+                    totals[name] += value.detach().cpu()
+        means = {name: float(total / (args.num_ppo_epochs * args.num_minibatches)) for name, total in totals.items()}
 
         # 7. adapt beta, log, eval, save
-        sequence_kl = float(all_sum(((old_logprobs - ref_logprobs) * completion_mask).sum(1).mean())) / world  # k1, nats per completion
+        sequence_kl = float(all_sum(((old_logprobs - ref_logprobs) * completion_mask).sum(1).mean())) / world  # nats
         logged_kl_coef = kl_coef
         if args.target_kl is not None:
             kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, args.target_kl, args.batch_size, args.kl_horizon)
         step_s = time.perf_counter() - t0
-        if step % args.log_every == 0:
+        if logging:
             n_tokens = completion_mask.sum().clamp(min=1)
-            residual_var = masked_mean((returns - old_values - masked_mean(returns - old_values, completion_mask)) ** 2, completion_mask)
+            residuals = returns - old_values
+            residual_var = masked_mean((residuals - masked_mean(residuals, completion_mask)) ** 2, completion_mask)
             returns_var = masked_mean((returns - masked_mean(returns, completion_mask)) ** 2, completion_mask)
-            metrics = {"step": step, "train/loss": float(sums[0]), "train/policy_loss": float(sums[1]),
-                       "train/value_loss": float(sums[2]), "train/reward": float(raw_scores.mean()),
+            metrics = {"train/loss": means["loss"], "train/policy_loss": means["policy_loss"],
+                       "train/value_loss": means["value_loss"], "train/reward": float(raw_scores.mean()),
                        "train/reward_std": float(raw_scores.std()), "train/score": float(scores.mean()),
                        "train/non_score_reward": float(non_score_rewards.sum(1).mean()),
                        "train/kl": float(((old_logprobs - ref_logprobs) * completion_mask).sum() / n_tokens),
-                       "train/kl_coef": logged_kl_coef, "train/approx_kl": float(sums[5]),
-                       "train/clipfrac": float(sums[3]), "train/value_clipfrac": float(sums[4]),
+                       "train/kl_coef": logged_kl_coef, "train/approx_kl": means["approx_kl"],
+                       "train/clipfrac": means["clipfrac"], "train/value_clipfrac": means["value_clipfrac"],
                        "train/explained_variance": float(1 - residual_var / returns_var.clamp(min=1e-8)),
-                       "train/entropy": float(sums[6]), "train/grad_norm": float(sums[7]),
+                       "train/entropy": means["entropy"], "train/grad_norm": means["grad_norm"],
                        "train/completion_len": float(completion_len), "train/truncated": float(truncated.float().mean()),
                        "perf/step_s": step_s, "perf/tokens_per_s": float(all_sum(attention_mask.sum())) / step_s}
             # DDP: the mean of the ranks' metrics (each rank's are means over its share of the batch)
             names = [k for k in metrics if k.startswith("train/")]
-            metrics.update(zip(names, (all_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64)) / world).tolist()))
-            log(metrics)
-        if rank == 0 and (step % args.eval_every == 0 or step == args.total_steps):
-            eval_metrics = run_eval(step)
-    if world > 1:  # DDP: free the wrapper first: if its reducer held the group last, freeing it could deadlock
-        del policy, value_net
-        dist.barrier()  # wait for rank 0's last eval and save, then leave together
-        dist.destroy_process_group()
-    return {**eval_metrics, "run_dir": run_dir}
+            rank_means = all_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64)) / world
+            metrics.update(zip(names, rank_means.tolist()))
+            log.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+    del ddp_model, ddp_value_model  # DDP: free the wrappers before leaving the process group
+    cleanup_distributed()
+    log.close()
+    return {**eval_metrics, "run_dir": log.dir}
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args, description=__doc__))
-    except (ValueError, OSError, FloatingPointError) as e:
-        sys.exit(f"ppo_rlhf.py: error: {e}")
+    main(parse_args(Args, __doc__))

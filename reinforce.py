@@ -17,25 +17,20 @@ Shapes: B prompts per step, G completions per prompt, N = B*G sequences, P promp
 T completion tokens, V vocab.
 Run: python reinforce.py --group-size 8     (several processes: torchrun --nproc_per_node 2 reinforce.py)
 """
-import contextlib
 import copy
-import json
-import os
 import random
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import (PROMPT, autocast, color_names, encode_prompt, eval_prompts, evaluate, get_judge,
-                    load_model_and_tokenizer, read_jsonl, resolve_device_dtype, sample, sampling_config, save_atomic)
+from common import (Logger, all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge,
+                    init_distributed, load_model_and_tokenizer, load_prompts, parse_args, resolve_device_dtype, sample,
+                    sampling_config, sync_gradients)
 
 
 @dataclass
@@ -49,6 +44,8 @@ class Args:
     """runs go to output_dir/reinforce__exp_name__seed__time/"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "paint-post-training"
+    """the W&B project of --track"""
     # model and task
     model: Optional[str] = None
     """HF causal LM to train (folder or hub id); None = the shipped painter"""
@@ -170,45 +167,16 @@ def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperatur
     return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
 
 
-# DDP: what makes the loop distributed (README "Scaling out"); without torchrun it is a world of one
-def init_distributed(device: str) -> tuple[int, int]:
-    """torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK: join the group
-    (NCCL between GPUs, gloo between CPU processes) and return (rank, world size). Plain python: (0, 1)."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if on_cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # then "cuda" means this rank's GPU
-    dist.init_process_group("nccl" if on_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """x summed over the ranks (NCCL reduces on the GPU, gloo on the CPU); x itself in a world of one."""
-    if not dist.is_initialized():
-        return x
-    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
-    dist.all_reduce(y)
-    return y.to(x.device)
-
-
-def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """The ranks' x concatenated along dim 0 in rank order; x itself in a world of one."""
-    if not dist.is_initialized():
-        return x
-    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").contiguous()
-    parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, y)
-    return torch.cat(parts).to(x.device)
+def batched_logprobs(model, sequences, attention_mask, n_prompt: int, temperature: float, micro_batch_size: int):
+    """forward_logprobs over the whole batch, micro_batch_size sequences at a time (for no-grad passes)."""
+    parts = [forward_logprobs(model, sequences[s], attention_mask[s], n_prompt, temperature)[0]
+             for s in torch.arange(len(sequences)).split(micro_batch_size)]
+    return torch.cat(parts)
 
 
 def main(args: Args) -> dict:
-    t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
-    run_name = f"reinforce__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    rank, world = init_distributed(args.device)
-    if rank == 0:
-        print(json.dumps(asdict(args)))
+    rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
+    log = Logger("reinforce", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed + rank)  # DDP: each rank samples different completions (same weights everywhere)
@@ -216,67 +184,35 @@ def main(args: Args) -> dict:
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     B, G = args.batch_size // world, args.group_size  # B: this rank's prompts, each with its whole group
+    N = B * G  # this rank's completions
     if G < 2 and args.baseline in ("group-mean", "rloo"):
         raise ValueError(f"--group-size {G}: the {args.baseline} baseline needs at least 2 completions per prompt")
-    if B * G > args.micro_batch_size and (B * G) % args.micro_batch_size:
-        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide batch_size * group_size / processes = {B * G}")
+    if N > args.micro_batch_size and N % args.micro_batch_size:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide "
+                         f"batch_size * group_size / processes = {N}")
 
-    # prompts: the user's JSONL rows (the eval takes the first ones), or the training-split hexes (the
-    # eval takes the held-out ones)
-    if args.prompts is not None:
-        rows = read_jsonl(args.prompts, ("prompt",))
-    else:
-        rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
-    if len(rows) < args.batch_size:
-        raise ValueError(f"{len(rows)} prompts for a batch of {args.batch_size}: lower --batch-size or add prompts")
-    eval_rows = [{"prompt": p} for p in eval_prompts(args.eval_size)] if args.prompts is None else rows[: args.eval_size]
+    # the prompts, the judge, the policy (fp32 master weights) and its frozen reference (may be bf16)
+    rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size)
     eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
     judge = get_judge(args.judge, args.device)
     device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device)  # fp32 master weights
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     ref_model = None
     if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
-        ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)  # frozen: may be bf16
+        ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # the sampler: plain sampling at temperature from our flags only; its stop ids also end the masks
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
     stop_ids = torch.tensor(sampling.eos_token_id, device=device)
-    # DDP: the wrapper all-reduces (averages) the gradients in backward; generate, eval and save use the bare model
-    policy = DDP(model) if world > 1 else model
+    ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    if rank == 0:  # DDP: only rank 0 writes the run folder, logs, evaluates and saves
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-    if args.track and rank == 0:
-        import wandb
-        wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
 
-    def log(metrics: dict, samples: list[dict] | None = None) -> None:
-        if rank != 0:
-            return
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if samples is not None:
-            with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
-                f.writelines(json.dumps({"step": metrics["step"], **s}) + "\n" for s in samples)
-        if args.track:
-            wandb.log(metrics, step=metrics["step"])
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    def run_eval() -> tuple[dict, list[dict]]:
+        return evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
+                        args.max_new_tokens, dtype=dtype, **eval_extra)
 
-    def run_eval(step: int) -> dict:
-        nonlocal eval_s
-        t_eval = time.perf_counter()
-        metrics, samples = evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
-                                    args.max_new_tokens, dtype=dtype, **eval_extra)
-        log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s}, samples)
-        print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
-        save_atomic(model, tokenizer, os.path.join(run_dir, "model"))
-        eval_s += time.perf_counter() - t_eval
-        return metrics
-
-    eval_metrics = run_eval(0) if rank == 0 else {}
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)  # rank 0: the starting model, then every --eval-every
     running_mean = None  # the moving-average baseline's state
     for step in range(1, args.total_steps + 1):
         t0 = time.perf_counter()
@@ -284,13 +220,11 @@ def main(args: Args) -> dict:
         batch_rows = [rows[i] for i in rng.choice(len(rows), size=args.batch_size, replace=False)]
         batch_rows = batch_rows[rank * B : (rank + 1) * B]  # DDP: this rank's B prompts; a group never splits
         prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
-        encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, r["prompt"]) for r in batch_rows]},
-                                padding=True, return_tensors="pt").to(model.device)
-        prompt_ids = encoded["input_ids"].repeat_interleave(G, 0)                 # (N, P)
+        prompt_ids = [encode_prompt(tokenizer, r["prompt"]) for r in batch_rows]
+        encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(device)
+        prompt_ids = encoded["input_ids"].repeat_interleave(G, 0)                 # (N, P), left padded
         prompt_mask = encoded["attention_mask"].repeat_interleave(G, 0)
         P = prompt_ids.shape[1]
-        if P + args.max_new_tokens > getattr(model.config, "max_position_embeddings", 1 << 30):
-            raise ValueError(f"prompt of {P} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's context")
 
         # 2. generate G completions per prompt (KV cache, plain sampling at temperature, dropout off)
         with autocast(device, dtype):
@@ -303,80 +237,77 @@ def main(args: Args) -> dict:
             completion_mask = completion_mask * (~truncated)[:, None]
 
         # 3. score every completion with the judge (TRL's reward-function signature)
-        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
         extra = {"answer": [r["answer"] for r in batch_rows for _ in range(G)]} if "answer" in batch_rows[0] else {}
-        rewards = torch.tensor(judge(prompts, [c.strip() for c in completions], **extra), dtype=torch.float32)
-        if rewards.shape != (B * G,):
-            raise ValueError(f"judge {args.judge!r} returned {rewards.numel()} scores for {B * G} completions: it must return one each")
-        if not torch.isfinite(rewards).all():
-            raise ValueError(f"judge {args.judge!r} returned {int((~torch.isfinite(rewards)).sum())} non-finite scores (NaN or inf)")
+        rewards = torch.tensor(judge(prompts, completions, **extra), dtype=torch.float32)  # (N,)
 
         # 4. the k1 KL penalty in the reward, from log-probs of the sampling policy and the reference
-        kl = torch.zeros(B * G, device=model.device)
+        kl = torch.zeros(N, device=device)
         if ref_model is not None:
             with torch.no_grad(), autocast(device, dtype):
-                logprobs, ref_logprobs = (torch.cat([forward_logprobs(m, sequences[s], attention_mask[s], P, args.temperature)[0]
-                                                     for s in torch.arange(B * G).split(args.micro_batch_size)])
-                                          for m in (model, ref_model))
-                kl = kl_penalty(logprobs, ref_logprobs, completion_mask)           # (N,)
-        shaped_rewards = rewards.to(model.device) - args.beta * kl
+                logprobs = batched_logprobs(model, sequences, attention_mask, P, args.temperature,
+                                            args.micro_batch_size)
+                ref_logprobs = batched_logprobs(ref_model, sequences, attention_mask, P, args.temperature,
+                                                args.micro_batch_size)
+            kl = kl_penalty(logprobs, ref_logprobs, completion_mask)               # (N,)
+        shaped_rewards = rewards.to(device) - args.beta * kl
 
-        # 5. advantages: reward minus baseline, from the whole batch's rewards (DDP: gathered in rank order), then
-        # this rank's rows; so every rank also keeps the same moving average
-        all_rewards, all_shaped = all_gather(rewards), all_gather(shaped_rewards)  # (world * N,)
-        advantages, running_mean = baseline_advantages(all_shaped.view(-1, G), args.baseline, running_mean, args.baseline_decay)
-        advantages = advantages.view(-1)[rank * B * G : (rank + 1) * B * G]       # (N,)
+        # 5. advantages: reward minus baseline, from the whole batch's rewards, then this rank's rows (so every
+        # rank also keeps the same moving average)
+        all_rewards, all_shaped = all_gather(rewards), all_gather(shaped_rewards)  # DDP: (world * N,), rank order
+        all_advantages, running_mean = baseline_advantages(all_shaped.view(-1, G), args.baseline, running_mean,
+                                                           args.baseline_decay)
+        advantages = all_advantages.view(-1)[rank * N : (rank + 1) * N]           # (N,)
 
         # 6. one on-policy update, accumulated over micro-batches
-        # DDP: the gradients are AVERAGED over ranks, so each rank divides by its own B * G = whole batch / world:
+        # DDP: the gradients are AVERAGED over ranks, so each rank divides by its own N = B * G = whole batch / world:
         # then k processes with B/k prompts each give the gradient of one process with all B prompts
-        micro_batches = torch.arange(B * G).split(args.micro_batch_size)
-        sums = torch.zeros(2)  # loss, entropy: summed over micro-batches
+        micro_batches = torch.arange(N).split(args.micro_batch_size)
+        logging = step % args.log_every == 0
+        loss_sum, entropy_sum = torch.zeros(()), torch.zeros(())  # over micro-batches
         for i, s in enumerate(micro_batches):
-            # DDP: all-reduce the gradients once, in the last micro-batch's backward
-            with policy.no_sync() if world > 1 and i < len(micro_batches) - 1 else contextlib.nullcontext():
+            mask = completion_mask[s]
+            with sync_gradients(ddp_model, sync=i == len(micro_batches) - 1):  # DDP: all-reduce in the last one
                 with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                    logprobs, logits = forward_logprobs(policy, sequences[s], attention_mask[s], P, args.temperature)
-                loss = reinforce_loss(logprobs, advantages[s], completion_mask[s], B * G)
+                    logprobs, logits = forward_logprobs(ddp_model, sequences[s], attention_mask[s], P,
+                                                        args.temperature)
+                loss = reinforce_loss(logprobs=logprobs, advantages=advantages[s], mask=mask, n_sequences=N)
                 loss.backward()
-            with torch.no_grad():  # the entropy is a pass over the whole vocabulary: only on logging steps
-                logging = step % args.log_every == 0
-                entropy_sum = (entropy(logits, args.temperature) * completion_mask[s]).sum() if logging else torch.zeros(())
-                sums += torch.stack([loss, entropy_sum.to(loss.device)]).detach().cpu()
+            loss_sum += loss.detach().cpu()
+            if logging:  # the entropy is a pass over the whole vocabulary: only on logging steps
+                entropy_sum += (entropy(logits, args.temperature) * mask).sum().cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
-                                     f"{run_dir}/model: lower --learning-rate")
+                                     f"{log.dir}/model: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
 
-        # 7. log (DDP: sums over all ranks, so the metrics are the whole batch's), eval, save
-        if step % args.log_every == 0:
-            sums = all_sum(sums)
-            counts = all_sum(torch.stack([completion_len, truncated.float().mean(), attention_mask.sum().float(), kl.sum()]).cpu())
+        # 7. log (DDP: summed over all ranks, so the metrics are the whole batch's), eval, save
+        if logging:
+            loss_all, entropy_all = all_sum(torch.stack([loss_sum, entropy_sum])).tolist()
+            per_rank = torch.stack([completion_len, truncated.float().mean(), attention_mask.sum().float(), kl.sum()])
+            completion_len_all, truncated_all, tokens_all, kl_all = all_sum(per_rank.cpu()).tolist()
             all_tokens = max(float(all_sum(completion_mask.sum())), 1)
             group_std = all_rewards.view(-1, G).std(1) if G > 1 else torch.zeros(B)  # G = 1: no groups
-            metrics = {"step": step, "train/loss": float(sums[0]) / world, "train/reward": float(all_rewards.mean()),
-                       "train/reward_std": float(group_std.mean()), "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
-                       "train/entropy": float(sums[1]) / all_tokens,
-                       "train/grad_norm": float(grad_norm), "train/completion_len": float(counts[0]) / world,
-                       "train/truncated": float(counts[1]) / world,
-                       "perf/step_s": step_s, "perf/tokens_per_s": float(counts[2]) / step_s}
+            metrics = {"train/loss": loss_all / world, "train/reward": float(all_rewards.mean()),
+                       "train/reward_std": float(group_std.mean()),
+                       "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
+                       "train/entropy": entropy_all / all_tokens,
+                       "train/grad_norm": float(grad_norm), "train/completion_len": completion_len_all / world,
+                       "train/truncated": truncated_all / world, "perf/step_s": step_s,
+                       "perf/tokens_per_s": tokens_all / step_s}
             if ref_model is not None:
-                metrics["train/kl"] = float(counts[3]) / all_tokens
-            log(metrics)
-        if rank == 0 and (step % args.eval_every == 0 or step == args.total_steps):
-            eval_metrics = run_eval(step)
-    if world > 1:  # DDP: free the wrapper first: if its reducer held the group last, freeing it could deadlock
-        del policy
-        dist.barrier()  # wait for rank 0's last eval and save, then leave together
-        dist.destroy_process_group()
-    return {**eval_metrics, "run_dir": run_dir}
+                metrics["train/kl"] = kl_all / all_tokens
+            log.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+    del ddp_model  # DDP: free the wrapper before leaving the process group
+    cleanup_distributed()
+    log.close()
+    return {**eval_metrics, "run_dir": log.dir}
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args, description=__doc__))
-    except (ValueError, OSError, FloatingPointError) as e:
-        sys.exit(f"reinforce.py: error: {e}")
+    main(parse_args(Args, __doc__))

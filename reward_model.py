@@ -21,22 +21,18 @@ Run: python reward_model.py                       # poet-labelled pairs from the
      python reward_model.py --judge correct --data my_pairs.jsonl
 """
 import json
-import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModelForSequenceClassification
 
-from common import (autocast, candidate_names, encode_pairs, get_judge, load_model_and_tokenizer, pair_prompts,
-                    rank_pairs, read_preferences, resolve_device_dtype, save_atomic)
+from common import (Logger, all_sum, autocast, cleanup_distributed, encode_pairs, get_judge, init_distributed,
+                    load_model_and_tokenizer, load_pairs, parse_args, resolve_device_dtype)
 
 
 @dataclass
@@ -50,6 +46,8 @@ class Args:
     """runs go to output_dir/reward_model__exp_name__seed__time/"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "paint-post-training"
+    """the W&B project of --track"""
     # model
     model: Optional[str] = None
     """HF model whose backbone gets the scalar head (folder or hub id); None = the shipped painter"""
@@ -165,62 +163,9 @@ def evaluate_pairs(model, pairs: list, pad_id: int, dtype: torch.dtype = torch.f
             "eval/reward_mean": float(torch.cat([chosen, rejected]).mean())}
 
 
-def load_pairs(args: Args, warn=print) -> tuple[list[dict], list[dict]]:
-    """Training and held-out pairs: from JSONL, or built by letting the judge rank the model's own names."""
-    if args.data is not None:
-        train = read_preferences(args.data)
-        if args.eval_data is not None:
-            return train, read_preferences(args.eval_data)
-        if len(train) < 2:
-            raise ValueError(f"{args.data} has {len(train)} pair: need 2 or more to hold some out, or pass --eval-data")
-        n_eval = max(1, len(train) // 10)
-        return train[:-n_eval], train[-n_eval:]
-    judge = get_judge(args.judge, args.device)
-    # NOTE: the names are sampled from the same checkpoint loaded as a causal LM (the head cannot generate); it
-    # is not trained, so its weights may be bf16 (args.dtype "auto" on cuda)
-    sampler, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype) if args.source == "policy" else (None, None)
-    dtype = resolve_device_dtype(args.device, args.dtype)[1]
-    built = []
-    for split, n, flip in (("train", args.num_prompts, args.flip_prob), ("heldout", args.eval_prompts, 0.0)):
-        if split == "heldout" and args.eval_data is not None:
-            return built[0], read_preferences(args.eval_data)
-        prompts = pair_prompts(n, split, args.seed if split == "train" else 0)  # the held-out set never moves
-        names = candidate_names(prompts, args.names_per_prompt, args.source, args.seed if split == "train" else 0,
-                                sampler, tokenizer, dtype=dtype)
-        built.append(rank_pairs(prompts, names, judge, flip, args.seed))
-        warn(f"{split}: {len(built[-1])} pairs ranked by {args.judge} from {n} prompts (ties dropped)")
-    return built[0], built[1]
-
-
-# DDP: what makes the loop distributed (README "Scaling out"); without torchrun it is a world of one
-def init_distributed(device: str) -> tuple[int, int]:
-    """torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK: join the group
-    (NCCL between GPUs, gloo between CPU processes) and return (rank, world size). Plain python: (0, 1)."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if on_cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # then "cuda" means this rank's GPU
-    dist.init_process_group("nccl" if on_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """x summed over the ranks (NCCL reduces on the GPU, gloo on the CPU); x itself in a world of one."""
-    if not dist.is_initialized():
-        return x
-    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
-    dist.all_reduce(y)
-    return y.to(x.device)
-
-
 def main(args: Args) -> dict:
-    t_start, eval_s = time.perf_counter(), 0.0  # wall clock; perf/train_s leaves out the evals
-    run_name = f"reward_model__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    rank, world = init_distributed(args.device)
-    if rank == 0:
-        print(json.dumps(asdict(args)))
+    rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
+    log = Logger("reward_model", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     # DDP: the same seed on every rank: the same head, pairs and batch order, of which each rank takes its share
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -237,49 +182,32 @@ def main(args: Args) -> dict:
         torch.nn.init.normal_(model.score.weight, std=1 / np.sqrt(model.config.hidden_size + 1))
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
 
-    # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids) with EOS on both completions
-    train_pairs, eval_pairs = load_pairs(args, warn=print if rank == 0 else lambda _: None)
+    # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids), both completions ending in EOS
+    judge, sampler = None, None
+    if args.data is None:  # built: names ranked by the judge, sampled from the same checkpoint as a causal LM
+        judge = get_judge(args.judge, args.device)
+        if args.source == "policy":  # not trained, so its weights may be bf16 (args.dtype "auto" on cuda)
+            sampler = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    train_pairs, eval_pairs = load_pairs(args.data, args.eval_data, judge, sampler, args.num_prompts,
+                                         args.eval_prompts, args.names_per_prompt, args.source, args.flip_prob,
+                                         args.seed, dtype=dtype, warn=print if rank == 0 else lambda _: None)
     train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
     heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
     steps_per_epoch = max(1, len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.num_epochs
     if rank == 0:
         print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
-
+        with open(f"{log.dir}/pairs.jsonl", "w") as f:  # a look at what the model learns from
+            f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # DDP: the wrapper all-reduces (averages) the gradients in backward; eval and save use the bare model
-    net = DDP(model) if world > 1 else model
+    ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    if rank == 0:  # DDP: only rank 0 writes the run folder, logs, evaluates and saves
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        with open(os.path.join(run_dir, "pairs.jsonl"), "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])  # a look at what the model learns from
-    if args.track and rank == 0:
-        import wandb
-        wandb.init(project="paint-post-training", name=run_name, config=asdict(args))
 
-    def log(metrics: dict) -> None:
-        if rank != 0:
-            return
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if args.track:
-            wandb.log(metrics, step=metrics["step"])
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    def run_eval() -> tuple[dict, None]:
+        return evaluate_pairs(model, heldout, tokenizer.pad_token_id, dtype), None
 
-    def run_eval(step: int) -> dict:
-        nonlocal eval_s
-        t_eval = time.perf_counter()
-        metrics = evaluate_pairs(model, heldout, tokenizer.pad_token_id, dtype)
-        log({"step": step, **metrics, "perf/train_s": t_eval - t_start - eval_s})
-        save_atomic(model, tokenizer, os.path.join(run_dir, "model"))  # the last good checkpoint
-        eval_s += time.perf_counter() - t_eval
-        return metrics
-
-    eval_metrics = run_eval(0) if rank == 0 else {}
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)  # rank 0: the starting model, then every --eval-every
     model.train()
     step = 0
     for epoch in range(args.num_epochs):
@@ -288,44 +216,46 @@ def main(args: Args) -> dict:
             step, t0 = step + 1, time.perf_counter()
             # 3. one forward over the 2B sequences: chosen rows first, rejected rows after
             batch = [train[i] for i in order[start : start + args.batch_size]]
-            share = args.batch_size // world  # DDP: this rank's share of the batch; equal shares, so the mean of
-            batch = batch[rank * share : (rank + 1) * share]  # the ranks' mean losses is the batch's mean loss
-            input_ids, attention_mask, _ = (t.to(model.device) for t in concat_pairs(batch, tokenizer.pad_token_id))
+            share = args.batch_size // world  # DDP: this rank's share; equal shares, so the mean of the ranks'
+            batch = batch[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
+            input_ids, attention_mask, _ = (t.to(device) for t in concat_pairs(batch, tokenizer.pad_token_id))
             with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                rewards = score_last_token(net, input_ids, attention_mask)  # (2B,)
+                rewards = score_last_token(ddp_model, input_ids, attention_mask)  # (2B,)
             chosen_rewards, rejected_rewards = rewards[: len(batch)], rewards[len(batch) :]
+
             # 4. the Bradley–Terry loss
-            loss, accuracy = bradley_terry_loss(chosen_rewards, rejected_rewards, args.margin, args.center_coef)
+            loss, accuracy = bradley_terry_loss(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                                                margin=args.margin, center_coef=args.center_coef)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {float(loss)} at step {step}; the last good model is in "
-                                         f"{run_dir}/model: lower --learning-rate or check the data")
+                                         f"{log.dir}/model: lower --learning-rate or check the data")
+
             # 5. clip, linear decay to 0, step
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            lr = args.learning_rate * (1 - (step - 1) / total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = args.learning_rate * (1 - (step - 1) / total_steps)
+                group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_s = time.perf_counter() - t0
+
             # 6. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
             if step % args.log_every == 0:
-                means = all_sum(torch.stack([loss.detach(), accuracy, (chosen_rewards - rejected_rewards).detach().mean(),
-                                             rewards.detach().mean(), attention_mask.sum() * world]).float().cpu()) / world
-                log({"step": step, "epoch": epoch, "train/loss": float(means[0]), "train/accuracy": float(means[1]),
-                     "train/margin": float(means[2]), "train/reward_mean": float(means[3]), "train/grad_norm": float(grad_norm),
-                     "train/lr": optimizer.param_groups[0]["lr"], "perf/step_s": step_s,
-                     "perf/tokens_per_s": float(means[4]) / step_s})
-            if rank == 0 and (step % args.eval_every == 0 or step == total_steps):
-                eval_metrics = run_eval(step)
-    if world > 1:  # DDP: free the wrapper first: if its reducer held the group last, freeing it could deadlock
-        del net
-        dist.barrier()  # wait for rank 0's last eval and save, then leave together
-        dist.destroy_process_group()
-    return {"train/loss": float(loss.detach()), "train/accuracy": float(accuracy), **eval_metrics, "run_dir": run_dir}
+                per_rank = torch.stack([loss.detach(), accuracy, (chosen_rewards - rejected_rewards).detach().mean(),
+                                        rewards.detach().mean(), attention_mask.sum() * world]).float()
+                loss_, accuracy_, margin, reward_mean, tokens = (all_sum(per_rank.cpu()) / world).tolist()
+                log.log(step, {"epoch": epoch, "train/loss": loss_, "train/accuracy": accuracy_,
+                               "train/margin": margin, "train/reward_mean": reward_mean,
+                               "train/grad_norm": float(grad_norm), "train/lr": lr, "perf/step_s": step_s,
+                               "perf/tokens_per_s": tokens / step_s})
+            if step % args.eval_every == 0 or step == total_steps:
+                eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+    del ddp_model  # DDP: free the wrapper before leaving the process group
+    cleanup_distributed()
+    log.close()
+    return {"train/loss": float(loss.detach()), "train/accuracy": float(accuracy), **eval_metrics, "run_dir": log.dir}
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args, description=__doc__))
-    except (ValueError, OSError, FloatingPointError) as e:
-        sys.exit(f"reward_model.py: error: {e}")
+    main(parse_args(Args, __doc__))

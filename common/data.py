@@ -78,6 +78,20 @@ def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def load_prompts(path: str | None, batch_size: int, eval_size: int) -> tuple[list[dict], list[dict]]:
+    """RL prompt rows {"prompt", "answer"?, ...} for training and for the eval: the user's JSONL (the eval takes
+    its first rows), or the training-split hexes (the eval takes the fixed held-out ones)."""
+    if path is not None:
+        rows = read_jsonl(path, ("prompt",))
+        eval_rows = rows[:eval_size]
+    else:
+        rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
+        eval_rows = [{"prompt": p} for p in eval_prompts(eval_size)]
+    if len(rows) < batch_size:
+        raise ValueError(f"{len(rows)} prompts for a batch of {batch_size}: lower --batch-size or add prompts")
+    return rows, eval_rows
+
+
 # ---- colour science: sRGB -> CIELAB, and the CIEDE2000 difference ------------------------------------------
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:

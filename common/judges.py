@@ -215,10 +215,25 @@ def get_judge(spec: str, device: str = "auto"):
                              "and weighted sums such as 0.7*poet+0.3*correct")
         terms.append((float(weight), judge))
     if len(terms) == 1 and terms[0][0] == 1.0:
-        return terms[0][1]
+        return checked_judge(terms[0][1], spec)
 
     def combined(prompts, completions, **kwargs) -> list[float]:
         scores = np.array([judge(prompts, completions, **kwargs) for _, judge in terms])  # (n_judges, N)
         return (np.array([w for w, _ in terms]) @ scores).tolist()
     combined.__name__ = spec
-    return combined
+    return checked_judge(combined, spec)
+
+
+def checked_judge(judge, name: str):
+    """The judge, with its output checked: one finite score per completion, or a one-line error naming it."""
+    def checked(prompts, completions, **kwargs) -> list[float]:
+        scores = list(judge(prompts, completions, **kwargs))
+        if len(scores) != len(completions):
+            raise ValueError(f"judge {name!r} returned {len(scores)} scores for {len(completions)} completions: "
+                             "it must return one each")
+        bad = sum(not math.isfinite(s) for s in scores)
+        if bad:
+            raise ValueError(f"judge {name!r} returned {bad} non-finite scores (NaN or inf)")
+        return scores
+    checked.__name__ = getattr(judge, "__name__", name)
+    return checked

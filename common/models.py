@@ -132,6 +132,16 @@ def encode_completion(tokenizer, prompt: str, completion: str) -> list[int]:
     return ids[: enders[0] + 1] if enders else ids + [end]
 
 
+def encode_examples(tokenizer, rows: list[tuple[str, str]], context: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt, completion) texts -> (prompt_ids, completion_ids), each checked to fit the model's context."""
+    examples = [(encode_prompt(tokenizer, p), encode_completion(tokenizer, p, c)) for p, c in rows]
+    for (p, c), (prompt, _) in zip(examples, rows):
+        if len(p) + len(c) > context:
+            raise ValueError(f"prompt + completion of {len(p) + len(c)} tokens exceeds the model's context of "
+                             f"{context} ({prompt[:40]!r}...): shorten the data or use a longer-context model")
+    return examples
+
+
 # ---- the sampler: exactly the policy the loss differentiates -----------------------------------------------------
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -161,6 +171,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config:
     checkpoint's repetition_penalty (1.05-1.1 on several instruct models), min_p, no_repeat_ngram_size or
     bad_words_ids would change the distribution sampled from, and the rollouts would come from another policy
     than the one whose log-probs the loss uses. While sampling, the model's own settings are set aside."""
+    if input_ids.shape[1] + config.max_new_tokens > context_length(model):
+        raise ValueError(f"prompt of {input_ids.shape[1]} tokens + {config.max_new_tokens} new tokens exceeds the "
+                         f"model's context of {context_length(model)}: shorten the prompt or --max-new-tokens")
     own, model.generation_config = model.generation_config, GenerationConfig()
     was_training = model.training
     model.eval()

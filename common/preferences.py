@@ -119,3 +119,33 @@ def encode_pairs(tokenizer, pairs: list[dict], context: int, identical: str = "s
         raise ValueError(f"no preference pairs left after filtering ({len(pairs)} given, {n_identical} identical): "
                          "provide pairs whose chosen and rejected differ")
     return encoded
+
+
+def load_pairs(data: str | None, eval_data: str | None, judge=None, sampler=None, num_prompts: int = 0,
+               eval_pairs: int = 0, names_per_prompt: int = 4, source: str = "policy", flip_prob: float = 0.0,
+               seed: int = 0, temperature: float = 1.0, max_new_tokens: int = 16, dtype=torch.float32,
+               warn=print) -> tuple[list[dict], list[dict]]:
+    """Training and held-out pairs. From JSONL: --data, and --eval-data or the last tenth of --data. Built (AI
+    feedback): for num_prompts training hexes and eval_pairs held-out ones, names_per_prompt names from
+    sampler = (model, tokenizer) (source "policy") or random training names ("names"), ranked by the judge."""
+    if data is not None:
+        train = read_preferences(data)
+        if eval_data is not None:
+            return train, read_preferences(eval_data)
+        if len(train) < 2:
+            raise ValueError(f"{data} has {len(train)} pair: need 2 or more to hold some out, or pass --eval-data")
+        n_eval = max(1, len(train) // 10)
+        return train[:-n_eval], train[-n_eval:]
+    model, tokenizer = sampler or (None, None)
+    built = []
+    for split, n, flip in (("train", num_prompts, flip_prob), ("heldout", eval_pairs, 0.0)):
+        if split == "heldout" and eval_data is not None:
+            return built[0], read_preferences(eval_data)
+        split_seed = seed if split == "train" else 0  # the held-out set never moves
+        prompts = pair_prompts(n, split, split_seed)
+        names = candidate_names(prompts, names_per_prompt, source, split_seed, model, tokenizer, temperature,
+                                max_new_tokens, dtype)
+        built.append(rank_pairs(prompts, names, judge, flip, seed))
+        warn(f"{split}: {len(built[-1])} pairs ranked by {getattr(judge, '__name__', 'the judge')} from {n} prompts "
+             "(ties dropped)")
+    return built[0], built[1]

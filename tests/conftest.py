@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
     """Bad input stops the script with a message, not a traceback."""
     assert result.returncode != 0, result.stdout[-1000:]
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def assert_run_console(result: subprocess.CompletedProcess, output_dir, metric: str) -> None:
+    """One run folder whose metrics.jsonl has `metric`; on the console, the changed flags first, short step and eval
+    lines (samples aside), and last the run folder with the eval's headline before -> after."""
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = os.listdir(output_dir)
+    with open(os.path.join(output_dir, run, "metrics.jsonl")) as f:
+        assert any(metric in json.loads(line) for line in f), metric
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split()[0].endswith(".py") and lines[-1].startswith("done in") and run in lines[-1], lines[-1]
+    assert "->" in lines[-1]  # eval/reward (or accuracy) before -> after
+    short = [line for line in lines if line.startswith(("step ", "eval "))]
+    assert short and all(len(line) <= 110 for line in short), max(short, key=len)
 
 
 def assert_help_lists(script: str, flags: list[str]) -> None:

@@ -103,7 +103,8 @@ def test_weighted_sum_of_judges():
     poet, right = style_judge("poet")([HEX] * 3, names), correct([HEX] * 3, names)
     assert np.allclose(get_judge("0.7*poet+0.3*correct")([HEX] * 3, names), 0.7 * np.array(poet) + 0.3 * np.array(right))
     assert np.allclose(get_judge("poet+correct")([HEX] * 3, names), np.array(poet) + np.array(right))
-    assert get_judge("correct") is correct
+    assert get_judge("correct")([HEX] * 3, names) == correct([HEX] * 3, names)
+    assert get_judge("correct").__name__ == "correct" and get_judge("poet+correct").__name__ == "poet+correct"
 
 
 def test_unknown_judge_lists_the_known_ones():

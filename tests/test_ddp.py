@@ -106,12 +106,3 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
                              "--batch-size", "3", "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode != 0 and "--batch-size 3 must be divisible by the 2 processes" in result.stderr, result.stderr[-2000:]
-
-
-def test_the_ddp_helpers_are_identical_copies_in_every_script():
-    import importlib
-    import inspect
-    scripts = [importlib.import_module(name) for name in ("sft", "reward_model", "dpo", "grpo", "reinforce", "ppo_rlhf")]
-    for name in ("init_distributed", "all_sum"):
-        assert len({inspect.getsource(getattr(s, name)) for s in scripts}) == 1, name
-    assert inspect.getsource(scripts[3].all_gather) == inspect.getsource(scripts[4].all_gather)

@@ -11,7 +11,7 @@ import torch
 import dpo
 import reward_model
 from common import encode_pairs
-from conftest import assert_help_lists, assert_one_line_error, run_script
+from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
 
 LOG2 = math.log(2)
 
@@ -152,6 +152,5 @@ def test_cli_bad_input_is_one_line(tmp_path, rows, flags, message):
 def test_cli_runs(tmp_path):
     result = run_script("dpo.py", "--judge", "correct", "--num-prompts", "16", "--eval-pairs", "8", "--batch-size", "8",
                         "--num-epochs", "1", "--eval-size", "4", "--eval-every", "2", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "eval/accuracy" in result.stdout and len(os.listdir(tmp_path)) == 1
+    assert_run_console(result, tmp_path, "eval/accuracy")
     assert_help_lists("dpo.py", ["--loss-type", "--label-smoothing", "--rpo-alpha", "--precompute-ref-logps", "--flip-prob"])

@@ -8,7 +8,7 @@ import torch
 
 import grpo
 from common import encode_prompt, eval_prompts
-from conftest import assert_help_lists, assert_one_line_error, run_script
+from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
 
 
 def test_group_advantages_by_hand():
@@ -188,7 +188,9 @@ def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, mon
 
 @pytest.mark.parametrize("judge_output, message", [(lambda n: [0.0] * (n - 1), "scores for 8 completions"), (lambda n: [float("nan")] * n, "non-finite scores")])
 def test_a_bad_judge_is_a_clear_error(tmp_path, monkeypatch, judge_output, message):
-    monkeypatch.setattr(grpo, "get_judge", lambda spec, device: lambda p, c, **k: judge_output(len(c)))
+    from common.judges import checked_judge
+    bad = checked_judge(lambda p, c, **k: judge_output(len(c)), "bad")  # what get_judge returns: checked output
+    monkeypatch.setattr(grpo, "get_judge", lambda spec, device: bad)
     with pytest.raises(ValueError, match=message):
         grpo.main(tiny_args(tmp_path))
 
@@ -205,6 +207,5 @@ def test_cli_bad_input_is_one_line(flags, message):
 def test_cli_runs(tmp_path):
     result = run_script("grpo.py", "--group-size", "4", "--batch-size", "2", "--micro-batch-size", "8", "--total-steps", "2",
                         "--eval-every", "2", "--eval-size", "4", "--log-every", "1", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "train/frac_zero_std" in result.stdout and len(os.listdir(tmp_path)) == 1
+    assert_run_console(result, tmp_path, "train/frac_zero_std")
     assert_help_lists("grpo.py", ["--scale-rewards", "--loss-agg", "--clip-eps-high", "--num-iterations", "--kl-estimator", "--mask-truncated"])

@@ -15,7 +15,7 @@ import grpo
 import ppo_rlhf as ppo
 import reward_model as rm
 from common import encode_completion, encode_prompt, load_model_and_tokenizer
-from conftest import assert_one_line_error, run_script
+from conftest import assert_run_console, assert_one_line_error, run_script
 
 
 # ---- GAE ----------------------------------------------------------------------------------------------------
@@ -210,8 +210,7 @@ def test_nan_values_stop_the_run_and_keep_the_last_good_model(tmp_path, monkeypa
 def test_cli_runs_and_bad_input_is_one_line(tmp_path):
     result = run_script("ppo_rlhf.py", "--batch-size", "4", "--num-minibatches", "2", "--num-ppo-epochs", "1", "--total-steps", "2",
                         "--eval-every", "2", "--eval-size", "4", "--log-every", "1", "--judge", "correct", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "train/explained_variance" in result.stdout and len(os.listdir(tmp_path)) == 1
+    assert_run_console(result, tmp_path, "train/explained_variance")
     for flags, message in [(["--reward-model", "common/painter"], "is not a reward model"),
                            (["--reward-model", str(tmp_path / "nowhere")], "is not a directory"),
                            (["--batch-size", "4", "--num-minibatches", "3"], "must divide --batch-size")]:

@@ -9,7 +9,7 @@ import torch
 
 import grpo
 import reinforce
-from conftest import assert_help_lists, assert_one_line_error, run_script
+from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
 
 
 def test_baselines_by_hand():
@@ -100,7 +100,6 @@ def test_group_baselines_need_two_completions(tmp_path):
 def test_cli_runs(tmp_path):
     result = run_script("reinforce.py", "--group-size", "4", "--batch-size", "2", "--micro-batch-size", "8", "--total-steps", "2",
                         "--eval-every", "2", "--eval-size", "4", "--log-every", "1", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "train/reward" in result.stdout and len(os.listdir(tmp_path)) == 1
+    assert_run_console(result, tmp_path, "train/reward")
     assert_one_line_error(run_script("reinforce.py", "--group-size", "1"), "at least 2 completions")
     assert_help_lists("reinforce.py", ["--baseline", "--baseline-decay", "--beta", "--mask-truncated"])

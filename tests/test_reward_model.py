@@ -12,7 +12,7 @@ import reward_model as rm
 from common import (candidate_names, encode_completion, encode_pairs, encode_prompt, get_judge, load_model_and_tokenizer,
                     pair_prompts, rank_pairs, read_preferences)
 from common.preferences import split_shared_prefix
-from conftest import assert_help_lists, assert_one_line_error, run_script
+from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
 
 PROMPTS = ["Name this paint color: #d48475", "Name this paint color: #1f4e79", "Name this paint color: #ffffff"]
 NAMES = ["Sunset Dust", "Navy", "Whispering Dawn Morning Mist"]
@@ -199,6 +199,5 @@ def test_cli_bad_input_is_one_line(tmp_path, rows, flags, message):
 def test_cli_runs(tmp_path):
     result = run_script("reward_model.py", "--judge", "correct", "--num-prompts", "24", "--eval-prompts", "8",
                         "--batch-size", "8", "--num-epochs", "1", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "eval/accuracy" in result.stdout and len(os.listdir(tmp_path)) == 1
+    assert_run_console(result, tmp_path, "eval/accuracy")
     assert_help_lists("reward_model.py", ["--center-coef", "--margin", "--flip-prob", "--identical-pairs", "--too-long"])

@@ -9,7 +9,7 @@ import torch
 
 import sft
 from common import encode_completion, encode_prompt
-from conftest import assert_help_lists, assert_one_line_error, run_script
+from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
 
 
 def tiny_args(tmp_path, **overrides) -> sft.Args:
@@ -138,6 +138,5 @@ def test_cli_bad_input_is_one_line(flags, message):
 def test_cli_runs(tmp_path):
     result = run_script("sft.py", "--total-steps", "2", "--batch-size", "4", "--eval-every", "2", "--eval-size", "4",
                         "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "eval/reward" in result.stdout and len(os.listdir(tmp_path)) == 1
+    assert_run_console(result, tmp_path, "eval/reward")
     assert_help_lists("sft.py", ["--grad-accum-steps", "--tokenizer", "--synthetic-frac", "--save-to", "--judge"])

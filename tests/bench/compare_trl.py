@@ -347,10 +347,10 @@ def run_ours(script, flags, seed, out, threads, prefix=()):
     run_dir = os.path.dirname(glob.glob(os.path.join(out, "*", "args.json"))[0])
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     steps = [r for r in rows if "perf/step_s" in r]
-    step_lines = [(t, cpu) for t, line, cpu in lines if line.startswith("step ") and "perf/step_s" in line]
+    step_lines = [(t, cpu) for t, line, cpu in lines if line.startswith("step ") and "s/step" in line]
     # NOTE: our scripts evaluate the starting model before step 1 (TRL does not): startup leaves that eval out.
-    # main() prints its args first (t_main, just after imports); the step-0 eval starts perf/train_s later.
-    t_main = next(t for t, line, _ in lines if line.startswith("{"))
+    # main() prints its changed flags first (t_main, just after imports); the step-0 eval starts perf/train_s later.
+    t_main = next(t for t, line, _ in lines if line.split(" ", 1)[0].endswith(".py"))
     startup = t_main - t_spawn + next(r for r in rows if "perf/train_s" in r)["perf/train_s"]
     return dict(cmd=cmd, step_s=[r["perf/step_s"] for r in steps], interval_s=list(np.diff([t for t, _ in step_lines])),
                 cpu_interval_s=list(np.diff([cpu for _, cpu in step_lines])), startup_s=startup,
