@@ -1,13 +1,13 @@
-"""DPO — Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290), with IPO, hinge, cDPO and RPO.
+"""DPO — Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290); IPO, hinge, cDPO and RPO.
 
 For pairs (x, y_c chosen, y_r rejected), with log pi(y|x) the SUM of the completion's token log-probs (EOS
 included) and pi_ref the frozen starting policy, the implicit reward is (DPO Eq. 5, without beta log Z(x))
     r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))
 and, with Delta = [log pi(y_c) - log pi_ref(y_c)] - [log pi(y_r) - log pi_ref(y_r)], we minimise
-    sigmoid  -(1-eps) log sigma(beta Delta) - eps log sigma(-beta Delta)   DPO Eq. 7; eps > 0 = cDPO (Mitchell 2023)
+    sigmoid  -(1-eps) log sigma(beta Delta) - eps log sigma(-beta Delta)   DPO Eq. 7; cDPO if eps > 0
     ipo      (Delta_bar - 1/(2 beta))^2, Delta_bar with each log-ratio divided by its completion's length
              (Azar et al. 2023, arXiv:2310.12036, its sampled loss; TRL normalises the same way)
-    hinge    max(0, 1 - beta Delta)                                       SLiC (Zhao et al. 2023, arXiv:2305.10425)
+    hinge    max(0, 1 - beta Delta)                                 SLiC (Zhao et al. 2023, arXiv:2305.10425)
   + alpha * NLL(y_c) / |y_c|      optional, RPO (Pang et al. 2024, arXiv:2404.19733)
 This is the Bradley–Terry loss of reward_model.py with r_phi replaced by the policy's own implicit reward:
 no reward model, no sampling during training.
@@ -16,10 +16,12 @@ starting policy (on-policy pairs, as the paper's "preferred-FT" data), not by pe
 starting checkpoint itself (the paper first runs SFT on the chosen answers; the painter is already SFT'd);
 (3) rewards/* always use summed log-probs, also for IPO.
 Shapes: B pairs, L prompt + completion tokens (right padded), V vocab.
-Run: python dpo.py                                   # poet-ranked pairs from the painter, ~1.5 min on 2 CPU cores
+# poet-ranked pairs from the painter, ~1.5 min on 2 CPU cores
+Run: python dpo.py
      python dpo.py --loss-type ipo --beta 0.5 --judge architect
      python dpo.py --data my_pairs.jsonl --precompute-ref-logps
 """
+
 import copy
 import json
 import time
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import (Logger, all_sum, autocast, cleanup_distributed, encode_pairs, eval_prompts, evaluate, get_judge,
-                    init_distributed, load_model_and_tokenizer, load_pairs, parse_args, resolve_device_dtype)
+from common import Logger, all_sum, autocast, cleanup_distributed, encode_pairs, eval_prompts, evaluate
+from common import get_judge, init_distributed, load_model_and_tokenizer, load_pairs, parse_args
+from common import resolve_device_dtype
 
 
 @dataclass
@@ -55,12 +58,12 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     # data
     data: Optional[str] = None
-    """JSONL of {prompt, chosen, rejected} (or full-text {chosen, rejected}); None = built-in judge-ranked pairs"""
+    """JSONL of {prompt, chosen, rejected} (or full texts {chosen, rejected}); None = judge-ranked pairs"""
     eval_data: Optional[str] = None
     """JSONL of held-out pairs; None = built-in held-out pairs (with --data: the last 10% of its rows)"""
     judge: str = "poet"
@@ -112,11 +115,14 @@ class Args:
     """longest sampled name"""
 
 
-def concat_pairs(batch: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+def concat_pairs(
+    batch: list[tuple[list[int], list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, ...]:
     """B (prompt, chosen, rejected) -> right-padded input_ids, attention_mask, completion_mask (2B, L):
     rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected, so one forward scores both.
 
-    NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still counts."""
+    NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still
+    counts."""
     rows = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
     width = max(len(p) + len(c) for p, c in rows)
     input_ids = torch.full((len(rows), width), pad_id)
@@ -134,39 +140,53 @@ LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs copi
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log pi(token): (2B, L, V), (2B, L) -> (2B, L) in fp32.
-    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (2B, L, V) in fp32
-    would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at 2B=64, L=512, V=151,936
-    (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (2B, L,
+    V) in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at 2B=64, L=512,
+    V=151,936 (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+
     def block_logprobs(block_logits, block_tokens):
         logp = torch.log_softmax(block_logits.float(), dim=-1)
         return logp.gather(-1, block_tokens.unsqueeze(-1)).squeeze(-1)
+
     rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
     blocks = zip(logits.split(rows), tokens.split(rows))
     return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
 
 
-def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """log pi(y | x) of each row, (2B,): the SUM of the completion's token log-probs, prompt and padding excluded."""
+def sequence_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """log pi(y | x) of each row, (2B,): the SUM of the completion's token log-probs (not prompt, not
+    padding)."""
     # NOTE: the one-token shift: logits at position t predict the token at t + 1
     logprobs = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (2B, L-1)
     # NOTE: a sum, not a mean: averaging changes the objective (TRL #789; the mean is SimPO's)
     return (logprobs * completion_mask[:, 1:]).sum(1)
 
 
-def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
-             ref_rejected_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_lengths: Optional[torch.Tensor] = None, rejected_lengths: Optional[torch.Tensor] = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: Optional[torch.Tensor] = None,
+    rejected_lengths: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean loss over B pairs, and the implicit rewards of chosen and rejected (B,) each (no gradient)."""
-    chosen_logratios = chosen_logps - ref_chosen_logps        # (B,) log pi(y_c)/pi_ref(y_c)
+    chosen_logratios = chosen_logps - ref_chosen_logps  # (B,) log pi(y_c)/pi_ref(y_c)
     rejected_logratios = rejected_logps - ref_rejected_logps  # (B,)
     if loss_type == "sigmoid":
         # ALGO: DPO Eq. 7; with eps > 0 the expected loss under labels flipped with probability eps (cDPO)
         delta = chosen_logratios - rejected_logratios
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(
+            -beta * delta
+        )
     elif loss_type == "ipo":
-        # ALGO: IPO regresses the per-token log-ratio gap onto 1/(2 tau); NOTE: length-normalised, as its authors
-        # confirmed to TRL (dpo_trainer.py comment; without it the paper's numbers do not reproduce)
+        # ALGO: IPO regresses the per-token log-ratio gap onto 1/(2 tau); NOTE: length-normalised, as its
+        # authors confirmed to TRL (dpo_trainer.py comment; without it the paper's numbers do not reproduce)
         delta = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
         losses = (delta - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
@@ -180,7 +200,8 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
 
 
 def batch_logprobs(model, batch: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs (2B,) and completion lengths (2B,) in ONE forward over chosen and rejected."""
+    """Summed completion log-probs (2B,) and completion lengths (2B,): ONE forward over chosen and
+    rejected."""
     input_ids, attention_mask, completion_mask = (t.to(model.device) for t in concat_pairs(batch, pad_id))
     logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, L, V)
     return sequence_logprobs(logits, input_ids, completion_mask), completion_mask.sum(1)
@@ -199,16 +220,20 @@ def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 64) -> torch
 def main(args: Args) -> dict:
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("dpo", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
-    # DDP: the same seed on every rank: the same pairs and the same batch order, of which each rank takes its share
+    # DDP: the same seed on every rank: the same pairs and the same batch order, of which each rank takes its
+    # share
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     if args.loss_type != "sigmoid" and args.label_smoothing:
-        raise ValueError(f"--label-smoothing is cDPO's and applies to --loss-type sigmoid only, not {args.loss_type}")
+        raise ValueError(
+            f"--label-smoothing is cDPO's and applies to --loss-type sigmoid only, not {args.loss_type}"
+        )
 
-    # 1. the policy (fp32 master weights) and its frozen reference (may be bf16; dropout off in both), the judge
+    # 1. the policy (fp32 master weights) and its frozen reference (may be bf16; dropout off in both), the
+    # judge
     device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
@@ -217,16 +242,29 @@ def main(args: Args) -> dict:
     pad_id = tokenizer.pad_token_id
 
     # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids), both completions ending in EOS
-    train_pairs, eval_pairs = load_pairs(args.data, args.eval_data, judge, (model, tokenizer), args.num_prompts,
-                                         args.eval_pairs, args.names_per_prompt, "policy", args.flip_prob, args.seed,
-                                         args.temperature, args.max_new_tokens, dtype,
-                                         warn=print if rank == 0 else lambda _: None)
+    train_pairs, eval_pairs = load_pairs(
+        args.data,
+        args.eval_data,
+        judge,
+        (model, tokenizer),
+        args.num_prompts,
+        args.eval_pairs,
+        args.names_per_prompt,
+        "policy",
+        args.flip_prob,
+        args.seed,
+        args.temperature,
+        args.max_new_tokens,
+        dtype,
+        warn=print if rank == 0 else lambda _: None,
+    )
     train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
     heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
     with autocast(device, dtype):
         heldout_ref = all_logprobs(ref_model, heldout, pad_id)  # (N_eval, 2), once
     ref_logps = None
-    if args.precompute_ref_logps:  # NOTE: the same numbers as per batch; saves a forward per step and pi_ref's memory
+    # NOTE: the same numbers as per batch; saves a forward per step and pi_ref's memory
+    if args.precompute_ref_logps:
         with autocast(device, dtype):
             ref_logps, ref_model = all_logprobs(ref_model, train, pad_id), None  # (N, 2)
     steps_per_epoch = max(1, len(train) // args.batch_size)
@@ -241,15 +279,24 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
     def run_eval() -> tuple[dict, list[dict]]:
-        metrics, samples = evaluate(model, tokenizer, judge, eval_prompts(args.eval_size), args.temperature,
-                                    args.max_new_tokens, dtype=dtype)
+        metrics, samples = evaluate(
+            model,
+            tokenizer,
+            judge,
+            eval_prompts(args.eval_size),
+            args.temperature,
+            args.max_new_tokens,
+            dtype=dtype,
+        )
         with autocast(device, dtype):
             logps = all_logprobs(model, heldout, pad_id)  # (N_eval, 2)
         margins = (logps - heldout_ref) @ torch.tensor([1.0, -1.0])
-        metrics["eval/accuracy"] = float((margins > 0).float().mean())  # held-out pairs the implicit reward gets right
+        # held-out pairs the implicit reward gets right
+        metrics["eval/accuracy"] = float((margins > 0).float().mean())
         return metrics, samples
 
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)  # rank 0: the starting model, then every --eval-every
+    # rank 0: the starting model, then every --eval-every
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)
     model.train()
     step = 0
     for epoch in range(args.num_epochs):
@@ -257,7 +304,8 @@ def main(args: Args) -> dict:
         for start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
             step, t0 = step + 1, time.perf_counter()
             indices = order[start : start + args.batch_size]
-            share = args.batch_size // world  # DDP: this rank's share; equal shares, so the mean of the ranks'
+            # DDP: this rank's share; equal shares, so the mean of the ranks'
+            share = args.batch_size // world
             indices = indices[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
             batch = [train[i] for i in indices]
             B = len(batch)
@@ -276,15 +324,24 @@ def main(args: Args) -> dict:
 
             # 5. the preference loss (+ RPO's NLL on the chosen completion, per token)
             loss, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen_logps=logps[:B], rejected_logps=logps[B:], ref_chosen_logps=ref_chosen_logps,
-                ref_rejected_logps=ref_rejected_logps, beta=args.beta, loss_type=args.loss_type,
-                label_smoothing=args.label_smoothing, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
+                chosen_logps=logps[:B],
+                rejected_logps=logps[B:],
+                ref_chosen_logps=ref_chosen_logps,
+                ref_rejected_logps=ref_rejected_logps,
+                beta=args.beta,
+                loss_type=args.loss_type,
+                label_smoothing=args.label_smoothing,
+                chosen_lengths=lengths[:B],
+                rejected_lengths=lengths[B:],
+            )
             if args.rpo_alpha:
                 # ALGO: RPO: the NLL of the chosen completion per token, which keeps log pi(y_c) from falling
                 loss = loss + args.rpo_alpha * (-logps[:B] / lengths[:B]).mean()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {float(loss)} at step {step}; the last good model is in "
-                                         f"{log.dir}/model: lower --learning-rate or check the data")
+                raise FloatingPointError(
+                    f"loss is {float(loss)} at step {step}; the last good model is in "
+                    f"{log.dir}/model: lower --learning-rate or check the data"
+                )
 
             # 6. clip, schedule (warm-up, then linear decay to 0), step
             loss.backward()
@@ -299,17 +356,39 @@ def main(args: Args) -> dict:
             # 7. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
             if step % args.log_every == 0:
                 accuracy = (chosen_rewards > rejected_rewards).float().mean()
-                per_rank = torch.stack([loss.detach(), chosen_rewards.mean(), rejected_rewards.mean(), accuracy,
-                                        logps[:B].detach().mean(), logps[B:].detach().mean()])
+                per_rank = torch.stack(
+                    [
+                        loss.detach(),
+                        chosen_rewards.mean(),
+                        rejected_rewards.mean(),
+                        accuracy,
+                        logps[:B].detach().mean(),
+                        logps[B:].detach().mean(),
+                    ]
+                )
                 means = all_sum(per_rank.cpu()) / world
                 loss_, chosen, rejected, accuracy, logps_chosen, logps_rejected = means.tolist()
                 margins = float(means[1] - means[2])
-                tokens = float(all_sum(torch.tensor(float(sum(2 * len(p) + len(c) + len(r) for p, c, r in batch)))))
-                log.log(step, {"epoch": epoch, "train/loss": loss_, "rewards/chosen": chosen,
-                               "rewards/rejected": rejected, "rewards/margins": margins,
-                               "rewards/accuracies": accuracy, "logps/chosen": logps_chosen,
-                               "logps/rejected": logps_rejected, "train/grad_norm": float(grad_norm),
-                               "train/lr": lr, "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s})
+                tokens = float(
+                    all_sum(torch.tensor(float(sum(2 * len(p) + len(c) + len(r) for p, c, r in batch))))
+                )
+                log.log(
+                    step,
+                    {
+                        "epoch": epoch,
+                        "train/loss": loss_,
+                        "rewards/chosen": chosen,
+                        "rewards/rejected": rejected,
+                        "rewards/margins": margins,
+                        "rewards/accuracies": accuracy,
+                        "logps/chosen": logps_chosen,
+                        "logps/rejected": logps_rejected,
+                        "train/grad_norm": float(grad_norm),
+                        "train/lr": lr,
+                        "perf/step_s": step_s,
+                        "perf/tokens_per_s": tokens / step_s,
+                    },
+                )
             if step % args.eval_every == 0 or step == total_steps:
                 eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
     del ddp_model  # DDP: free the wrapper before leaving the process group

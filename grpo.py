@@ -10,7 +10,8 @@ and we maximise the clipped surrogate with a KL penalty towards a frozen referen
 Each choice on which later work departs from the paper is a flag, so these are settings of one loop:
     paper GRPO  --scale-rewards group --loss-agg seq-mean   --beta 0.04 (the defaults)
     Dr. GRPO    --scale-rewards none  --loss-agg constant   --beta 0     (Liu et al. 2025, arXiv:2503.20783)
-    DAPO        --loss-agg token-mean --clip-eps-high 0.28 --beta 0 --mask-truncated (Yu et al. 2025, 2503.14476)
+    DAPO        --loss-agg token-mean --clip-eps-high 0.28 --beta 0 --mask-truncated  (Yu et al. 2025,
+                2503.14476)
     RLOO, REINFORCE: see reinforce.py (same loop, no ratio, a leave-one-out baseline, KL in the reward)
 Differences from the paper: (1) one policy update per batch by default (mu = 1, as TRL and verl), so
 rho = 1 and the clip never binds; --num-iterations > 1 reuses each batch; (2) a judge, not a reward
@@ -19,6 +20,7 @@ Shapes: B prompts per step, G completions per prompt, N = B*G sequences, P promp
 T completion tokens, V vocab.
 Run: python grpo.py --group-size 8     (several processes: torchrun --nproc_per_node 2 grpo.py)
 """
+
 import copy
 import random
 import time
@@ -30,9 +32,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import (Logger, all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge,
-                    init_distributed, load_model_and_tokenizer, load_prompts, parse_args, resolve_device_dtype, sample,
-                    sampling_config, sync_gradients)
+from common import Logger, all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate
+from common import get_judge, init_distributed, load_model_and_tokenizer, load_prompts, parse_args
+from common import resolve_device_dtype, sample, sampling_config, sync_gradients
 
 
 @dataclass
@@ -54,11 +56,11 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     judge: str = "poet+correct"
-    """reward: a judge name or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct"""
+    """reward: a judge or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct"""
     prompts: Optional[str] = None
     """JSONL of {"prompt", "answer"?} rows (answer goes to the judge); None = the training-split hexes"""
     # algorithm
@@ -80,7 +82,7 @@ class Args:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """per-token KL estimator in the loss: k1 = log(pi/pi_ref), k2 = (log ratio)^2 / 2, k3 (the paper's)"""
     mask_truncated: bool = False
-    """drop completions that hit max_new_tokens without EOS from the loss (DAPO; TRL mask_truncated_completions)"""
+    """drop completions that never stop from the loss (DAPO; TRL mask_truncated_completions)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed from logits / temperature to match the sampler"""
     max_new_tokens: int = 8
@@ -122,13 +124,15 @@ LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs and 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log pi(token) under the sampling distribution softmax(logits / T): (N, T, V), (N, T) -> (N, T) in fp32.
-    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (N, T, V) in fp32
-    would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at N=64, T=512, V=151,936
-    (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (N, T, V)
+    in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at N=64, T=512,
+    V=151,936 (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+
     def block_logprobs(block_logits, block_tokens):
         # NOTE: without the / temperature the trainer differentiates a different policy than the sampler's
         logp = torch.log_softmax(block_logits.float() / temperature, dim=-1)
         return logp.gather(-1, block_tokens.unsqueeze(-1)).squeeze(-1)
+
     rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
     blocks = zip(logits.split(rows), tokens.split(rows))
     return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
@@ -146,8 +150,14 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -
     return torch.exp(-log_ratio) + log_ratio - 1  # pi_ref/pi - log(pi_ref/pi) - 1
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, n_sequences: int, n_tokens: int,
-              max_new_tokens: int) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    n_sequences: int,
+    n_tokens: int,
+    max_new_tokens: int,
+) -> torch.Tensor:
     """Reduce a (n, T) per-token loss to a scalar, with normalisers counted over the WHOLE batch so that
     micro-batches of it add up to exactly the full-batch loss.
     seq-mean   1/N sum_i 1/|o_i| sum_t l_it   (GRPO: a long completion's tokens weigh less each)
@@ -163,26 +173,31 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, n_sequence
 # ALGO: the clipped surrogate with the KL penalty in the loss (Eq. 3 of DeepSeekMath; PPO's Eq. 7)
 def grpo_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, beta, kl, **agg):
     """-(clipped surrogate - beta KL), aggregated; also the share of tokens where the clip is active."""
-    ratio = torch.exp(logprobs - old_logprobs)                                     # (n, T)
+    ratio = torch.exp(logprobs - old_logprobs)  # (n, T)
     unclipped = ratio * advantages[:, None]
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages[:, None]
     per_token = -torch.min(unclipped, clipped) + beta * kl
-    clip_active = ((ratio < 1 - eps_low) & (advantages[:, None] < 0)) | ((ratio > 1 + eps_high) & (advantages[:, None] > 0))
+    clip_active = ((ratio < 1 - eps_low) & (advantages[:, None] < 0)) | (
+        (ratio > 1 + eps_high) & (advantages[:, None] > 0)
+    )
     return aggregate(per_token, mask, **agg), (clip_active.float() * mask).sum()
 
 
 @torch.no_grad()
 def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy (N, T) of the sampling distribution softmax(logits / T) at each position, a block of rows at a time."""
+    """Entropy (N, T) of the sampling distribution softmax(logits / T), a block of rows at a time."""
     rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
     blocks = [torch.log_softmax(block.float() / temperature, dim=-1) for block in logits.split(rows)]
     return torch.cat([-(logp.exp() * logp).sum(-1) for logp in blocks])
 
 
-def completion_mask_from(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_mask_from(
+    completion_ids: torch.Tensor, stop_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) -> mask of the tokens up to and including the first stop token, and which rows never stopped.
-    NOTE: found from the stop ids, not from the pad id, which may equal EOS; and from ALL of them (EOS, the model's
-    EOS list, the chat template's end-of-turn), the same ones generation stops on (common.sampling_config)."""
+    NOTE: found from the stop ids, not from the pad id, which may equal EOS; and from ALL of them (EOS, the
+    model's EOS list, the chat template's end-of-turn), the same ones generation stops on
+    (common.sampling_config)."""
     is_stop = torch.isin(completion_ids, stop_ids)
     first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
@@ -192,15 +207,19 @@ def completion_mask_from(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -
 def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperature: float):
     """Log-probs (N, T) of the completion tokens and the logits (N, T, V) that predict them."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-    logits = logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
+    output = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    logits = output.logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
     return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
 
 
-def batched_logprobs(model, sequences, attention_mask, n_prompt: int, temperature: float, micro_batch_size: int):
+def batched_logprobs(
+    model, sequences, attention_mask, n_prompt: int, temperature: float, micro_batch_size: int
+):
     """forward_logprobs over the whole batch, micro_batch_size sequences at a time (for no-grad passes)."""
-    parts = [forward_logprobs(model, sequences[s], attention_mask[s], n_prompt, temperature)[0]
-             for s in torch.arange(len(sequences)).split(micro_batch_size)]
+    parts = [
+        forward_logprobs(model, sequences[s], attention_mask[s], n_prompt, temperature)[0]
+        for s in torch.arange(len(sequences)).split(micro_batch_size)
+    ]
     return torch.cat(parts)
 
 
@@ -209,7 +228,8 @@ def main(args: Args) -> dict:
     log = Logger("grpo", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed + rank)  # DDP: each rank samples different completions (same weights everywhere)
+    # DDP: each rank samples different completions (same weights everywhere)
+    torch.manual_seed(args.seed + rank)
     rng = np.random.default_rng(args.seed)  # the same prompt order on every rank
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
@@ -218,8 +238,10 @@ def main(args: Args) -> dict:
     if G < 2:
         raise ValueError(f"--group-size {G}: a group baseline needs at least 2 completions per prompt")
     if N > args.micro_batch_size and N % args.micro_batch_size:
-        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide "
-                         f"batch_size * group_size / processes = {N}")
+        raise ValueError(
+            f"--micro-batch-size {args.micro_batch_size} must divide "
+            f"batch_size * group_size / processes = {N}"
+        )
 
     # the prompts, the judge, the policy (fp32 master weights) and its frozen reference (may be bf16)
     rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size)
@@ -239,10 +261,14 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
     def run_eval() -> tuple[dict, list[dict]]:
-        return evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
-                        args.max_new_tokens, dtype=dtype, **eval_extra)
+        prompts = [r["prompt"] for r in eval_rows]
+        return evaluate(
+            model, tokenizer, judge, prompts, args.temperature, args.max_new_tokens, dtype=dtype, **eval_extra
+        )
 
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)  # rank 0: the starting model, then every --eval-every
+    eval_metrics = log.evaluate(
+        0, run_eval, model, tokenizer
+    )  # rank 0: the starting model, then every few steps
     for step in range(1, args.total_steps + 1):
         t0 = time.perf_counter()
         # 1. sample the batch's prompts; each is repeated G times, so rows i*G .. i*G+G-1 are prompt i's group
@@ -251,63 +277,81 @@ def main(args: Args) -> dict:
         prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
         prompt_ids = [encode_prompt(tokenizer, r["prompt"]) for r in batch_rows]
         encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(device)
-        prompt_ids = encoded["input_ids"].repeat_interleave(G, 0)                 # (N, P), left padded
+        prompt_ids = encoded["input_ids"].repeat_interleave(G, 0)  # (N, P), left padded
         prompt_mask = encoded["attention_mask"].repeat_interleave(G, 0)
         P = prompt_ids.shape[1]
 
         # 2. generate G completions per prompt (KV cache, plain sampling at temperature, dropout off)
         with autocast(device, dtype):
-            sequences = sample(model, prompt_ids, prompt_mask, sampling)           # (N, P+T)
-        completion_ids = sequences[:, P:]                                           # (N, T)
+            sequences = sample(model, prompt_ids, prompt_mask, sampling)  # (N, P+T)
+        completion_ids = sequences[:, P:]  # (N, T)
         completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)
-        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)   # (N, P+T)
+        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)  # (N, P+T)
         completion_len = completion_mask.sum(1).mean()
         if args.mask_truncated:
             completion_mask = completion_mask * (~truncated)[:, None]
 
         # 3. score every completion with the judge (TRL's reward-function signature)
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
-        extra = {"answer": [r["answer"] for r in batch_rows for _ in range(G)]} if "answer" in batch_rows[0] else {}
+        extra = (
+            {"answer": [r["answer"] for r in batch_rows for _ in range(G)]}
+            if "answer" in batch_rows[0]
+            else {}
+        )
         rewards = torch.tensor(judge(prompts, completions, **extra), dtype=torch.float32)  # (N,)
 
         # 4. advantages per group, from the whole batch's rewards, then this rank's rows
         all_rewards = all_gather(rewards)  # DDP: (world * N,), in rank order
         all_advantages = group_advantages(all_rewards.view(-1, G), args.scale_rewards).view(-1)
-        advantages = all_advantages[rank * N : (rank + 1) * N].to(device)         # (N,)
+        advantages = all_advantages[rank * N : (rank + 1) * N].to(device)  # (N,)
 
         # 5. old and reference log-probs, without gradient
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs = None  # with mu = 1 the policy has not moved yet: old = current, detached
             if args.num_iterations > 1:
-                old_logprobs = batched_logprobs(model, sequences, attention_mask, P, args.temperature,
-                                                args.micro_batch_size)
+                old_logprobs = batched_logprobs(
+                    model, sequences, attention_mask, P, args.temperature, args.micro_batch_size
+                )
             ref_logprobs = None
             if ref_model is not None:
-                ref_logprobs = batched_logprobs(ref_model, sequences, attention_mask, P, args.temperature,
-                                                args.micro_batch_size)
+                ref_logprobs = batched_logprobs(
+                    ref_model, sequences, attention_mask, P, args.temperature, args.micro_batch_size
+                )
 
         # 6. mu policy updates on this batch, each accumulated over micro-batches
-        # DDP: the gradients are AVERAGED over ranks, so each rank divides by (whole-batch count / world): then
-        # k processes with B/k prompts each give the gradient of one process with all B prompts, even for token-mean
+        # DDP: the gradients are AVERAGED over ranks, so each rank divides by (whole-batch count / world):
+        # then k processes with B/k prompts each give the gradient of one process with all B prompts, even for
+        # token-mean
         n_tokens = float(all_sum(completion_mask.sum())) / world
         agg = dict(mode=args.loss_agg, n_sequences=N, n_tokens=n_tokens, max_new_tokens=args.max_new_tokens)
         micro_batches = torch.arange(N).split(args.micro_batch_size)
         logging = step % args.log_every == 0
         for _ in range(args.num_iterations):
-            loss_sum, clipped_sum, kl_sum, entropy_sum = (torch.zeros(()) for _ in range(4))  # over micro-batches
+            # over micro-batches
+            loss_sum, clipped_sum, kl_sum, entropy_sum = (torch.zeros(()) for _ in range(4))
             for i, s in enumerate(micro_batches):
                 mask = completion_mask[s]
-                with sync_gradients(ddp_model, sync=i == len(micro_batches) - 1):  # DDP: all-reduce in the last one
+                # DDP: all-reduce in the last one
+                with sync_gradients(ddp_model, sync=i == len(micro_batches) - 1):
                     with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                        logprobs, logits = forward_logprobs(ddp_model, sequences[s], attention_mask[s], P,
-                                                            args.temperature)
+                        logprobs, logits = forward_logprobs(
+                            ddp_model, sequences[s], attention_mask[s], P, args.temperature
+                        )
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[s]
                     kl = torch.zeros_like(logprobs)
                     if ref_model is not None:
                         kl = kl_estimate(logprobs, ref_logprobs[s], args.kl_estimator)
-                    loss, clipped = grpo_loss(logprobs=logprobs, old_logprobs=old, advantages=advantages[s], mask=mask,
-                                              eps_low=args.clip_eps_low, eps_high=args.clip_eps_high, beta=args.beta,
-                                              kl=kl, **agg)
+                    loss, clipped = grpo_loss(
+                        logprobs=logprobs,
+                        old_logprobs=old,
+                        advantages=advantages[s],
+                        mask=mask,
+                        eps_low=args.clip_eps_low,
+                        eps_high=args.clip_eps_high,
+                        beta=args.beta,
+                        kl=kl,
+                        **agg,
+                    )
                     loss.backward()
                 loss_sum += loss.detach().cpu()
                 clipped_sum += clipped.detach().cpu()
@@ -316,8 +360,10 @@ def main(args: Args) -> dict:
                     entropy_sum += (entropy(logits, args.temperature) * mask).sum().cpu()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
-                                         f"{log.dir}/model: lower --learning-rate")
+                raise FloatingPointError(
+                    f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
+                    f"{log.dir}/model: lower --learning-rate"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
@@ -326,17 +372,25 @@ def main(args: Args) -> dict:
         if logging:
             sums = all_sum(torch.stack([loss_sum, clipped_sum, kl_sum, entropy_sum]))
             loss_all, clipped_all, kl_all, entropy_all = sums.tolist()
-            per_rank = torch.stack([completion_len, truncated.float().mean(), attention_mask.sum().float()]).cpu()
+            per_rank = torch.stack(
+                [completion_len, truncated.float().mean(), attention_mask.sum().float()]
+            ).cpu()
             completion_len_all, truncated_all, tokens_all = all_sum(per_rank).tolist()
             all_tokens = max(n_tokens * world, 1)
             group_std = all_rewards.view(-1, G).std(1)
-            metrics = {"train/loss": loss_all / world, "train/reward": float(all_rewards.mean()),
-                       "train/reward_std": float(group_std.mean()),
-                       "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
-                       "train/clipfrac": clipped_all / all_tokens, "train/entropy": entropy_all / all_tokens,
-                       "train/grad_norm": float(grad_norm), "train/completion_len": completion_len_all / world,
-                       "train/truncated": truncated_all / world, "perf/step_s": step_s,
-                       "perf/tokens_per_s": tokens_all / step_s}
+            metrics = {
+                "train/loss": loss_all / world,
+                "train/reward": float(all_rewards.mean()),
+                "train/reward_std": float(group_std.mean()),
+                "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
+                "train/clipfrac": clipped_all / all_tokens,
+                "train/entropy": entropy_all / all_tokens,
+                "train/grad_norm": float(grad_norm),
+                "train/completion_len": completion_len_all / world,
+                "train/truncated": truncated_all / world,
+                "perf/step_s": step_s,
+                "perf/tokens_per_s": tokens_all / step_s,
+            }
             if ref_model is not None:
                 metrics["train/kl"] = kl_all / all_tokens
             log.log(step, metrics)

@@ -2,21 +2,22 @@
 (Ouyang et al. 2022, InstructGPT, §3.5 Eq. 2; Stiennon et al. 2020, §3.4; Ziegler et al. 2019, §2.2;
 PPO: Schulman et al. 2017, Eq. 7 and 9; GAE: Schulman et al. 2016, Eq. 16). Implementation details follow
 "The N Implementation Details of RLHF with PPO" (Huang et al. 2024, arXiv:2403.17031; "N-blog" below) and
-its code, summarize_from_feedback_details (SFD) @ ee77a9a, and TRL's PPOTrainer @ f2cd577 (trl/experimental/ppo).
+its code, summarize_from_feedback_details (SFD) @ ee77a9a, and TRL's PPOTrainer @ f2cd577
+(trl/experimental/ppo).
 
 Four roles: the policy pi (trained), the reference pi_ref (a frozen copy of the starting policy), the score
 r(x, y) (a reward model from reward_model.py, or a judge) and the value model V (trained; initialised from the
 reward model when there is one, else from the policy's backbone with a zero scalar head). Each completion y of
-prompt x is an episode whose actions are its tokens y_t. Every token gets a reward (InstructGPT Eq. 2, per token):
-    r_t = -beta * k1_t  +  [t = last real token] * r(x, y),     k1_t = log pi(y_t | s_t) - log pi_ref(y_t | s_t)
+prompt x is an episode whose actions are its tokens y_t. Each token has a reward (InstructGPT Eq. 2):
+    r_t = -beta * k1_t  +  [t = last real token] * r(x, y),   k1_t = log pi(y_t | s_t) - log pi_ref(y_t | s_t)
 GAE (gamma, lambda) turns rewards and values into advantages; returns are advantages + values:
     delta_t = r_t + gamma V(s_t+1) - V(s_t),    A_t = delta_t + gamma lambda A_t+1,    R_t = A_t + V(s_t)
 and epochs x shuffled minibatches minimise the clipped surrogate plus the clipped value loss:
     L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
         + vf_coef * 1/2 mean_t max((V_t - R_t)^2, (clip(V_t, V_old_t - eps_v, V_old_t + eps_v) - R_t)^2)
     rho_t = pi(y_t | s_t) / pi_old(y_t | s_t),  means over the real completion tokens of the minibatch
-Differences from InstructGPT: (1) no pretraining-mix term (PPO-ptx, gamma_ptx = 0); (2) a judge or a tiny reward
-model, not a 6B RM; (3) the score sits on the last real token, not one position later (see ALGO below;
+Differences from InstructGPT: (1) no pretraining-mix term (PPO-ptx, gamma_ptx = 0); (2) a judge or a tiny
+reward model, not a 6B RM; (3) the score sits on the last real token, not one position later (see ALGO below;
 TRL #1893); (4) one optimiser for policy and value (as TRL), Adam eps 1e-5 (SFD), LR annealed linearly to 0.
 With --reward-model, --judge is not trained on: it is the "gold" reward of the eval, so eval/reward against
 train/score shows over-optimisation of the proxy (Gao et al. 2022).
@@ -26,6 +27,7 @@ Run: python ppo_rlhf.py                                            # judge poet+
      torchrun --nproc_per_node 2 ppo_rlhf.py                        # several processes (DDP)
      python ppo_rlhf.py --reward-model runs/reward_model__.../model --judge poet
 """
+
 import copy
 import random
 import time
@@ -38,8 +40,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForSequenceClassification
 
-from common import (Logger, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge, init_distributed,
-                    load_model_and_tokenizer, load_prompts, parse_args, resolve_device_dtype, sample, sampling_config)
+from common import Logger, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge
+from common import init_distributed, load_model_and_tokenizer, load_prompts, parse_args, resolve_device_dtype
+from common import load_reward_model, sample, sampling_config
 
 
 @dataclass
@@ -61,25 +64,25 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     reward_model: Optional[str] = None
     """a reward model saved by reward_model.py: the score r(x, y), and the value model's starting point;
     it must share the policy's tokenizer (it reads the policy's token ids)"""
     judge: str = "poet+correct"
-    """the score when there is no --reward-model (a judge or weighted sum, common/judges.py); with one, the eval's gold reward"""
+    """the score without --reward-model (a judge or weighted sum); with one, the eval's gold reward"""
     prompts: Optional[str] = None
     """JSONL of {"prompt", "answer"?} rows (answer goes to the judge); None = the training-split hexes"""
     # algorithm
     kl_coef: float = 0.05
-    """beta: weight of the per-token k1 penalty in the reward (TRL and SFD: 0.05); the start value if adaptive"""
+    """beta: weight of the per-token k1 penalty in the reward (TRL, SFD: 0.05); the start if adaptive"""
     target_kl: Optional[float] = None
-    """KL_target (nats per completion) of the adaptive controller (Ziegler et al. 2019 §2.2); None = fixed beta"""
+    """KL_target (nats per completion) of the adaptive controller (Ziegler et al. 2019 §2.2); None: fixed"""
     kl_horizon: float = 10000
-    """horizon (episodes) of the adaptive controller: beta *= 1 + clip(KL/KL_target - 1, -0.2, 0.2) * N / horizon"""
+    """horizon of the adaptive controller: beta *= 1 + clip(KL/KL_target - 1, -0.2, 0.2) * N / horizon"""
     truncated: Literal["penalty", "mask", "none"] = "penalty"
-    """completions without EOS: score := --truncated-score (the EOS trick, SFD), drop them from the loss (DAPO), or score as is"""
+    """no EOS: score := --truncated-score (EOS trick, SFD), drop from the loss (DAPO), or score as is"""
     truncated_score: float = -1.0
     """the fixed score of a completion that never reached EOS (SFD penalty_reward_value = -1)"""
     gamma: float = 1.0
@@ -89,11 +92,11 @@ class Args:
     clip_eps: float = 0.2
     """epsilon: the ratio is clipped to [1 - eps, 1 + eps]"""
     value_clip: float = 0.2
-    """eps_v: the new value may move at most this far from the rollout's value before the loss stops pulling"""
+    """eps_v: how far the new value may move from the rollout's before the loss stops pulling"""
     vf_coef: float = 0.1
     """weight of the value loss (TRL and SFD: 0.1)"""
     whiten_rewards: bool = False
-    """scale the per-token rewards to unit variance over the batch before GAE (mean kept; TRL whiten_rewards)"""
+    """scale the per-token rewards to unit variance before GAE (mean kept; TRL whiten_rewards)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed from logits / temperature to match the sampler"""
     max_new_tokens: int = 8
@@ -125,13 +128,15 @@ LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs and 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log pi(token) under the sampling distribution softmax(logits / T): (N, T, V), (N, T) -> (N, T) in fp32.
-    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (N, T, V) in fp32
-    would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at N=64, T=512, V=151,936
-    (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (N, T, V)
+    in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at N=64, T=512,
+    V=151,936 (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+
     def block_logprobs(block_logits, block_tokens):
         # NOTE: without the / temperature the trainer differentiates a different policy than the sampler's
         logp = torch.log_softmax(block_logits.float() / temperature, dim=-1)
         return logp.gather(-1, block_tokens.unsqueeze(-1)).squeeze(-1)
+
     rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
     blocks = zip(logits.split(rows), tokens.split(rows))
     return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
@@ -139,16 +144,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 @torch.no_grad()
 def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy (N, T) of the sampling distribution softmax(logits / T) at each position, a block of rows at a time."""
+    """Entropy (N, T) of the sampling distribution softmax(logits / T), a block of rows at a time."""
     rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
     blocks = [torch.log_softmax(block.float() / temperature, dim=-1) for block in logits.split(rows)]
     return torch.cat([-(logp.exp() * logp).sum(-1) for logp in blocks])
 
 
-def completion_mask_from(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_mask_from(
+    completion_ids: torch.Tensor, stop_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) -> mask of the tokens up to and including the first stop token, and which rows never stopped.
-    NOTE: found from the stop ids, not from the pad id, which may equal EOS; and from ALL of them (EOS, the model's
-    EOS list, the chat template's end-of-turn), the same ones generation stops on (common.sampling_config)."""
+    NOTE: found from the stop ids, not from the pad id, which may equal EOS; and from ALL of them (EOS, the
+    model's EOS list, the chat template's end-of-turn), the same ones generation stops on
+    (common.sampling_config)."""
     is_stop = torch.isin(completion_ids, stop_ids)
     first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
@@ -158,35 +166,36 @@ def completion_mask_from(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -
 def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperature: float):
     """Log-probs (N, T) of the completion tokens and the logits (N, T, V) that predict them."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-    logits = logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
+    output = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    logits = output.logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
     return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
 
 
 def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """r(x, y) of each row, (N,): the scalar head on the hidden state of the last real token."""
     # NOTE: positions count real tokens only, so left- and right-padded rows get the same positions
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     # NOTE: through the model's own forward, not model.base_model, so that a DDP wrapper sees the call and
     # syncs the gradients; the last of the hidden states is the final (normed) one, the head's input
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
-                use_cache=False)
+    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, output_hidden_states=True)
     hidden = out.hidden_states[-1]  # (N, L, D)
     # NOTE: the last real token found from the attention mask, not from pad_token_id (TRL #937: when
     # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
-    last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)  # (N,)
+    last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)
     head = getattr(model, "module", model).score  # DDP: the wrapped model's head
     return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
 def forward_values(value_model, input_ids, attention_mask, n_prompt: int) -> torch.Tensor:
-    """V(s_t) (N, T): the scalar head on every hidden state, read where the policy's logits for y_t are read."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    # NOTE: the model's own forward (so that DDP syncs the gradients); its last hidden state is the head's input
-    out = value_model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
-                      use_cache=False)
-    # NOTE: the state s_t before token y_t is the prefix ending at position P-1+t, the same shift as the logits
-    return getattr(value_model, "module", value_model).score(out.hidden_states[-1][:, n_prompt - 1 : -1]).squeeze(-1).float()
+    """V(s_t) (N, T): the scalar head on every hidden state, read where the policy's logits for y_t are."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    # NOTE: the model's own forward (so that DDP syncs the gradients); its last hidden state feeds the head
+    out = value_model(
+        input_ids, attention_mask=attention_mask, position_ids=positions, output_hidden_states=True
+    )
+    head = getattr(value_model, "module", value_model).score  # DDP: the wrapped model's head
+    # NOTE: the state s_t before token y_t is the prefix ending at P-1+t, the same shift as the logits
+    return head(out.hidden_states[-1][:, n_prompt - 1 : -1]).squeeze(-1).float()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -212,7 +221,9 @@ def sequence_scores(scores: torch.Tensor, truncated: torch.Tensor, mode: str, pe
 
 
 # ALGO: per-token rewards, InstructGPT Eq. 2 spread over tokens (N-blog detail 11)
-def per_token_rewards(scores, logprobs, ref_logprobs, completion_mask, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_rewards(
+    scores, logprobs, ref_logprobs, completion_mask, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,), (N, T) x 3 -> rewards (N, T) and their KL part, non_score_rewards (N, T).
     -beta * k1 on every real completion token (k1 is a number here, no gradient: the KL enters as reward),
     and the score on the LAST REAL token: EOS, or token T-1 for a completion cut at max_new_tokens.
@@ -222,7 +233,7 @@ def per_token_rewards(scores, logprobs, ref_logprobs, completion_mask, kl_coef: 
     (TRL #1893, #3750, PR #5338). The episode ends with the EOS action, so its reward belongs to it: we put it
     there, as OpenRLHF and verl do, and no padding position ever gets a reward or a value."""
     non_score_rewards = -kl_coef * (logprobs - ref_logprobs) * completion_mask
-    lengths = completion_mask.sum(1)                                              # (N,), 0 for masked rows
+    lengths = completion_mask.sum(1)  # (N,), 0 for masked rows
     last = (lengths - 1).clamp(min=0).long()
     rewards = non_score_rewards.clone()
     rewards[torch.arange(len(last), device=last.device), last] += scores * (lengths > 0)
@@ -245,8 +256,11 @@ def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, 
 
 
 # ALGO: the clipped surrogate (PPO Eq. 7), per token, written as a loss to minimise
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over real tokens of max(-A rho, -A clip(rho)), and the share of tokens where the clip is active."""
+def policy_loss(
+    logprobs, old_logprobs, advantages, mask, clip_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over real tokens of max(-A rho, -A clip(rho)), and the share of tokens where the clip is
+    active."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
@@ -258,7 +272,9 @@ def value_loss(values, old_values, returns, mask, value_clip: float) -> tuple[to
     """1/2 mean over real tokens of max((V - R)^2, (V_clipped - R)^2) and the share where the clip binds."""
     clipped_values = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
     unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
-    return 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask), masked_mean((clipped_loss > unclipped_loss).float(), mask)
+    return 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask), masked_mean(
+        (clipped_loss > unclipped_loss).float(), mask
+    )
 
 
 # ALGO: the adaptive KL controller (Ziegler et al. 2019 §2.2; lm-human-preferences AdaptiveKLController)
@@ -267,34 +283,21 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_episodes: int, 
     return kl_coef * (1 + float(np.clip(kl / target - 1, -0.2, 0.2)) * n_episodes / horizon)
 
 
-def load_reward_model(path: str, tokenizer, device: str):
-    """A reward model saved by reward_model.py, checked to be one and to share the policy's tokenizer.
-    NOTE: a different tokenizer is REFUSED, not re-tokenised: the RM reads the policy's token ids and the
-    value model, initialised from the RM, must give a value per POLICY token. `--judge rm:PATH` (which
-    decodes the text and re-encodes it with the RM's own tokenizer) is the way to use such a model."""
-    reward_model, rm_tokenizer = load_model_and_tokenizer(path, device, model_class=AutoModelForSequenceClassification)
-    if (not any(a.endswith("ForSequenceClassification") for a in reward_model.config.architectures or [])
-            or reward_model.config.num_labels != 1):
-        raise ValueError(f"--reward-model {path!r} is not a reward model (a sequence-classification model with one "
-                         f"label, as reward_model.py saves); its architectures are {reward_model.config.architectures}")
-    if rm_tokenizer.get_vocab() != tokenizer.get_vocab() or rm_tokenizer.eos_token_id != tokenizer.eos_token_id:
-        raise ValueError(f"--reward-model {path!r} has a different tokenizer from the policy's: ppo_rlhf.py scores the "
-                         "policy's token ids and starts the value model from the RM, so they must match; train the RM "
-                         "from the policy (reward_model.py --model ...) or use --judge rm:PATH, which re-tokenises text")
-    return reward_model.eval().requires_grad_(False)
-
-
 def main(args: Args) -> dict:
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("ppo_rlhf", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed + rank)  # DDP: each rank samples different completions (same weights everywhere)
+    # DDP: each rank samples different completions (same weights everywhere)
+    torch.manual_seed(args.seed + rank)
     rng = np.random.default_rng(args.seed)  # the same prompt order and minibatch shuffles on every rank
     N = args.batch_size // world  # DDP: this rank's share of the prompts
     if args.batch_size % world or N % args.num_minibatches or N // args.num_minibatches < 2:
-        raise ValueError(f"--num-minibatches {args.num_minibatches} must divide --batch-size {args.batch_size}"
-                         + (f" / {world} processes" if world > 1 else "") + " into minibatches of 2 or more")
+        raise ValueError(
+            f"--num-minibatches {args.num_minibatches} must divide --batch-size {args.batch_size}"
+            + (f" / {world} processes" if world > 1 else "")
+            + " into minibatches of 2 or more"
+        )
     M = N // args.num_minibatches
     rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size)
     eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
@@ -303,17 +306,20 @@ def main(args: Args) -> dict:
     # trained models (policy, value) keep fp32 master weights; frozen ones (reference, reward) may be bf16
     judge = get_judge(args.judge, args.device)
     device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device)                          # policy
-    ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)                       # reference
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device)  # policy
+    ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)  # reference
     reward_model = None
-    if args.reward_model is not None:                                                             # reward
+    if args.reward_model is not None:  # reward
         reward_model = load_reward_model(args.reward_model, tokenizer, args.device)
-        value_model = copy.deepcopy(reward_model).requires_grad_(True)  # value from the RM (SFD ppo.py:482, TRL)
+        # value from the RM (SFD ppo.py:482, TRL)
+        value_model = copy.deepcopy(reward_model).requires_grad_(True)
         reward_model = reward_model.to(dtype)
     else:
-        value_model, _ = load_model_and_tokenizer(args.model, args.device,
-                                                  model_class=AutoModelForSequenceClassification, num_labels=1)
-        torch.nn.init.zeros_(value_model.score.weight)  # NOTE: V = 0 at first (OAI's N(0, 0), N-blog detail 8)
+        value_model, _ = load_model_and_tokenizer(
+            args.model, args.device, model_class=AutoModelForSequenceClassification, num_labels=1
+        )
+        # NOTE: V = 0 at first (OAI's N(0, 0), N-blog detail 8)
+        torch.nn.init.zeros_(value_model.score.weight)
     value_model.train()
     if args.gradient_checkpointing:
         for trained in (model, value_model):
@@ -323,16 +329,21 @@ def main(args: Args) -> dict:
     stop_ids = torch.tensor(sampling.eos_token_id, device=device)
     # DDP: each trained model in its own wrapper, which averages its gradients in backward
     ddp_model, ddp_value_model = (DDP(model), DDP(value_model)) if world > 1 else (model, value_model)
-    # NOTE: Adam eps 1e-5 as SFD (ppo.py); PyTorch's default 1e-8 makes larger early updates (N-blog detail 14)
+    # NOTE: Adam eps 1e-5 as SFD (ppo.py); PyTorch's default 1e-8 makes larger early updates (N-blog detail
+    # 14)
     trained = list(model.parameters()) + list(value_model.parameters())
     optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
     kl_coef = args.kl_coef
 
     def run_eval() -> tuple[dict, list[dict]]:
-        return evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
-                        args.max_new_tokens, dtype=dtype, **eval_extra)
+        prompts = [r["prompt"] for r in eval_rows]
+        return evaluate(
+            model, tokenizer, judge, prompts, args.temperature, args.max_new_tokens, dtype=dtype, **eval_extra
+        )
 
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)  # rank 0: the starting model, then every --eval-every
+    eval_metrics = log.evaluate(
+        0, run_eval, model, tokenizer
+    )  # rank 0: the starting model, then every few steps
     for step in range(1, args.total_steps + 1):
         t0 = time.perf_counter()
         # 1. sample the batch's prompts, one completion each
@@ -346,10 +357,11 @@ def main(args: Args) -> dict:
 
         # 2. generate (KV cache, plain sampling at temperature), then truncate after the first stop token
         with autocast(device, dtype):
-            sequences = sample(model, prompt_ids, prompt_mask, sampling)           # (N, P+T)
-        completion_ids = sequences[:, P:]                                           # (N, T)
+            sequences = sample(model, prompt_ids, prompt_mask, sampling)  # (N, P+T)
+        completion_ids = sequences[:, P:]  # (N, T)
         completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)
-        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)   # (N, P+T): nothing after EOS
+        # (N, P+T): nothing after EOS
+        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
         completion_len = completion_mask.sum(1).mean()
 
         # 3. score: the reward model on the policy's own token ids (last real token), or the judge on the text
@@ -357,7 +369,9 @@ def main(args: Args) -> dict:
             with torch.no_grad(), autocast(device, dtype):
                 raw_scores = score_last_token(reward_model, sequences, attention_mask)
         else:
-            completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
+            completions = [
+                c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            ]
             extra = {"answer": [r["answer"] for r in batch_rows]} if "answer" in batch_rows[0] else {}
             raw_scores = torch.tensor(judge(prompts, completions, **extra), dtype=torch.float32)
         scores = sequence_scores(raw_scores.to(device), truncated, args.truncated, args.truncated_score)
@@ -366,59 +380,79 @@ def main(args: Args) -> dict:
 
         # 4. the rollout's log-probs (policy = pi_old, reference) and values, once, without gradient
         with torch.no_grad(), autocast(device, dtype):
-            old_logprobs, _ = forward_logprobs(model, sequences, attention_mask, P, args.temperature)   # (N, T)
+            old_logprobs, _ = forward_logprobs(
+                model, sequences, attention_mask, P, args.temperature
+            )  # (N, T)
             ref_logprobs, _ = forward_logprobs(ref_model, sequences, attention_mask, P, args.temperature)
-            old_values = forward_values(value_model, sequences, attention_mask, P) * completion_mask    # (N, T)
+            old_values = forward_values(value_model, sequences, attention_mask, P) * completion_mask
 
         # 5. per-token rewards, GAE, returns, whitened advantages (in fp32)
         with torch.no_grad():
-            rewards, non_score_rewards = per_token_rewards(scores, old_logprobs, ref_logprobs, completion_mask,
-                                                           kl_coef)
+            rewards, non_score_rewards = per_token_rewards(
+                scores, old_logprobs, ref_logprobs, completion_mask, kl_coef
+            )
             if args.whiten_rewards:
                 rewards = masked_whiten(rewards, completion_mask, shift_mean=False)
             advantages, returns = gae(rewards, old_values, completion_mask, args.gamma, args.lam)
-            advantages = masked_whiten(advantages, completion_mask)  # NOTE: whitened after the returns are taken
-            # DDP: the whitening (and below, the minibatch token means) use this rank's tokens, as TRL's PPO does
-            # per process; k processes then match one process with the whole batch in expectation, not to the bit
+            # NOTE: whitened after the returns are taken
+            advantages = masked_whiten(advantages, completion_mask)
+            # DDP: the whitening (and below, the minibatch token means) use this rank's tokens, as TRL's PPO
+            # does per process; k processes then match one process with the whole batch in expectation, not to
+            # the bit
         if not (torch.isfinite(old_values).all() and torch.isfinite(advantages).all()):
-            raise FloatingPointError(f"values or advantages are NaN/inf at step {step}; the last good model is in "
-                                     f"{log.dir}/model: lower --learning-rate or check the reward model")
+            raise FloatingPointError(
+                f"values or advantages are NaN/inf at step {step}; the last good model is in "
+                f"{log.dir}/model: lower --learning-rate or check the reward model"
+            )
 
         # 6. num_ppo_epochs passes, each over shuffled minibatches of M sequences, one optimiser step each
         logging = step % args.log_every == 0
-        totals = {name: torch.zeros(()) for name in ("loss", "policy_loss", "value_loss", "clipfrac", "value_clipfrac",
-                                                      "approx_kl", "entropy", "grad_norm")}  # summed over minibatches
+        names = (
+            "loss",
+            "policy_loss",
+            "value_loss",
+            "clipfrac",
+            "value_clipfrac",
+            "approx_kl",
+            "entropy",
+            "grad_norm",
+        )
+        totals = {name: torch.zeros(()) for name in names}  # summed over the epochs' minibatches
         for _ in range(args.num_ppo_epochs):
             for s in torch.from_numpy(rng.permutation(N)).to(device).split(M):
                 mask = completion_mask[s]
                 with autocast(device, dtype):  # the forwards in bf16 (or fp32); the losses below in fp32
-                    logprobs, logits = forward_logprobs(ddp_model, sequences[s], attention_mask[s], P,
-                                                        args.temperature)
+                    logprobs, logits = forward_logprobs(
+                        ddp_model, sequences[s], attention_mask[s], P, args.temperature
+                    )
                     values = forward_values(ddp_value_model, sequences[s], attention_mask[s], P)
-                pg_loss, clipfrac = policy_loss(logprobs=logprobs, old_logprobs=old_logprobs[s],
-                                                advantages=advantages[s], mask=mask, clip_eps=args.clip_eps)
-                vf_loss, vf_clipfrac = value_loss(values=values, old_values=old_values[s], returns=returns[s],
-                                                  mask=mask, value_clip=args.value_clip)
+                pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[s], advantages[s], mask, args.clip_eps)
+                vf_loss, vf_clipfrac = value_loss(values, old_values[s], returns[s], mask, args.value_clip)
                 loss = pg_loss + args.vf_coef * vf_loss
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
                 if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is "
-                                             f"in {log.dir}/model: lower --learning-rate")
+                    raise FloatingPointError(
+                        f"gradient is {float(grad_norm)} at step {step}; the last good model is "
+                        f"in {log.dir}/model: lower --learning-rate"
+                    )
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / args.total_steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     approx_kl = masked_mean(0.5 * (logprobs - old_logprobs[s]) ** 2, mask)  # TRL approxkl
                     # the entropy is a pass over the whole vocabulary: only on logging steps
-                    mean_entropy = masked_mean(entropy(logits, args.temperature), mask) if logging else torch.zeros(())
-                for name, value in zip(totals, (loss, pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl,
-                                                mean_entropy, grad_norm)):
+                    mean_entropy = (
+                        masked_mean(entropy(logits, args.temperature), mask) if logging else torch.zeros(())
+                    )
+                values_ = (loss, pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, mean_entropy, grad_norm)
+                for name, value in zip(names, values_):
                     totals[name] += value.detach().cpu()
-        means = {name: float(total / (args.num_ppo_epochs * args.num_minibatches)) for name, total in totals.items()}
+        n_updates = args.num_ppo_epochs * args.num_minibatches
+        means = {name: float(total / n_updates) for name, total in totals.items()}
 
-        # 7. adapt beta, log, eval, save
-        sequence_kl = float(all_sum(((old_logprobs - ref_logprobs) * completion_mask).sum(1).mean())) / world  # nats
+        # 7. adapt beta (from the KL per completion, in nats), log, eval, save
+        sequence_kl = float(all_sum(((old_logprobs - ref_logprobs) * completion_mask).sum(1).mean())) / world
         logged_kl_coef = kl_coef
         if args.target_kl is not None:
             kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, args.target_kl, args.batch_size, args.kl_horizon)
@@ -426,19 +460,31 @@ def main(args: Args) -> dict:
         if logging:
             n_tokens = completion_mask.sum().clamp(min=1)
             residuals = returns - old_values
-            residual_var = masked_mean((residuals - masked_mean(residuals, completion_mask)) ** 2, completion_mask)
+            residual_var = masked_mean(
+                (residuals - masked_mean(residuals, completion_mask)) ** 2, completion_mask
+            )
             returns_var = masked_mean((returns - masked_mean(returns, completion_mask)) ** 2, completion_mask)
-            metrics = {"train/loss": means["loss"], "train/policy_loss": means["policy_loss"],
-                       "train/value_loss": means["value_loss"], "train/reward": float(raw_scores.mean()),
-                       "train/reward_std": float(raw_scores.std()), "train/score": float(scores.mean()),
-                       "train/non_score_reward": float(non_score_rewards.sum(1).mean()),
-                       "train/kl": float(((old_logprobs - ref_logprobs) * completion_mask).sum() / n_tokens),
-                       "train/kl_coef": logged_kl_coef, "train/approx_kl": means["approx_kl"],
-                       "train/clipfrac": means["clipfrac"], "train/value_clipfrac": means["value_clipfrac"],
-                       "train/explained_variance": float(1 - residual_var / returns_var.clamp(min=1e-8)),
-                       "train/entropy": means["entropy"], "train/grad_norm": means["grad_norm"],
-                       "train/completion_len": float(completion_len), "train/truncated": float(truncated.float().mean()),
-                       "perf/step_s": step_s, "perf/tokens_per_s": float(all_sum(attention_mask.sum())) / step_s}
+            metrics = {
+                "train/loss": means["loss"],
+                "train/policy_loss": means["policy_loss"],
+                "train/value_loss": means["value_loss"],
+                "train/reward": float(raw_scores.mean()),
+                "train/reward_std": float(raw_scores.std()),
+                "train/score": float(scores.mean()),
+                "train/non_score_reward": float(non_score_rewards.sum(1).mean()),
+                "train/kl": float(((old_logprobs - ref_logprobs) * completion_mask).sum() / n_tokens),
+                "train/kl_coef": logged_kl_coef,
+                "train/approx_kl": means["approx_kl"],
+                "train/clipfrac": means["clipfrac"],
+                "train/value_clipfrac": means["value_clipfrac"],
+                "train/explained_variance": float(1 - residual_var / returns_var.clamp(min=1e-8)),
+                "train/entropy": means["entropy"],
+                "train/grad_norm": means["grad_norm"],
+                "train/completion_len": float(completion_len),
+                "train/truncated": float(truncated.float().mean()),
+                "perf/step_s": step_s,
+                "perf/tokens_per_s": float(all_sum(attention_mask.sum())) / step_s,
+            }
             # DDP: the mean of the ranks' metrics (each rank's are means over its share of the batch)
             names = [k for k in metrics if k.startswith("train/")]
             rank_means = all_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64)) / world

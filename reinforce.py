@@ -1,4 +1,4 @@
-"""REINFORCE with baselines, RLOO by default (Williams 1992; Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740).
+"""REINFORCE with baselines, RLOO by default (Williams 1992; Ahmadian et al. 2024, arXiv:2402.14740).
 
 The simplest correct policy gradient. For each prompt q, sample G completions o_1..o_G from the current
 policy and score them: r_1..r_G. Following the RLOO paper (§3-4), the KL to a frozen reference enters
@@ -17,6 +17,7 @@ Shapes: B prompts per step, G completions per prompt, N = B*G sequences, P promp
 T completion tokens, V vocab.
 Run: python reinforce.py --group-size 8     (several processes: torchrun --nproc_per_node 2 reinforce.py)
 """
+
 import copy
 import random
 import time
@@ -28,9 +29,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import (Logger, all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge,
-                    init_distributed, load_model_and_tokenizer, load_prompts, parse_args, resolve_device_dtype, sample,
-                    sampling_config, sync_gradients)
+from common import Logger, all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate
+from common import get_judge, init_distributed, load_model_and_tokenizer, load_prompts, parse_args
+from common import resolve_device_dtype, sample, sampling_config, sync_gradients
 
 
 @dataclass
@@ -52,11 +53,11 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     judge: str = "poet+correct"
-    """reward: a judge name or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct"""
+    """reward: a judge or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct"""
     prompts: Optional[str] = None
     """JSONL of {"prompt", "answer"?} rows (answer goes to the judge); None = the training-split hexes"""
     # algorithm
@@ -95,8 +96,9 @@ class Args:
 
 
 # ALGO: the baselines (Williams 1992; RLOO: Kool et al. 2019, Ahmadian et al. 2024 Eq. 5)
-def baseline_advantages(rewards: torch.Tensor, baseline: str, running_mean: float | None = None,
-                        decay: float = 0.9) -> tuple[torch.Tensor, float | None]:
+def baseline_advantages(
+    rewards: torch.Tensor, baseline: str, running_mean: float | None = None, decay: float = 0.9
+) -> tuple[torch.Tensor, float | None]:
     """rewards (B, G) -> advantages (B, G) = reward - baseline, and the updated running mean.
     NOTE: groups are rows, i.e. formed by prompt index: two equal prompts in a batch stay two groups."""
     G = rewards.shape[1]
@@ -115,13 +117,15 @@ LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs and 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log pi(token) under the sampling distribution softmax(logits / T): (N, T, V), (N, T) -> (N, T) in fp32.
-    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (N, T, V) in fp32
-    would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at N=64, T=512, V=151,936
-    (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (N, T, V)
+    in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at N=64, T=512,
+    V=151,936 (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+
     def block_logprobs(block_logits, block_tokens):
         # NOTE: without the / temperature the trainer differentiates a different policy than the sampler's
         logp = torch.log_softmax(block_logits.float() / temperature, dim=-1)
         return logp.gather(-1, block_tokens.unsqueeze(-1)).squeeze(-1)
+
     rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
     blocks = zip(logits.split(rows), tokens.split(rows))
     return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
@@ -135,7 +139,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.T
 
 
 # ALGO: the REINFORCE loss: -A_i times the log-probability of the whole completion (RLOO paper Eq. 2)
-def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, n_sequences: int) -> torch.Tensor:
+def reinforce_loss(
+    logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, n_sequences: int
+) -> torch.Tensor:
     """-1/N sum_i A_i sum_t log pi(o_it): summed over each completion's tokens (the sequence is the action),
     divided by N of the WHOLE batch, so micro-batches add up to the full-batch gradient."""
     return -(advantages[:, None] * logprobs * mask).sum() / n_sequences
@@ -143,16 +149,19 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
 
 @torch.no_grad()
 def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy (N, T) of the sampling distribution softmax(logits / T) at each position, a block of rows at a time."""
+    """Entropy (N, T) of the sampling distribution softmax(logits / T), a block of rows at a time."""
     rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
     blocks = [torch.log_softmax(block.float() / temperature, dim=-1) for block in logits.split(rows)]
     return torch.cat([-(logp.exp() * logp).sum(-1) for logp in blocks])
 
 
-def completion_mask_from(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_mask_from(
+    completion_ids: torch.Tensor, stop_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) -> mask of the tokens up to and including the first stop token, and which rows never stopped.
-    NOTE: found from the stop ids, not from the pad id, which may equal EOS; and from ALL of them (EOS, the model's
-    EOS list, the chat template's end-of-turn), the same ones generation stops on (common.sampling_config)."""
+    NOTE: found from the stop ids, not from the pad id, which may equal EOS; and from ALL of them (EOS, the
+    model's EOS list, the chat template's end-of-turn), the same ones generation stops on
+    (common.sampling_config)."""
     is_stop = torch.isin(completion_ids, stop_ids)
     first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
@@ -162,15 +171,19 @@ def completion_mask_from(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -
 def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperature: float):
     """Log-probs (N, T) of the completion tokens and the logits (N, T, V) that predict them."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-    logits = logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
+    output = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    logits = output.logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
     return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
 
 
-def batched_logprobs(model, sequences, attention_mask, n_prompt: int, temperature: float, micro_batch_size: int):
+def batched_logprobs(
+    model, sequences, attention_mask, n_prompt: int, temperature: float, micro_batch_size: int
+):
     """forward_logprobs over the whole batch, micro_batch_size sequences at a time (for no-grad passes)."""
-    parts = [forward_logprobs(model, sequences[s], attention_mask[s], n_prompt, temperature)[0]
-             for s in torch.arange(len(sequences)).split(micro_batch_size)]
+    parts = [
+        forward_logprobs(model, sequences[s], attention_mask[s], n_prompt, temperature)[0]
+        for s in torch.arange(len(sequences)).split(micro_batch_size)
+    ]
     return torch.cat(parts)
 
 
@@ -179,17 +192,22 @@ def main(args: Args) -> dict:
     log = Logger("reinforce", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed + rank)  # DDP: each rank samples different completions (same weights everywhere)
+    # DDP: each rank samples different completions (same weights everywhere)
+    torch.manual_seed(args.seed + rank)
     rng = np.random.default_rng(args.seed)  # the same prompt order on every rank
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     B, G = args.batch_size // world, args.group_size  # B: this rank's prompts, each with its whole group
     N = B * G  # this rank's completions
     if G < 2 and args.baseline in ("group-mean", "rloo"):
-        raise ValueError(f"--group-size {G}: the {args.baseline} baseline needs at least 2 completions per prompt")
+        raise ValueError(
+            f"--group-size {G}: the {args.baseline} baseline needs at least 2 completions per prompt"
+        )
     if N > args.micro_batch_size and N % args.micro_batch_size:
-        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide "
-                         f"batch_size * group_size / processes = {N}")
+        raise ValueError(
+            f"--micro-batch-size {args.micro_batch_size} must divide "
+            f"batch_size * group_size / processes = {N}"
+        )
 
     # the prompts, the judge, the policy (fp32 master weights) and its frozen reference (may be bf16)
     rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size)
@@ -209,10 +227,14 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
     def run_eval() -> tuple[dict, list[dict]]:
-        return evaluate(model, tokenizer, judge, [r["prompt"] for r in eval_rows], args.temperature,
-                        args.max_new_tokens, dtype=dtype, **eval_extra)
+        prompts = [r["prompt"] for r in eval_rows]
+        return evaluate(
+            model, tokenizer, judge, prompts, args.temperature, args.max_new_tokens, dtype=dtype, **eval_extra
+        )
 
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)  # rank 0: the starting model, then every --eval-every
+    eval_metrics = log.evaluate(
+        0, run_eval, model, tokenizer
+    )  # rank 0: the starting model, then every few steps
     running_mean = None  # the moving-average baseline's state
     for step in range(1, args.total_steps + 1):
         t0 = time.perf_counter()
@@ -222,55 +244,65 @@ def main(args: Args) -> dict:
         prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
         prompt_ids = [encode_prompt(tokenizer, r["prompt"]) for r in batch_rows]
         encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(device)
-        prompt_ids = encoded["input_ids"].repeat_interleave(G, 0)                 # (N, P), left padded
+        prompt_ids = encoded["input_ids"].repeat_interleave(G, 0)  # (N, P), left padded
         prompt_mask = encoded["attention_mask"].repeat_interleave(G, 0)
         P = prompt_ids.shape[1]
 
         # 2. generate G completions per prompt (KV cache, plain sampling at temperature, dropout off)
         with autocast(device, dtype):
-            sequences = sample(model, prompt_ids, prompt_mask, sampling)           # (N, P+T)
-        completion_ids = sequences[:, P:]                                           # (N, T)
+            sequences = sample(model, prompt_ids, prompt_mask, sampling)  # (N, P+T)
+        completion_ids = sequences[:, P:]  # (N, T)
         completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)
-        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)   # (N, P+T)
+        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)  # (N, P+T)
         completion_len = completion_mask.sum(1).mean()
         if args.mask_truncated:
             completion_mask = completion_mask * (~truncated)[:, None]
 
         # 3. score every completion with the judge (TRL's reward-function signature)
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
-        extra = {"answer": [r["answer"] for r in batch_rows for _ in range(G)]} if "answer" in batch_rows[0] else {}
+        extra = (
+            {"answer": [r["answer"] for r in batch_rows for _ in range(G)]}
+            if "answer" in batch_rows[0]
+            else {}
+        )
         rewards = torch.tensor(judge(prompts, completions, **extra), dtype=torch.float32)  # (N,)
 
         # 4. the k1 KL penalty in the reward, from log-probs of the sampling policy and the reference
         kl = torch.zeros(N, device=device)
         if ref_model is not None:
             with torch.no_grad(), autocast(device, dtype):
-                logprobs = batched_logprobs(model, sequences, attention_mask, P, args.temperature,
-                                            args.micro_batch_size)
-                ref_logprobs = batched_logprobs(ref_model, sequences, attention_mask, P, args.temperature,
-                                                args.micro_batch_size)
-            kl = kl_penalty(logprobs, ref_logprobs, completion_mask)               # (N,)
+                logprobs = batched_logprobs(
+                    model, sequences, attention_mask, P, args.temperature, args.micro_batch_size
+                )
+                ref_logprobs = batched_logprobs(
+                    ref_model, sequences, attention_mask, P, args.temperature, args.micro_batch_size
+                )
+            kl = kl_penalty(logprobs, ref_logprobs, completion_mask)  # (N,)
         shaped_rewards = rewards.to(device) - args.beta * kl
 
-        # 5. advantages: reward minus baseline, from the whole batch's rewards, then this rank's rows (so every
-        # rank also keeps the same moving average)
-        all_rewards, all_shaped = all_gather(rewards), all_gather(shaped_rewards)  # DDP: (world * N,), rank order
-        all_advantages, running_mean = baseline_advantages(all_shaped.view(-1, G), args.baseline, running_mean,
-                                                           args.baseline_decay)
-        advantages = all_advantages.view(-1)[rank * N : (rank + 1) * N]           # (N,)
+        # 5. advantages: reward minus baseline, from the whole batch's rewards, then this rank's rows (so
+        # every rank also keeps the same moving average)
+        # DDP: (world * N,), rank order
+        all_rewards, all_shaped = all_gather(rewards), all_gather(shaped_rewards)
+        all_advantages, running_mean = baseline_advantages(
+            all_shaped.view(-1, G), args.baseline, running_mean, args.baseline_decay
+        )
+        advantages = all_advantages.view(-1)[rank * N : (rank + 1) * N]  # (N,)
 
         # 6. one on-policy update, accumulated over micro-batches
-        # DDP: the gradients are AVERAGED over ranks, so each rank divides by its own N = B * G = whole batch / world:
-        # then k processes with B/k prompts each give the gradient of one process with all B prompts
+        # DDP: the gradients are AVERAGED over ranks, so each rank divides by its own N = B * G = whole batch
+        # / world: then k processes with B/k prompts each give the gradient of one process with all B prompts
         micro_batches = torch.arange(N).split(args.micro_batch_size)
         logging = step % args.log_every == 0
         loss_sum, entropy_sum = torch.zeros(()), torch.zeros(())  # over micro-batches
         for i, s in enumerate(micro_batches):
             mask = completion_mask[s]
-            with sync_gradients(ddp_model, sync=i == len(micro_batches) - 1):  # DDP: all-reduce in the last one
+            # DDP: all-reduce in the last one
+            with sync_gradients(ddp_model, sync=i == len(micro_batches) - 1):
                 with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                    logprobs, logits = forward_logprobs(ddp_model, sequences[s], attention_mask[s], P,
-                                                        args.temperature)
+                    logprobs, logits = forward_logprobs(
+                        ddp_model, sequences[s], attention_mask[s], P, args.temperature
+                    )
                 loss = reinforce_loss(logprobs=logprobs, advantages=advantages[s], mask=mask, n_sequences=N)
                 loss.backward()
             loss_sum += loss.detach().cpu()
@@ -278,8 +310,10 @@ def main(args: Args) -> dict:
                 entropy_sum += (entropy(logits, args.temperature) * mask).sum().cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
-                                     f"{log.dir}/model: lower --learning-rate")
+            raise FloatingPointError(
+                f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
+                f"{log.dir}/model: lower --learning-rate"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
@@ -287,17 +321,24 @@ def main(args: Args) -> dict:
         # 7. log (DDP: summed over all ranks, so the metrics are the whole batch's), eval, save
         if logging:
             loss_all, entropy_all = all_sum(torch.stack([loss_sum, entropy_sum])).tolist()
-            per_rank = torch.stack([completion_len, truncated.float().mean(), attention_mask.sum().float(), kl.sum()])
+            per_rank = torch.stack(
+                [completion_len, truncated.float().mean(), attention_mask.sum().float(), kl.sum()]
+            )
             completion_len_all, truncated_all, tokens_all, kl_all = all_sum(per_rank.cpu()).tolist()
             all_tokens = max(float(all_sum(completion_mask.sum())), 1)
             group_std = all_rewards.view(-1, G).std(1) if G > 1 else torch.zeros(B)  # G = 1: no groups
-            metrics = {"train/loss": loss_all / world, "train/reward": float(all_rewards.mean()),
-                       "train/reward_std": float(group_std.mean()),
-                       "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
-                       "train/entropy": entropy_all / all_tokens,
-                       "train/grad_norm": float(grad_norm), "train/completion_len": completion_len_all / world,
-                       "train/truncated": truncated_all / world, "perf/step_s": step_s,
-                       "perf/tokens_per_s": tokens_all / step_s}
+            metrics = {
+                "train/loss": loss_all / world,
+                "train/reward": float(all_rewards.mean()),
+                "train/reward_std": float(group_std.mean()),
+                "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
+                "train/entropy": entropy_all / all_tokens,
+                "train/grad_norm": float(grad_norm),
+                "train/completion_len": completion_len_all / world,
+                "train/truncated": truncated_all / world,
+                "perf/step_s": step_s,
+                "perf/tokens_per_s": tokens_all / step_s,
+            }
             if ref_model is not None:
                 metrics["train/kl"] = kl_all / all_tokens
             log.log(step, metrics)

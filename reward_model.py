@@ -17,9 +17,11 @@ Differences from the papers: (1) pairs, not InstructGPT's K-way comparisons (K c
 The saved model is an AutoModelForSequenceClassification with num_labels=1: `--judge rm:PATH` in every
 script (and ppo_rlhf.py --reward-model PATH) scores with it exactly as score_last_token below does.
 Shapes: B pairs, L prompt + completion tokens (right padded), D hidden size.
-Run: python reward_model.py                       # poet-labelled pairs from the painter, ~2-3 min on 2 CPU cores
+# poet-labelled pairs from the painter, ~2-3 min on 2 CPU cores
+Run: python reward_model.py
      python reward_model.py --judge correct --data my_pairs.jsonl
 """
+
 import json
 import time
 from dataclasses import dataclass
@@ -31,8 +33,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModelForSequenceClassification
 
-from common import (Logger, all_sum, autocast, cleanup_distributed, encode_pairs, get_judge, init_distributed,
-                    load_model_and_tokenizer, load_pairs, parse_args, resolve_device_dtype)
+from common import Logger, all_sum, autocast, cleanup_distributed, encode_pairs, get_judge, init_distributed
+from common import load_model_and_tokenizer, load_pairs, parse_args, resolve_device_dtype
 
 
 @dataclass
@@ -54,12 +56,12 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     # data
     data: Optional[str] = None
-    """JSONL of {prompt, chosen, rejected} (or full-text {chosen, rejected}); None = built-in judge-ranked pairs"""
+    """JSONL of {prompt, chosen, rejected} (or full texts {chosen, rejected}); None = judge-ranked pairs"""
     eval_data: Optional[str] = None
     """JSONL of held-out pairs; None = built-in held-out pairs (with --data: the last 10% of its rows)"""
     judge: str = "poet"
@@ -101,11 +103,14 @@ class Args:
     """print and log train metrics every this many steps"""
 
 
-def concat_pairs(batch: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+def concat_pairs(
+    batch: list[tuple[list[int], list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, ...]:
     """B (prompt, chosen, rejected) -> right-padded input_ids, attention_mask, completion_mask (2B, L):
     rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected, so one forward scores both.
 
-    NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still counts."""
+    NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still
+    counts."""
     rows = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
     width = max(len(p) + len(c) for p, c in rows)
     input_ids = torch.full((len(rows), width), pad_id)
@@ -121,25 +126,29 @@ def concat_pairs(batch: list[tuple[list[int], list[int], list[int]]], pad_id: in
 def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """r(x, y) of each row, (N,): the scalar head on the hidden state of the last real token."""
     # NOTE: positions count real tokens only, so left- and right-padded rows get the same positions
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     # NOTE: through the model's own forward, not model.base_model, so that a DDP wrapper sees the call and
     # syncs the gradients; the last of the hidden states is the final (normed) one, the head's input
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
-                use_cache=False)
+    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, output_hidden_states=True)
     hidden = out.hidden_states[-1]  # (N, L, D)
     # NOTE: the last real token found from the attention mask, not from pad_token_id (TRL #937: when
     # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
-    last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)  # (N,)
+    last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)
     head = getattr(model, "module", model).score  # DDP: the wrapped model's head
     return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: float = 0.0,
-                       center_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: float = 0.0,
+    center_coef: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and accuracy of B pairs of rewards (B,) each."""
     # ALGO: the Bradley–Terry negative log-likelihood (InstructGPT Eq. 1; DPO paper Eq. 2), with a margin
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()
-    # ALGO: reward centering (Eisenstein et al. 2023): the BT loss only sees differences, so pin the mean near 0
+    # ALGO: reward centering (Eisenstein et al. 2023): the BT loss only sees differences, so pin the mean near
+    # 0
     if center_coef:
         loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
     accuracy = (chosen_rewards > rejected_rewards).float().mean()  # NOTE: a tie counts as wrong
@@ -147,8 +156,10 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs: list, pad_id: int, dtype: torch.dtype = torch.float32, batch_size: int = 256) -> dict:
-    """eval/accuracy (the share of held-out pairs ranked as the labeller ranked them), eval/loss, eval/margin."""
+def evaluate_pairs(
+    model, pairs: list, pad_id: int, dtype: torch.dtype = torch.float32, batch_size: int = 256
+) -> dict:
+    """eval/accuracy (share of held-out pairs ranked as the labeller ranked them), eval/loss, eval/margin."""
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
@@ -159,24 +170,31 @@ def evaluate_pairs(model, pairs: list, pad_id: int, dtype: torch.dtype = torch.f
         rejected.append(rewards[len(batch) :])
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     loss, accuracy = bradley_terry_loss(chosen, rejected)
-    return {"eval/accuracy": float(accuracy), "eval/loss": float(loss), "eval/margin": float((chosen - rejected).mean()),
-            "eval/reward_mean": float(torch.cat([chosen, rejected]).mean())}
+    return {
+        "eval/accuracy": float(accuracy),
+        "eval/loss": float(loss),
+        "eval/margin": float((chosen - rejected).mean()),
+        "eval/reward_mean": float(torch.cat([chosen, rejected]).mean()),
+    }
 
 
 def main(args: Args) -> dict:
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("reward_model", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
-    # DDP: the same seed on every rank: the same head, pairs and batch order, of which each rank takes its share
+    # DDP: the same seed on every rank: the same head, pairs and batch order, of which each rank takes its
+    # share
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
 
-    # 1. the backbone with a scalar head (dropout off, fp32 master weights); a causal-LM checkpoint gets a fresh head
+    # 1. the backbone with a scalar head (dropout off, fp32 master weights); a causal-LM checkpoint gets a
+    # fresh head
     device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device,
-                                                model_class=AutoModelForSequenceClassification, num_labels=1)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, args.device, model_class=AutoModelForSequenceClassification, num_labels=1
+    )
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         # NOTE: N(0, 1/sqrt(d+1)) as in SFD reward.py and OpenAI's lm-human-preferences (N-blog detail 6)
         torch.nn.init.normal_(model.score.weight, std=1 / np.sqrt(model.config.hidden_size + 1))
@@ -188,9 +206,20 @@ def main(args: Args) -> dict:
         judge = get_judge(args.judge, args.device)
         if args.source == "policy":  # not trained, so its weights may be bf16 (args.dtype "auto" on cuda)
             sampler = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    train_pairs, eval_pairs = load_pairs(args.data, args.eval_data, judge, sampler, args.num_prompts,
-                                         args.eval_prompts, args.names_per_prompt, args.source, args.flip_prob,
-                                         args.seed, dtype=dtype, warn=print if rank == 0 else lambda _: None)
+    train_pairs, eval_pairs = load_pairs(
+        args.data,
+        args.eval_data,
+        judge,
+        sampler,
+        args.num_prompts,
+        args.eval_prompts,
+        args.names_per_prompt,
+        args.source,
+        args.flip_prob,
+        args.seed,
+        dtype=dtype,
+        warn=print if rank == 0 else lambda _: None,
+    )
     train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
     heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
     steps_per_epoch = max(1, len(train) // args.batch_size)
@@ -207,7 +236,8 @@ def main(args: Args) -> dict:
     def run_eval() -> tuple[dict, None]:
         return evaluate_pairs(model, heldout, tokenizer.pad_token_id, dtype), None
 
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)  # rank 0: the starting model, then every --eval-every
+    # rank 0: the starting model, then every --eval-every
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)
     model.train()
     step = 0
     for epoch in range(args.num_epochs):
@@ -216,7 +246,8 @@ def main(args: Args) -> dict:
             step, t0 = step + 1, time.perf_counter()
             # 3. one forward over the 2B sequences: chosen rows first, rejected rows after
             batch = [train[i] for i in order[start : start + args.batch_size]]
-            share = args.batch_size // world  # DDP: this rank's share; equal shares, so the mean of the ranks'
+            # DDP: this rank's share; equal shares, so the mean of the ranks'
+            share = args.batch_size // world
             batch = batch[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
             input_ids, attention_mask, _ = (t.to(device) for t in concat_pairs(batch, tokenizer.pad_token_id))
             with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
@@ -224,11 +255,17 @@ def main(args: Args) -> dict:
             chosen_rewards, rejected_rewards = rewards[: len(batch)], rewards[len(batch) :]
 
             # 4. the Bradley–Terry loss
-            loss, accuracy = bradley_terry_loss(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
-                                                margin=args.margin, center_coef=args.center_coef)
+            loss, accuracy = bradley_terry_loss(
+                chosen_rewards=chosen_rewards,
+                rejected_rewards=rejected_rewards,
+                margin=args.margin,
+                center_coef=args.center_coef,
+            )
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {float(loss)} at step {step}; the last good model is in "
-                                         f"{log.dir}/model: lower --learning-rate or check the data")
+                raise FloatingPointError(
+                    f"loss is {float(loss)} at step {step}; the last good model is in "
+                    f"{log.dir}/model: lower --learning-rate or check the data"
+                )
 
             # 5. clip, linear decay to 0, step
             loss.backward()
@@ -242,19 +279,41 @@ def main(args: Args) -> dict:
 
             # 6. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
             if step % args.log_every == 0:
-                per_rank = torch.stack([loss.detach(), accuracy, (chosen_rewards - rejected_rewards).detach().mean(),
-                                        rewards.detach().mean(), attention_mask.sum() * world]).float()
+                per_rank = torch.stack(
+                    [
+                        loss.detach(),
+                        accuracy,
+                        (chosen_rewards - rejected_rewards).detach().mean(),
+                        rewards.detach().mean(),
+                        attention_mask.sum() * world,
+                    ]
+                ).float()
                 loss_, accuracy_, margin, reward_mean, tokens = (all_sum(per_rank.cpu()) / world).tolist()
-                log.log(step, {"epoch": epoch, "train/loss": loss_, "train/accuracy": accuracy_,
-                               "train/margin": margin, "train/reward_mean": reward_mean,
-                               "train/grad_norm": float(grad_norm), "train/lr": lr, "perf/step_s": step_s,
-                               "perf/tokens_per_s": tokens / step_s})
+                log.log(
+                    step,
+                    {
+                        "epoch": epoch,
+                        "train/loss": loss_,
+                        "train/accuracy": accuracy_,
+                        "train/margin": margin,
+                        "train/reward_mean": reward_mean,
+                        "train/grad_norm": float(grad_norm),
+                        "train/lr": lr,
+                        "perf/step_s": step_s,
+                        "perf/tokens_per_s": tokens / step_s,
+                    },
+                )
             if step % args.eval_every == 0 or step == total_steps:
                 eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
     del ddp_model  # DDP: free the wrapper before leaving the process group
     cleanup_distributed()
     log.close()
-    return {"train/loss": float(loss.detach()), "train/accuracy": float(accuracy), **eval_metrics, "run_dir": log.dir}
+    return {
+        "train/loss": float(loss.detach()),
+        "train/accuracy": float(accuracy),
+        **eval_metrics,
+        "run_dir": log.dir,
+    }
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Shapes: B batch, L prompt + completion tokens (right padded), V vocab.
 Run: python sft.py                                   # a new painter, ~8 min on 2 CPU cores
      python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --learning-rate 1e-5
 """
+
 import math
 import random
 import time
@@ -26,9 +27,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import (Logger, all_sum, autocast, cleanup_distributed, encode_examples, eval_prompts, evaluate,
-                    get_judge, init_distributed, load_model_and_tokenizer, parse_args, read_jsonl, resolve_device_dtype,
-                    sample_colour_pairs, save_atomic, sync_gradients)
+from common import Logger, all_sum, autocast, cleanup_distributed, encode_examples, eval_prompts, evaluate
+from common import get_judge, init_distributed, load_model_and_tokenizer, parse_args, read_jsonl
+from common import resolve_device_dtype, sample_colour_pairs, save_atomic, sync_gradients
 from common.recipe import build_tokenizer, new_model, painter_texts, trainable_names
 
 
@@ -65,7 +66,7 @@ class Args:
     device: str = "auto"
     """cuda if present, else cpu"""
     dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights and Adam state stay float32)"""
+    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     # data
@@ -128,21 +129,27 @@ LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs copi
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token): (B, L, V), (B, L) -> (B, L) in fp32.
-    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax (or cross_entropy) over all of
-    (B, L, V) in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at B=64, L=512,
-    V=151,936 (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
+    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax (or cross_entropy)
+    over all of (B, L, V) in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20
+    GB at B=64, L=512, V=151,936 (TRL selective_log_softmax, PR #2773). One block holds at most
+    LOGITS_PER_BLOCK fp32 logits."""
+
     def block_logprobs(block_logits, block_tokens):
         logp = torch.log_softmax(block_logits.float(), dim=-1)
         return logp.gather(-1, block_tokens.unsqueeze(-1)).squeeze(-1)
+
     rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
     blocks = zip(logits.split(rows), tokens.split(rows))
     return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
 
 
-def completion_nll(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+# ALGO: the completion-only negative log-likelihood (InstructGPT §3.5; the prompt is never a target)
+def completion_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
     """Sum over completion tokens (EOS included) of -log p(token | everything before it)."""
     # NOTE: the one-token shift: logits at position t predict the token at t + 1
-    nll = -token_logprobs(logits[:, :-1], input_ids[:, 1:])                   # (B, L-1)
+    nll = -token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (B, L-1)
     return (nll * completion_mask[:, 1:]).sum()
 
 
@@ -158,14 +165,17 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 def main(args: Args) -> dict:
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("sft", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
-    # DDP: the same seed on every rank: the same initial weights and batches, of which each rank takes its share
+    # DDP: the same seed on every rank: the same initial weights and batches, of which each rank takes its
+    # share
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     if args.batch_size % (world * args.grad_accum_steps):
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps "
-                         f"{args.grad_accum_steps}" + (f" x {world} processes" if world > 1 else ""))
+        raise ValueError(
+            f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps "
+            f"{args.grad_accum_steps}" + (f" x {world} processes" if world > 1 else "")
+        )
 
     # 1. data: the user's JSONL rows, or the built-in colour names (sampled fresh every step)
     rows = None
@@ -195,13 +205,19 @@ def main(args: Args) -> dict:
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(0.9, 0.95),
+    )
 
     def run_eval() -> tuple[dict, list[dict]]:
-        return evaluate(model, tokenizer, judge, eval_prompts_, args.temperature, args.max_new_tokens, dtype=dtype)
+        return evaluate(
+            model, tokenizer, judge, eval_prompts_, args.temperature, args.max_new_tokens, dtype=dtype
+        )
 
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)  # rank 0: the starting model, then every --eval-every
+    # rank 0: the starting model, then every --eval-every
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)
     order, cursor = (rng.permutation(len(rows)), 0) if rows else (None, 0)
     model.train()
     for step in range(1, args.total_steps + 1):
@@ -219,8 +235,8 @@ def main(args: Args) -> dict:
         # 4. gradient of the loss over the whole batch, accumulated over micro-batches
         # NOTE: the token count is taken before the micro-batches run: one normaliser for all of them
         n_tokens = sum(len(c) for _, c in batch)
-        # DDP: this rank's share of the batch; the gradients are AVERAGED over ranks, so each rank divides its sum
-        # by n_tokens / world: then k processes with B/k rows give the gradient of one process with B rows
+        # DDP: this rank's share of the batch; the gradients are AVERAGED over ranks, so each rank divides its
+        # sum by n_tokens / world: then k processes with B/k rows give the gradient of one process with B rows
         share = args.batch_size // world
         batch = batch[rank * share : (rank + 1) * share]
         n_tokens = n_tokens / world
@@ -231,13 +247,16 @@ def main(args: Args) -> dict:
             input_ids, attention_mask, completion_mask = (t.to(device) for t in micro_batch)
             with sync_gradients(ddp_model, sync=start + micro >= share):  # DDP: all-reduce in the last one
                 with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                    logits = ddp_model(input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B/k, L, V)
+                    # (B/k, L, V)
+                    logits = ddp_model(input_ids, attention_mask=attention_mask, use_cache=False).logits
                 loss = completion_nll(logits, input_ids, completion_mask) / n_tokens
                 loss.backward()
             loss_sum += loss.detach()
         if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"loss is {float(loss_sum)} at step {step}; the last good model is in "
-                                     f"{log.dir}/model: lower --learning-rate or check the data")
+            raise FloatingPointError(
+                f"loss is {float(loss_sum)} at step {step}; the last good model is in "
+                f"{log.dir}/model: lower --learning-rate or check the data"
+            )
 
         # 5. clip, schedule, step
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -252,8 +271,16 @@ def main(args: Args) -> dict:
         if step % args.log_every == 0:
             batch_tokens = sum(len(p) + len(c) for p, c in batch)
             loss_all, tokens_all = all_sum(torch.tensor([float(loss_sum), batch_tokens])).tolist()
-            log.log(step, {"train/loss": loss_all / world, "train/grad_norm": float(grad_norm), "train/lr": lr,
-                           "perf/step_s": step_s, "perf/tokens_per_s": tokens_all / step_s})
+            log.log(
+                step,
+                {
+                    "train/loss": loss_all / world,
+                    "train/grad_norm": float(grad_norm),
+                    "train/lr": lr,
+                    "perf/step_s": step_s,
+                    "perf/tokens_per_s": tokens_all / step_s,
+                },
+            )
         if step % args.eval_every == 0 or step == args.total_steps:
             eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
     if args.save_to and rank == 0:

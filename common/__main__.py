@@ -1,4 +1,5 @@
 """python -m common [--model PATH]: the quality report of a painter (the README's numbers)."""
+
 import argparse
 import json
 

@@ -3,6 +3,7 @@
 The names come from the MIT-licensed `color-name-list` (assets/colornames.csv.gz, ~32k names) and the
 CC0 xkcd colour survey (assets/xkcd.csv, 949 plain descriptive names); assets/build.py rebuilds both.
 """
+
 import csv
 import gzip
 import json
@@ -68,10 +69,14 @@ def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one object") from None
+                raise ValueError(
+                    f"{path}:{number}: not valid JSON ({e.msg}); each line must be one object"
+                ) from None
             missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
             if missing:
-                raise ValueError(f"{path}:{number}: row lacks string field(s) {missing}; every row needs {fields}")
+                raise ValueError(
+                    f"{path}:{number}: row lacks string field(s) {missing}; every row needs {fields}"
+                )
             rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no rows: it needs at least one JSON object with fields {fields}")
@@ -79,8 +84,8 @@ def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
 
 
 def load_prompts(path: str | None, batch_size: int, eval_size: int) -> tuple[list[dict], list[dict]]:
-    """RL prompt rows {"prompt", "answer"?, ...} for training and for the eval: the user's JSONL (the eval takes
-    its first rows), or the training-split hexes (the eval takes the fixed held-out ones)."""
+    """RL prompt rows {"prompt", "answer"?, ...} for training and for the eval: the user's JSONL (the eval
+    takes its first rows), or the training-split hexes (the eval takes the fixed held-out ones)."""
     if path is not None:
         rows = read_jsonl(path, ("prompt",))
         eval_rows = rows[:eval_size]
@@ -88,11 +93,14 @@ def load_prompts(path: str | None, batch_size: int, eval_size: int) -> tuple[lis
         rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
         eval_rows = [{"prompt": p} for p in eval_prompts(eval_size)]
     if len(rows) < batch_size:
-        raise ValueError(f"{len(rows)} prompts for a batch of {batch_size}: lower --batch-size or add prompts")
+        raise ValueError(
+            f"{len(rows)} prompts for a batch of {batch_size}: lower --batch-size or add prompts"
+        )
     return rows, eval_rows
 
 
 # ---- colour science: sRGB -> CIELAB, and the CIEDE2000 difference ------------------------------------------
+
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """sRGB in 0..255, shape (N, 3) -> CIELAB (D65), shape (N, 3)."""
@@ -122,12 +130,20 @@ def ciede2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
     h_sum = h1p + h2p
     hp_bar = np.where(np.abs(h1p - h2p) > 180, np.where(h_sum < 360, h_sum + 360, h_sum - 360), h_sum) / 2
     hp_bar = np.where(C1p * C2p == 0, h_sum, hp_bar)
-    T = (1 - 0.17 * np.cos(np.radians(hp_bar - 30)) + 0.24 * np.cos(np.radians(2 * hp_bar))
-         + 0.32 * np.cos(np.radians(3 * hp_bar + 6)) - 0.20 * np.cos(np.radians(4 * hp_bar - 63)))
+    T = (
+        1
+        - 0.17 * np.cos(np.radians(hp_bar - 30))
+        + 0.24 * np.cos(np.radians(2 * hp_bar))
+        + 0.32 * np.cos(np.radians(3 * hp_bar + 6))
+        - 0.20 * np.cos(np.radians(4 * hp_bar - 63))
+    )
     S_L = 1 + 0.015 * (Lp_bar - 50) ** 2 / np.sqrt(20 + (Lp_bar - 50) ** 2)
     S_C, S_H = 1 + 0.045 * Cp_bar, 1 + 0.015 * Cp_bar * T
-    R_T = (-2 * np.sqrt(Cp_bar**7 / (Cp_bar**7 + 25.0**7))
-           * np.sin(np.radians(60 * np.exp(-(((hp_bar - 275) / 25) ** 2)))))
+    R_T = (
+        -2
+        * np.sqrt(Cp_bar**7 / (Cp_bar**7 + 25.0**7))
+        * np.sin(np.radians(60 * np.exp(-(((hp_bar - 275) / 25) ** 2))))
+    )
     return np.sqrt((dLp / S_L) ** 2 + (dCp / S_C) ** 2 + (dHp / S_H) ** 2 + R_T * (dCp / S_C) * (dHp / S_H))
 
 
@@ -140,8 +156,13 @@ def xkcd_labs() -> np.ndarray:
     return srgb_to_lab(np.array([hex_to_rgb(h) for _, h in xkcd_names()]))
 
 
-def sample_colour_pairs(rng: np.random.Generator, n: int, synthetic_frac: float = 0.5, jitter: int = 8,
-                        names: tuple[tuple[str, str], ...] | None = None) -> list[tuple[str, str]]:
+def sample_colour_pairs(
+    rng: np.random.Generator,
+    n: int,
+    synthetic_frac: float = 0.5,
+    jitter: int = 8,
+    names: tuple[tuple[str, str], ...] | None = None,
+) -> list[tuple[str, str]]:
     """n (prompt, name) training pairs of the built-in task.
 
     A share 1 - synthetic_frac are training-split names whose hex moves by up to +-jitter per channel
@@ -161,6 +182,8 @@ def sample_colour_pairs(rng: np.random.Generator, n: int, synthetic_frac: float 
         labs, candidates = srgb_to_lab(rgb), xkcd_labs()
         distances = ciede2000(np.repeat(labs, len(candidates), 0), np.tile(candidates, (n_synthetic, 1)))
         nearest = distances.reshape(n_synthetic, len(candidates)).argmin(1)
-        pairs += [(PROMPT.format(hex="#%02x%02x%02x" % tuple(c)), xkcd_names()[j][0]) for c, j in zip(rgb, nearest)]
+        pairs += [
+            (PROMPT.format(hex="#%02x%02x%02x" % tuple(c)), xkcd_names()[j][0]) for c, j in zip(rgb, nearest)
+        ]
     order = rng.permutation(len(pairs))
     return [pairs[i] for i in order]

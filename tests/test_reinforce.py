@@ -1,4 +1,6 @@
-"""reinforce.py: baselines, the KL-shaped reward and the loss by hand; drift of helpers shared with grpo.py; runs."""
+"""reinforce.py: baselines, the KL-shaped reward and the loss by hand; drift of helpers shared with
+grpo.py; runs."""
+
 import inspect
 import json
 import math
@@ -31,9 +33,14 @@ def test_rloo_is_g_over_g_minus_1_times_the_mean_baseline():
 
 
 def test_moving_average_baseline_uses_only_past_batches():
-    first, state = reinforce.baseline_advantages(torch.tensor([[1.0, 3.0]]), "moving-average", None, decay=0.5)
-    assert torch.allclose(first, torch.tensor([[-1.0, 1.0]])) and state == pytest.approx(2.0)  # starts at the batch mean
-    second, state = reinforce.baseline_advantages(torch.tensor([[10.0, 10.0]]), "moving-average", state, decay=0.5)
+    first, state = reinforce.baseline_advantages(
+        torch.tensor([[1.0, 3.0]]), "moving-average", None, decay=0.5
+    )
+    # starts at the batch mean
+    assert torch.allclose(first, torch.tensor([[-1.0, 1.0]])) and state == pytest.approx(2.0)
+    second, state = reinforce.baseline_advantages(
+        torch.tensor([[10.0, 10.0]]), "moving-average", state, decay=0.5
+    )
     assert torch.allclose(second, torch.tensor([[8.0, 8.0]])) and state == pytest.approx(0.5 * 2 + 0.5 * 10)
 
 
@@ -48,7 +55,7 @@ def test_reinforce_loss_by_hand_and_its_gradient():
     logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -4.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     advantages = torch.tensor([2.0, -1.0])
-    loss = reinforce.reinforce_loss(logprobs, advantages, mask, n_sequences=2)
+    loss = reinforce.reinforce_loss(logprobs=logprobs, advantages=advantages, mask=mask, n_sequences=2)
     assert loss.item() == pytest.approx(-(2.0 * (-3.0) + -1.0 * (-0.5)) / 2)
     loss.backward()  # d loss / d log pi_it = -A_i / N on real tokens, 0 on padding
     assert torch.allclose(logprobs.grad, torch.tensor([[-1.0, -1.0], [0.5, 0.0]]))
@@ -64,10 +71,17 @@ def test_micro_batches_give_the_full_batch_gradient():
     def gradient(chunks):
         logits.grad = None
         for s in torch.arange(6).split(chunks):
-            reinforce.reinforce_loss(reinforce.token_logprobs(logits[s], tokens[s], 1.0), advantages[s], mask[s], 6).backward()
+            reinforce.reinforce_loss(
+                logprobs=reinforce.token_logprobs(logits[s], tokens[s], 1.0),
+                advantages=advantages[s],
+                mask=mask[s],
+                n_sequences=6,
+            ).backward()
         return logits.grad.clone()
 
-    assert torch.allclose(gradient(6), gradient(4), atol=1e-7) and torch.allclose(gradient(6), gradient(1), atol=1e-7)
+    assert torch.allclose(gradient(6), gradient(4), atol=1e-7) and torch.allclose(
+        gradient(6), gradient(1), atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("name", ["token_logprobs", "entropy", "completion_mask_from", "forward_logprobs"])
@@ -76,8 +90,18 @@ def test_helpers_shared_with_grpo_are_identical_copies(name):
 
 
 def tiny_args(tmp_path, **overrides) -> reinforce.Args:
-    base = dict(output_dir=str(tmp_path), total_steps=2, batch_size=2, group_size=4, micro_batch_size=4,
-                eval_every=2, eval_size=8, log_every=1, judge="correct", max_new_tokens=6)
+    base = dict(
+        output_dir=str(tmp_path),
+        total_steps=2,
+        batch_size=2,
+        group_size=4,
+        micro_batch_size=4,
+        eval_every=2,
+        eval_size=8,
+        log_every=1,
+        judge="correct",
+        max_new_tokens=6,
+    )
     return reinforce.Args(**{**base, **overrides})
 
 
@@ -86,7 +110,9 @@ def test_main_runs_with_each_baseline(tmp_path, baseline):
     final = reinforce.main(tiny_args(tmp_path, baseline=baseline, beta=0.0 if baseline == "none" else 0.05))
     lines = [json.loads(l) for l in open(os.path.join(final["run_dir"], "metrics.jsonl"))]
     train = [m for m in lines if "train/loss" in m]
-    assert len(train) == 2 and all(math.isfinite(m["train/loss"]) and math.isfinite(m["train/grad_norm"]) for m in train)
+    assert len(train) == 2 and all(
+        math.isfinite(m["train/loss"]) and math.isfinite(m["train/grad_norm"]) for m in train
+    )
     assert ("train/kl" in train[0]) == (baseline != "none") and "train/clipfrac" not in train[0]
     assert os.path.exists(os.path.join(final["run_dir"], "model", "model.safetensors"))
 
@@ -94,12 +120,38 @@ def test_main_runs_with_each_baseline(tmp_path, baseline):
 def test_group_baselines_need_two_completions(tmp_path):
     with pytest.raises(ValueError, match="at least 2 completions"):
         reinforce.main(tiny_args(tmp_path, group_size=1, micro_batch_size=2))
-    reinforce.main(tiny_args(tmp_path, group_size=1, micro_batch_size=64, baseline="moving-average", total_steps=1, eval_every=1))
+    reinforce.main(
+        tiny_args(
+            tmp_path,
+            group_size=1,
+            micro_batch_size=64,
+            baseline="moving-average",
+            total_steps=1,
+            eval_every=1,
+        )
+    )
 
 
 def test_cli_runs(tmp_path):
-    result = run_script("reinforce.py", "--group-size", "4", "--batch-size", "2", "--micro-batch-size", "8", "--total-steps", "2",
-                        "--eval-every", "2", "--eval-size", "4", "--log-every", "1", "--output-dir", str(tmp_path))
+    result = run_script(
+        "reinforce.py",
+        "--group-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "8",
+        "--total-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-size",
+        "4",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert_run_console(result, tmp_path, "train/reward")
     assert_one_line_error(run_script("reinforce.py", "--group-size", "1"), "at least 2 completions")
     assert_help_lists("reinforce.py", ["--baseline", "--baseline-decay", "--beta", "--mask-truncated"])

@@ -1,5 +1,6 @@
 """reward_model.py and common/preferences.py: the Bradley–Terry loss by hand, the last real token under every
 padding, the rm: judge agreeing with training, the pair builder, smoke and CLI runs, bad input."""
+
 import json
 import math
 import os
@@ -9,18 +10,30 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import reward_model as rm
-from common import (candidate_names, encode_completion, encode_pairs, encode_prompt, get_judge, load_model_and_tokenizer,
-                    pair_prompts, rank_pairs, read_preferences)
+from common import candidate_names, encode_completion, encode_pairs, encode_prompt, get_judge
+from common import load_model_and_tokenizer, pair_prompts, rank_pairs, read_preferences
 from common.preferences import split_shared_prefix
 from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
 
-PROMPTS = ["Name this paint color: #d48475", "Name this paint color: #1f4e79", "Name this paint color: #ffffff"]
+PROMPTS = [
+    "Name this paint color: #d48475",
+    "Name this paint color: #1f4e79",
+    "Name this paint color: #ffffff",
+]
 NAMES = ["Sunset Dust", "Navy", "Whispering Dawn Morning Mist"]
 
 
 def tiny_args(tmp_path, **overrides) -> rm.Args:
-    base = dict(output_dir=str(tmp_path), judge="correct", num_prompts=48, eval_prompts=16, batch_size=8,
-                num_epochs=1, eval_every=3, log_every=1)
+    base = dict(
+        output_dir=str(tmp_path),
+        judge="correct",
+        num_prompts=48,
+        eval_prompts=16,
+        batch_size=8,
+        num_epochs=1,
+        eval_every=3,
+        log_every=1,
+    )
     return rm.Args(**{**base, **overrides})
 
 
@@ -32,33 +45,44 @@ def reward_net():
     return model, tokenizer
 
 
-# ---- the loss -----------------------------------------------------------------------------------------------
+# ---- the loss ----------------------------------------------------------------------------------------------
+
 
 def test_bradley_terry_loss_and_accuracy_by_hand():
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
-    loss, accuracy = rm.bradley_terry_loss(chosen, rejected)
+    loss, accuracy = rm.bradley_terry_loss(chosen_rewards=chosen, rejected_rewards=rejected)
     assert loss.item() == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2)
     assert accuracy.item() == 0.5
     # a margin of 1 asks for r_c - r_r > 1: -log sigma(1) and -log sigma(-2)
-    loss, _ = rm.bradley_terry_loss(chosen, rejected, margin=1.0)
+    loss, _ = rm.bradley_terry_loss(chosen_rewards=chosen, rejected_rewards=rejected, margin=1.0)
     assert loss.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2)
     # centering adds c * mean((r_c + r_r)^2) = 0.1 * (4 + 1) / 2
-    centred, _ = rm.bradley_terry_loss(chosen, rejected, center_coef=0.1)
-    assert centred.item() == pytest.approx(rm.bradley_terry_loss(chosen, rejected)[0].item() + 0.25)
+    centred, _ = rm.bradley_terry_loss(chosen_rewards=chosen, rejected_rewards=rejected, center_coef=0.1)
+    assert centred.item() == pytest.approx(
+        rm.bradley_terry_loss(chosen_rewards=chosen, rejected_rewards=rejected)[0].item() + 0.25
+    )
 
 
 def test_equal_rewards_give_log2_and_count_as_wrong():
-    loss, accuracy = rm.bradley_terry_loss(torch.zeros(3), torch.zeros(3))
+    loss, accuracy = rm.bradley_terry_loss(chosen_rewards=torch.zeros(3), rejected_rewards=torch.zeros(3))
     assert loss.item() == pytest.approx(math.log(2)) and accuracy.item() == 0.0
 
 
 def test_the_loss_only_sees_differences_without_centering():
     chosen, rejected = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.0])
-    assert rm.bradley_terry_loss(chosen + 7, rejected + 7)[0].item() == pytest.approx(rm.bradley_terry_loss(chosen, rejected)[0].item())
-    assert rm.bradley_terry_loss(chosen + 7, rejected + 7, center_coef=0.01)[0] > rm.bradley_terry_loss(chosen, rejected, center_coef=0.01)[0]
+    assert rm.bradley_terry_loss(chosen_rewards=chosen + 7, rejected_rewards=rejected + 7)[
+        0
+    ].item() == pytest.approx(
+        rm.bradley_terry_loss(chosen_rewards=chosen, rejected_rewards=rejected)[0].item()
+    )
+    assert (
+        rm.bradley_terry_loss(chosen_rewards=chosen + 7, rejected_rewards=rejected + 7, center_coef=0.01)[0]
+        > rm.bradley_terry_loss(chosen_rewards=chosen, rejected_rewards=rejected, center_coef=0.01)[0]
+    )
 
 
-# ---- the last real token --------------------------------------------------------------------------------------
+# ---- the last real token -----------------------------------------------------------------------------------
+
 
 def sequences(tokenizer) -> list[list[int]]:
     return [encode_prompt(tokenizer, p) + encode_completion(tokenizer, p, n) for p, n in zip(PROMPTS, NAMES)]
@@ -68,15 +92,25 @@ def pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, to
     width = max(map(len, seqs))
     fill = [[pad_id] * (width - len(s)) for s in seqs]
     ids = [f + s if side == "left" else s + f for s, f in zip(seqs, fill)]
-    mask = [[0] * len(f) + [1] * len(s) if side == "left" else [1] * len(s) + [0] * len(f) for s, f in zip(seqs, fill)]
+    mask = [
+        [0] * len(f) + [1] * len(s) if side == "left" else [1] * len(s) + [0] * len(f)
+        for s, f in zip(seqs, fill)
+    ]
     return torch.tensor(ids), torch.tensor(mask)
 
 
-@pytest.mark.parametrize("side, pad_is_eos", [("right", False), ("left", False), ("right", True), ("left", True)])
+@pytest.mark.parametrize(
+    "side, pad_is_eos", [("right", False), ("left", False), ("right", True), ("left", True)]
+)
 def test_reward_is_read_at_the_last_real_token(reward_net, side, pad_is_eos):
     model, tokenizer = reward_net
     seqs = sequences(tokenizer)
-    alone = torch.stack([rm.score_last_token(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0] for s in seqs])
+    alone = torch.stack(
+        [
+            rm.score_last_token(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
+            for s in seqs
+        ]
+    )
     pad_id = tokenizer.eos_token_id if pad_is_eos else tokenizer.pad_token_id
     input_ids, attention_mask = pad(seqs, pad_id, side)
     assert len(set(map(len, seqs))) == 3  # unequal lengths, so padding really happens
@@ -99,7 +133,8 @@ def test_concat_pairs_puts_chosen_first_and_trains_eos_equal_to_pad():
     assert completion_mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
 
 
-# ---- preference pairs ---------------------------------------------------------------------------------------
+# ---- preference pairs --------------------------------------------------------------------------------------
+
 
 def test_pair_builder_is_deterministic_without_ties_and_chosen_scores_higher(painter):
     model, tokenizer = painter
@@ -126,32 +161,44 @@ def test_ties_and_single_names_give_no_pair_and_flips_swap():
 
 def test_heldout_pair_prompts_are_fixed_and_disjoint_from_training_and_eval():
     from common import eval_prompts
+
     heldout = pair_prompts(100, "heldout", seed=0)
     assert heldout == pair_prompts(100, "heldout", seed=9)
-    assert not set(heldout) & set(eval_prompts(64)) and not set(heldout) & set(pair_prompts(2000, "train", seed=1))
+    assert not set(heldout) & set(eval_prompts(64)) and not set(heldout) & set(
+        pair_prompts(2000, "train", seed=1)
+    )
 
 
 def test_full_text_pairs_split_at_their_shared_prefix(tmp_path):
-    assert split_shared_prefix("Name this paint color: #d48475 Sunset Dust", "Name this paint color: #d48475 Navy") == \
-        ("Name this paint color: #d48475", "Sunset Dust", "Navy")
+    assert split_shared_prefix(
+        "Name this paint color: #d48475 Sunset Dust", "Name this paint color: #d48475 Navy"
+    ) == ("Name this paint color: #d48475", "Sunset Dust", "Navy")
     path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps({"prompt": "P #123456", "chosen": "A", "rejected": "B"}) + "\n"
-                    + json.dumps({"chosen": "Q #123456 Sunset Dust", "rejected": "Q #123456 Sunset Glow"}) + "\n")
-    assert read_preferences(str(path)) == [{"prompt": "P #123456", "chosen": "A", "rejected": "B"},
-                                           {"prompt": "Q #123456 Sunset", "chosen": "Dust", "rejected": "Glow"}]
+    path.write_text(
+        json.dumps({"prompt": "P #123456", "chosen": "A", "rejected": "B"})
+        + "\n"
+        + json.dumps({"chosen": "Q #123456 Sunset Dust", "rejected": "Q #123456 Sunset Glow"})
+        + "\n"
+    )
+    assert read_preferences(str(path)) == [
+        {"prompt": "P #123456", "chosen": "A", "rejected": "B"},
+        {"prompt": "Q #123456 Sunset", "chosen": "Dust", "rejected": "Glow"},
+    ]
 
 
 def test_encode_pairs_skips_or_rejects_identical_and_truncates_long(painter):
     _, tokenizer = painter
-    pairs = [{"prompt": PROMPTS[0], "chosen": "Navy", "rejected": "Navy"},
-             {"prompt": PROMPTS[0], "chosen": "Navy Blue Sky", "rejected": "Red"}]
+    pairs = [
+        {"prompt": PROMPTS[0], "chosen": "Navy", "rejected": "Navy"},
+        {"prompt": PROMPTS[0], "chosen": "Navy Blue Sky", "rejected": "Red"},
+    ]
     warnings = []
     encoded = encode_pairs(tokenizer, pairs, 64, warn=warnings.append)
     assert len(encoded) == 1 and "skipped 1 of 2" in warnings[0]
     with pytest.raises(ValueError, match="chosen identical to rejected"):
         encode_pairs(tokenizer, pairs, 64, identical="error")
     prompt_len = len(encode_prompt(tokenizer, PROMPTS[0]))
-    (p, c, r), = encode_pairs(tokenizer, pairs[1:], prompt_len + 2, warn=warnings.append)
+    ((p, c, r),) = encode_pairs(tokenizer, pairs[1:], prompt_len + 2, warn=warnings.append)
     assert len(c) == 2 and len(r) == 2 and "truncated 1 of 1" in warnings[-1]
     with pytest.raises(ValueError, match="exceeds the model's context"):
         encode_pairs(tokenizer, pairs[1:], prompt_len + 2, too_long="error")
@@ -159,7 +206,8 @@ def test_encode_pairs_skips_or_rejects_identical_and_truncates_long(painter):
         encode_pairs(tokenizer, pairs[:1], 64, warn=warnings.append)
 
 
-# ---- runs -----------------------------------------------------------------------------------------------------
+# ---- runs --------------------------------------------------------------------------------------------------
+
 
 def test_main_writes_metrics_and_a_model_the_rm_judge_scores_identically(tmp_path):
     metrics = rm.main(tiny_args(tmp_path))
@@ -171,7 +219,9 @@ def test_main_writes_metrics_and_a_model_the_rm_judge_scores_identically(tmp_pat
     assert 0 <= metrics["eval/accuracy"] <= 1
     # the rm: judge loads the saved model and scores exactly as training does (it left-pads, we right-pad)
     judge = get_judge(f"rm:{run}/model")
-    model, tokenizer = load_model_and_tokenizer(f"{run}/model", model_class=AutoModelForSequenceClassification)
+    model, tokenizer = load_model_and_tokenizer(
+        f"{run}/model", model_class=AutoModelForSequenceClassification
+    )
     assert model.config.num_labels == 1
     ours = rm.score_last_token(model, *pad(sequences(tokenizer), tokenizer.pad_token_id, "right"))
     assert judge(PROMPTS, NAMES) == pytest.approx(ours.tolist(), abs=1e-5)
@@ -179,25 +229,60 @@ def test_main_writes_metrics_and_a_model_the_rm_judge_scores_identically(tmp_pat
 
 def test_main_reads_jsonl_pairs_and_learns_them(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Name this paint color: #{h}", "chosen": "Whispering Dawn",
-                                        "rejected": "Dark Grey"}) + "\n" for h in ["d48475", "1f4e79", "203060", "102050"] * 5))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": f"Name this paint color: #{h}",
+                    "chosen": "Whispering Dawn",
+                    "rejected": "Dark Grey",
+                }
+            )
+            + "\n"
+            for h in ["d48475", "1f4e79", "203060", "102050"] * 5
+        )
+    )
     metrics = rm.main(tiny_args(tmp_path, data=str(path), batch_size=6, num_epochs=4, learning_rate=3e-3))
     assert metrics["eval/accuracy"] == 1.0 and metrics["eval/loss"] < math.log(2)
 
 
-@pytest.mark.parametrize("rows, flags, message", [
-    ([{"prompt": "P #123456", "chosen": "A"}], [], "lacks string field(s) ['rejected']"),
-    ([{"prompt": "P #123456", "chosen": "A", "rejected": "A"}] * 3, ["--identical-pairs", "error"], "chosen identical to rejected"),
-    ([{"prompt": "P #123456", "chosen": "A", "rejected": "A"}] * 3, [], "no preference pairs left"),
-])
+@pytest.mark.parametrize(
+    "rows, flags, message",
+    [
+        ([{"prompt": "P #123456", "chosen": "A"}], [], "lacks string field(s) ['rejected']"),
+        (
+            [{"prompt": "P #123456", "chosen": "A", "rejected": "A"}] * 3,
+            ["--identical-pairs", "error"],
+            "chosen identical to rejected",
+        ),
+        ([{"prompt": "P #123456", "chosen": "A", "rejected": "A"}] * 3, [], "no preference pairs left"),
+    ],
+)
 def test_cli_bad_input_is_one_line(tmp_path, rows, flags, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert_one_line_error(run_script("reward_model.py", "--data", str(path), "--output-dir", str(tmp_path), *flags), message)
+    assert_one_line_error(
+        run_script("reward_model.py", "--data", str(path), "--output-dir", str(tmp_path), *flags), message
+    )
 
 
 def test_cli_runs(tmp_path):
-    result = run_script("reward_model.py", "--judge", "correct", "--num-prompts", "24", "--eval-prompts", "8",
-                        "--batch-size", "8", "--num-epochs", "1", "--output-dir", str(tmp_path))
+    result = run_script(
+        "reward_model.py",
+        "--judge",
+        "correct",
+        "--num-prompts",
+        "24",
+        "--eval-prompts",
+        "8",
+        "--batch-size",
+        "8",
+        "--num-epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert_run_console(result, tmp_path, "eval/accuracy")
-    assert_help_lists("reward_model.py", ["--center-coef", "--margin", "--flip-prob", "--identical-pairs", "--too-long"])
+    assert_help_lists(
+        "reward_model.py", ["--center-coef", "--margin", "--flip-prob", "--identical-pairs", "--too-long"]
+    )

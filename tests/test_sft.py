@@ -1,4 +1,6 @@
-"""sft.py: the loss mask and loss by hand, gradient accumulation, tokenizers, smoke and CLI runs, bad input."""
+"""sft.py: the loss mask and loss by hand, gradient accumulation, tokenizers, smoke and CLI runs, bad
+input."""
+
 import json
 import math
 import os
@@ -13,8 +15,20 @@ from conftest import assert_run_console, assert_help_lists, assert_one_line_erro
 
 
 def tiny_args(tmp_path, **overrides) -> sft.Args:
-    base = dict(output_dir=str(tmp_path), total_steps=4, batch_size=8, eval_every=2, eval_size=8, log_every=1,
-                d_model=32, n_layers=1, n_heads=2, d_ff=64, max_new_tokens=6, warmup_steps=2)
+    base = dict(
+        output_dir=str(tmp_path),
+        total_steps=4,
+        batch_size=8,
+        eval_every=2,
+        eval_size=8,
+        log_every=1,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        d_ff=64,
+        max_new_tokens=6,
+        warmup_steps=2,
+    )
     return sft.Args(**{**base, **overrides})
 
 
@@ -41,7 +55,9 @@ def test_completion_nll_by_hand():
     expected = -(math.log(3 / 4) + math.log(4 / 5))
     assert sft.completion_nll(logits, input_ids, completion_mask).item() == pytest.approx(expected, abs=1e-6)
     # the prompt token is never predicted: masking only the last completion token leaves log(3/4)
-    assert sft.completion_nll(logits, input_ids, torch.tensor([[0.0, 1.0, 0.0]])).item() == pytest.approx(-math.log(3 / 4))
+    assert sft.completion_nll(logits, input_ids, torch.tensor([[0.0, 1.0, 0.0]])).item() == pytest.approx(
+        -math.log(3 / 4)
+    )
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -49,8 +65,13 @@ def test_gradient_accumulation_equals_one_big_batch():
     tokenizer = sft.build_tokenizer("byte", ["abc"])
     model = sft.new_model(tokenizer, 32, 1, 2, 64)
     rng = np.random.default_rng(0)
-    batch = [(rng.integers(4, 200, size=rng.integers(2, 6)).tolist(), rng.integers(4, 200, size=rng.integers(1, 9)).tolist())
-             for _ in range(6)]  # unequal completion lengths: a per-micro-batch mean would differ
+    batch = [
+        (
+            rng.integers(4, 200, size=rng.integers(2, 6)).tolist(),
+            rng.integers(4, 200, size=rng.integers(1, 9)).tolist(),
+        )
+        for _ in range(6)
+    ]  # unequal completion lengths: a per-micro-batch mean would differ
     n_tokens = sum(len(c) for _, c in batch)
 
     def gradient(micro: int) -> torch.Tensor:
@@ -68,7 +89,9 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     lr = [sft.lr_at(s, 100, 10, 1.0, 0.1) for s in range(100)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0) and lr[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lr[10:], lr[11:])) and sft.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:])) and sft.lr_at(
+        100, 100, 10, 1.0, 0.1
+    ) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("kind", ["word", "bpe", "byte"])
@@ -89,8 +112,12 @@ def test_main_from_scratch_writes_metrics_samples_and_model(tmp_path):
     run = metrics["run_dir"]
     lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     evals = [m for m in lines if "eval/reward" in m]
-    assert [m["step"] for m in evals] == [0, 2, 4] and all(math.isfinite(m["train/loss"]) for m in lines if "train/loss" in m)
-    assert os.path.exists(os.path.join(run, "samples.jsonl")) and os.path.exists(os.path.join(run, "model", "model.safetensors"))
+    assert [m["step"] for m in evals] == [0, 2, 4] and all(
+        math.isfinite(m["train/loss"]) for m in lines if "train/loss" in m
+    )
+    assert os.path.exists(os.path.join(run, "samples.jsonl")) and os.path.exists(
+        os.path.join(run, "model", "model.safetensors")
+    )
     assert 0 <= metrics["eval/distinct"] <= 1
 
 
@@ -101,13 +128,28 @@ def test_main_is_reproducible(tmp_path):
 
 def test_main_fine_tunes_the_painter_on_jsonl_and_the_loss_falls(tmp_path):
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Name this paint color: #{h}", "completion": "Navy Blue"}) + "\n"
-                            for h in ["1f4e79", "203060", "102050", "253565"]))
-    args = tiny_args(tmp_path, model="common/painter", data=str(data), total_steps=6, batch_size=4,
-                     learning_rate=1e-3, grad_accum_steps=2, eval_every=6, eval_size=4)
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Name this paint color: #{h}", "completion": "Navy Blue"}) + "\n"
+            for h in ["1f4e79", "203060", "102050", "253565"]
+        )
+    )
+    args = tiny_args(
+        tmp_path,
+        model="common/painter",
+        data=str(data),
+        total_steps=6,
+        batch_size=4,
+        learning_rate=1e-3,
+        grad_accum_steps=2,
+        eval_every=6,
+        eval_size=4,
+    )
     sft.main(args)
     run = [d for d in os.listdir(tmp_path) if d.startswith("sft__")][0]
-    losses = [json.loads(l)["train/loss"] for l in open(tmp_path / run / "metrics.jsonl") if "train/loss" in l]
+    losses = [
+        json.loads(l)["train/loss"] for l in open(tmp_path / run / "metrics.jsonl") if "train/loss" in l
+    ]
     assert losses[-1] < losses[0]
 
 
@@ -126,17 +168,41 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path):
         sft.main(tiny_args(tmp_path, model="common/painter", data=str(data)))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--data", "missing.jsonl"], "does not exist"),
-    (["--model", "./no/such/model"], "is not a directory"),
-    (["--judge", "critic"], "unknown judge 'critic'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "missing.jsonl"], "does not exist"),
+        (["--model", "./no/such/model"], "is not a directory"),
+        (["--judge", "critic"], "unknown judge 'critic'"),
+    ],
+)
 def test_cli_bad_input_is_one_line(flags, message):
     assert_one_line_error(run_script("sft.py", *flags), message)
 
 
 def test_cli_runs(tmp_path):
-    result = run_script("sft.py", "--total-steps", "2", "--batch-size", "4", "--eval-every", "2", "--eval-size", "4",
-                        "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--output-dir", str(tmp_path))
+    result = run_script(
+        "sft.py",
+        "--total-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-size",
+        "4",
+        "--d-model",
+        "32",
+        "--n-layers",
+        "1",
+        "--n-heads",
+        "2",
+        "--d-ff",
+        "64",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert_run_console(result, tmp_path, "eval/reward")
-    assert_help_lists("sft.py", ["--grad-accum-steps", "--tokenizer", "--synthetic-frac", "--save-to", "--judge"])
+    assert_help_lists(
+        "sft.py", ["--grad-accum-steps", "--tokenizer", "--synthetic-frac", "--save-to", "--judge"]
+    )
