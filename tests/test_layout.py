@@ -1,5 +1,5 @@
-"""The shape every algorithm file keeps (STYLE): docstring, imports, Args, the algorithm's functions, main last;
-at most 450 lines (ppo_rlhf.py 520) at the formatter's 110 columns (.ruff.toml), in common/ and tests/ too."""
+"""The shape every algorithm file keeps (STYLE): docstring, imports, Args, the algorithm's functions, main
+last; at most 450 lines (ppo_rlhf.py 520) at the formatter's 110 columns (.ruff.toml; common/, tests/ too)."""
 
 import ast
 import glob
