@@ -1,4 +1,4 @@
-"""The shipped painter meets its quality bar (README, "The shipped painter")."""
+"""The shipped painter meets its quality bar (README, "The task and the judges"; tests/bench/README.md)."""
 
 import os
 
