@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import Logger, all_sum, autocast, cleanup_distributed, encode_pairs, eval_prompts, evaluate
-from common import get_judge, init_distributed, load_model_and_tokenizer, load_pairs, parse_args
-from common import resolve_device_dtype
+from common import all_sum, autocast, cleanup_distributed, encode_pairs, eval_prompts, evaluate, get_judge
+from common import init_distributed, load_checkpoint, load_model_and_tokenizer, load_pairs, Logger, parse_args
+from common import resolve_device_dtype, resumed_args, save_checkpoint
 
 
 @dataclass
@@ -48,6 +48,10 @@ class Args:
     """seed for python, numpy and torch (data order, the built-in pairs, sampling)"""
     output_dir: str = "runs"
     """runs go to output_dir/dpo__exp_name__seed__time/"""
+    resume: Optional[str] = None
+    """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
+    save_every: Optional[int] = None
+    """save a checkpoint (weights, optimizer, step, random states) every this many steps; None = every eval"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "paint-post-training"
@@ -218,6 +222,7 @@ def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 64) -> torch
 
 
 def main(args: Args) -> dict:
+    args = resumed_args("dpo", args) if args.resume else args  # --resume: the run's own settings
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("dpo", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     # DDP: the same seed on every rank: the same pairs and the same batch order, of which each rank takes its
@@ -295,102 +300,107 @@ def main(args: Args) -> dict:
         metrics["eval/accuracy"] = float((margins > 0).float().mean())
         return metrics, samples
 
-    # rank 0: the starting model, then every --eval-every
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)
+    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
+    start, state = load_checkpoint(log, {"model": model}, optimizer, rng) if args.resume else (1, {})
+    # rank 0: the starting model
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
+    order = np.array(state["order"]) if start > 1 else None  # this epoch's order of the pairs
     model.train()
-    step = 0
-    for epoch in range(args.num_epochs):
-        order = rng.permutation(len(train))
-        for start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
-            step, t0 = step + 1, time.perf_counter()
-            indices = order[start : start + args.batch_size]
-            # DDP: this rank's share; equal shares, so the mean of the ranks'
-            share = args.batch_size // world
-            indices = indices[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
-            batch = [train[i] for i in indices]
-            B = len(batch)
+    for step in range(start, total_steps + 1):
+        epoch, position = divmod(step - 1, steps_per_epoch)
+        if position == 0:  # a new epoch, a new order
+            order = rng.permutation(len(train))
+        t0 = time.perf_counter()
+        indices = order[position * args.batch_size : (position + 1) * args.batch_size]
+        # DDP: this rank's share; equal shares, so the mean of the ranks'
+        share = args.batch_size // world
+        indices = indices[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
+        batch = [train[i] for i in indices]
+        B = len(batch)
 
-            # 3. pi_ref's log-probs: looked up, or one no-grad forward (never recomputed within the step)
-            if ref_logps is not None:
-                ref_chosen_logps, ref_rejected_logps = ref_logps[indices].to(device).T
-            else:
-                with torch.no_grad(), autocast(device, dtype):
-                    ref_both, _ = batch_logprobs(ref_model, batch, pad_id)  # (2B,)
-                ref_chosen_logps, ref_rejected_logps = ref_both[:B], ref_both[B:]
+        # 3. pi_ref's log-probs: looked up, or one no-grad forward (never recomputed within the step)
+        if ref_logps is not None:
+            ref_chosen_logps, ref_rejected_logps = ref_logps[indices].to(device).T
+        else:
+            with torch.no_grad(), autocast(device, dtype):
+                ref_both, _ = batch_logprobs(ref_model, batch, pad_id)  # (2B,)
+            ref_chosen_logps, ref_rejected_logps = ref_both[:B], ref_both[B:]
 
-            # 4. the policy's log-probs: one forward over chosen and rejected together
-            with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                logps, lengths = batch_logprobs(ddp_model, batch, pad_id)  # (2B,), (2B,)
+        # 4. the policy's log-probs: one forward over chosen and rejected together
+        with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
+            logps, lengths = batch_logprobs(ddp_model, batch, pad_id)  # (2B,), (2B,)
 
-            # 5. the preference loss (+ RPO's NLL on the chosen completion, per token)
-            loss, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen_logps=logps[:B],
-                rejected_logps=logps[B:],
-                ref_chosen_logps=ref_chosen_logps,
-                ref_rejected_logps=ref_rejected_logps,
-                beta=args.beta,
-                loss_type=args.loss_type,
-                label_smoothing=args.label_smoothing,
-                chosen_lengths=lengths[:B],
-                rejected_lengths=lengths[B:],
+        # 5. the preference loss (+ RPO's NLL on the chosen completion, per token)
+        loss, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen_logps=logps[:B],
+            rejected_logps=logps[B:],
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=args.beta,
+            loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing,
+            chosen_lengths=lengths[:B],
+            rejected_lengths=lengths[B:],
+        )
+        if args.rpo_alpha:
+            # ALGO: RPO: the NLL of the chosen completion per token, which keeps log pi(y_c) from falling
+            loss = loss + args.rpo_alpha * (-logps[:B] / lengths[:B]).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {float(loss)} at step {step}; the last good model is in "
+                f"{log.dir}/model: lower --learning-rate or check the data"
             )
-            if args.rpo_alpha:
-                # ALGO: RPO: the NLL of the chosen completion per token, which keeps log pi(y_c) from falling
-                loss = loss + args.rpo_alpha * (-logps[:B] / lengths[:B]).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {float(loss)} at step {step}; the last good model is in "
-                    f"{log.dir}/model: lower --learning-rate or check the data"
-                )
 
-            # 6. clip, schedule (warm-up, then linear decay to 0), step
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            lr = args.learning_rate * min(step / max(1, args.warmup_steps), 1 - (step - 1) / total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_s = time.perf_counter() - t0
+        # 6. clip, schedule (warm-up, then linear decay to 0), step
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        lr = args.learning_rate * min(step / max(1, args.warmup_steps), 1 - (step - 1) / total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s = time.perf_counter() - t0
 
-            # 7. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
-            if step % args.log_every == 0:
-                accuracy = (chosen_rewards > rejected_rewards).float().mean()
-                per_rank = torch.stack(
-                    [
-                        loss.detach(),
-                        chosen_rewards.mean(),
-                        rejected_rewards.mean(),
-                        accuracy,
-                        logps[:B].detach().mean(),
-                        logps[B:].detach().mean(),
-                    ]
-                )
-                means = all_sum(per_rank.cpu()) / world
-                loss_, chosen, rejected, accuracy, logps_chosen, logps_rejected = means.tolist()
-                margins = float(means[1] - means[2])
-                tokens = float(
-                    all_sum(torch.tensor(float(sum(2 * len(p) + len(c) + len(r) for p, c, r in batch))))
-                )
-                log.log(
-                    step,
-                    {
-                        "epoch": epoch,
-                        "train/loss": loss_,
-                        "rewards/chosen": chosen,
-                        "rewards/rejected": rejected,
-                        "rewards/margins": margins,
-                        "rewards/accuracies": accuracy,
-                        "logps/chosen": logps_chosen,
-                        "logps/rejected": logps_rejected,
-                        "train/grad_norm": float(grad_norm),
-                        "train/lr": lr,
-                        "perf/step_s": step_s,
-                        "perf/tokens_per_s": tokens / step_s,
-                    },
-                )
-            if step % args.eval_every == 0 or step == total_steps:
-                eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+        # 7. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
+        if step % args.log_every == 0:
+            accuracy = (chosen_rewards > rejected_rewards).float().mean()
+            per_rank = torch.stack(
+                [
+                    loss.detach(),
+                    chosen_rewards.mean(),
+                    rejected_rewards.mean(),
+                    accuracy,
+                    logps[:B].detach().mean(),
+                    logps[B:].detach().mean(),
+                ]
+            )
+            means = all_sum(per_rank.cpu()) / world
+            loss_, chosen, rejected, accuracy, logps_chosen, logps_rejected = means.tolist()
+            margins = float(means[1] - means[2])
+            tokens = float(
+                all_sum(torch.tensor(float(sum(2 * len(p) + len(c) + len(r) for p, c, r in batch))))
+            )
+            log.log(
+                step,
+                {
+                    "epoch": epoch,
+                    "train/loss": loss_,
+                    "rewards/chosen": chosen,
+                    "rewards/rejected": rejected,
+                    "rewards/margins": margins,
+                    "rewards/accuracies": accuracy,
+                    "logps/chosen": logps_chosen,
+                    "logps/rejected": logps_rejected,
+                    "train/grad_norm": float(grad_norm),
+                    "train/lr": lr,
+                    "perf/step_s": step_s,
+                    "perf/tokens_per_s": tokens / step_s,
+                },
+            )
+        if step % args.eval_every == 0 or step == total_steps:
+            eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+        if step % (args.save_every or args.eval_every) == 0 or step == total_steps:
+            save_checkpoint(log, step, {"model": model}, optimizer, rng, order=order.tolist())
     del ddp_model  # DDP: free the wrapper before leaving the process group
     cleanup_distributed()
     log.close()

@@ -32,9 +32,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import Logger, all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate
-from common import get_judge, init_distributed, load_model_and_tokenizer, load_prompts, parse_args
-from common import resolve_device_dtype, sample, sampling_config, sync_gradients
+from common import all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge
+from common import init_distributed, load_checkpoint, load_model_and_tokenizer, load_prompts, Logger
+from common import parse_args, resolve_device_dtype, resumed_args, sample, sampling_config, save_checkpoint
+from common import sync_gradients
 
 
 @dataclass
@@ -46,6 +47,10 @@ class Args:
     """seed for python, numpy and torch (prompt order and sampling)"""
     output_dir: str = "runs"
     """runs go to output_dir/grpo__exp_name__seed__time/"""
+    resume: Optional[str] = None
+    """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
+    save_every: Optional[int] = None
+    """save a checkpoint (weights, optimizer, step, random states) every this many steps; None = every eval"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "paint-post-training"
@@ -224,6 +229,7 @@ def batched_logprobs(
 
 
 def main(args: Args) -> dict:
+    args = resumed_args("grpo", args) if args.resume else args  # --resume: the run's own settings
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("grpo", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
@@ -266,10 +272,11 @@ def main(args: Args) -> dict:
             model, tokenizer, judge, prompts, args.temperature, args.max_new_tokens, dtype=dtype, **eval_extra
         )
 
-    eval_metrics = log.evaluate(
-        0, run_eval, model, tokenizer
-    )  # rank 0: the starting model, then every few steps
-    for step in range(1, args.total_steps + 1):
+    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
+    start, state = load_checkpoint(log, {"model": model}, optimizer, rng) if args.resume else (1, {})
+    # rank 0: the starting model
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
+    for step in range(start, args.total_steps + 1):
         t0 = time.perf_counter()
         # 1. sample the batch's prompts; each is repeated G times, so rows i*G .. i*G+G-1 are prompt i's group
         batch_rows = [rows[i] for i in rng.choice(len(rows), size=args.batch_size, replace=False)]
@@ -396,6 +403,8 @@ def main(args: Args) -> dict:
             log.log(step, metrics)
         if step % args.eval_every == 0 or step == args.total_steps:
             eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+        if step % (args.save_every or args.eval_every) == 0 or step == args.total_steps:
+            save_checkpoint(log, step, {"model": model}, optimizer, rng)
     del ddp_model  # DDP: free the wrapper before leaving the process group
     cleanup_distributed()
     log.close()

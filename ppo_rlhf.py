@@ -40,9 +40,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForSequenceClassification
 
-from common import Logger, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge
-from common import init_distributed, load_model_and_tokenizer, load_prompts, parse_args, resolve_device_dtype
-from common import load_reward_model, sample, sampling_config
+from common import all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge
+from common import init_distributed, load_checkpoint, load_model_and_tokenizer, load_prompts
+from common import load_reward_model, Logger, parse_args, resolve_device_dtype, resumed_args, sample
+from common import sampling_config, save_checkpoint
 
 
 @dataclass
@@ -54,6 +55,10 @@ class Args:
     """seed for python, numpy and torch (prompt order, sampling, minibatch order)"""
     output_dir: str = "runs"
     """runs go to output_dir/ppo_rlhf__exp_name__seed__time/"""
+    resume: Optional[str] = None
+    """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
+    save_every: Optional[int] = None
+    """save a checkpoint (weights, optimizer, step, random states) every this many steps; None = every eval"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "paint-post-training"
@@ -284,6 +289,7 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_episodes: int, 
 
 
 def main(args: Args) -> dict:
+    args = resumed_args("ppo_rlhf", args) if args.resume else args  # --resume: the run's own settings
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("ppo_rlhf", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
@@ -333,7 +339,6 @@ def main(args: Args) -> dict:
     # 14)
     trained = list(model.parameters()) + list(value_model.parameters())
     optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
-    kl_coef = args.kl_coef
 
     def run_eval() -> tuple[dict, list[dict]]:
         prompts = [r["prompt"] for r in eval_rows]
@@ -341,10 +346,16 @@ def main(args: Args) -> dict:
             model, tokenizer, judge, prompts, args.temperature, args.max_new_tokens, dtype=dtype, **eval_extra
         )
 
-    eval_metrics = log.evaluate(
-        0, run_eval, model, tokenizer
-    )  # rank 0: the starting model, then every few steps
-    for step in range(1, args.total_steps + 1):
+    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
+    start, state = (
+        load_checkpoint(log, {"model": model, "value_model": value_model}, optimizer, rng)
+        if args.resume
+        else (1, {})
+    )
+    kl_coef = state.get("kl_coef", args.kl_coef)  # beta, adaptive with --target-kl
+    # rank 0: the starting model
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
+    for step in range(start, args.total_steps + 1):
         t0 = time.perf_counter()
         # 1. sample the batch's prompts, one completion each
         batch_rows = [rows[i] for i in rng.choice(len(rows), size=args.batch_size, replace=False)]
@@ -492,6 +503,10 @@ def main(args: Args) -> dict:
             log.log(step, metrics)
         if step % args.eval_every == 0 or step == args.total_steps:
             eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+        if step % (args.save_every or args.eval_every) == 0 or step == args.total_steps:
+            save_checkpoint(
+                log, step, {"model": model, "value_model": value_model}, optimizer, rng, kl_coef=kl_coef
+            )
     del ddp_model, ddp_value_model  # DDP: free the wrappers before leaving the process group
     cleanup_distributed()
     log.close()

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModelForSequenceClassification
 
-from common import Logger, all_sum, autocast, cleanup_distributed, encode_pairs, get_judge, init_distributed
-from common import load_model_and_tokenizer, load_pairs, parse_args, resolve_device_dtype
+from common import all_sum, autocast, cleanup_distributed, encode_pairs, get_judge, init_distributed
+from common import load_checkpoint, load_model_and_tokenizer, load_pairs, Logger, parse_args
+from common import resolve_device_dtype, resumed_args, save_checkpoint
 
 
 @dataclass
@@ -46,6 +47,10 @@ class Args:
     """seed for python, numpy and torch (data order, head init, the built-in pairs)"""
     output_dir: str = "runs"
     """runs go to output_dir/reward_model__exp_name__seed__time/"""
+    resume: Optional[str] = None
+    """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
+    save_every: Optional[int] = None
+    """save a checkpoint (weights, optimizer, step, random states) every this many steps; None = every eval"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "paint-post-training"
@@ -179,6 +184,7 @@ def evaluate_pairs(
 
 
 def main(args: Args) -> dict:
+    args = resumed_args("reward_model", args) if args.resume else args  # --resume: the run's own settings
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("reward_model", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     # DDP: the same seed on every rank: the same head, pairs and batch order, of which each rank takes its
@@ -236,75 +242,80 @@ def main(args: Args) -> dict:
     def run_eval() -> tuple[dict, None]:
         return evaluate_pairs(model, heldout, tokenizer.pad_token_id, dtype), None
 
-    # rank 0: the starting model, then every --eval-every
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)
+    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
+    start, state = load_checkpoint(log, {"model": model}, optimizer, rng) if args.resume else (1, {})
+    # rank 0: the starting model
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
+    order = np.array(state["order"]) if start > 1 else None  # this epoch's order of the pairs
     model.train()
-    step = 0
-    for epoch in range(args.num_epochs):
-        order = rng.permutation(len(train))
-        for start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
-            step, t0 = step + 1, time.perf_counter()
-            # 3. one forward over the 2B sequences: chosen rows first, rejected rows after
-            batch = [train[i] for i in order[start : start + args.batch_size]]
-            # DDP: this rank's share; equal shares, so the mean of the ranks'
-            share = args.batch_size // world
-            batch = batch[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
-            input_ids, attention_mask, _ = (t.to(device) for t in concat_pairs(batch, tokenizer.pad_token_id))
-            with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                rewards = score_last_token(ddp_model, input_ids, attention_mask)  # (2B,)
-            chosen_rewards, rejected_rewards = rewards[: len(batch)], rewards[len(batch) :]
+    for step in range(start, total_steps + 1):
+        epoch, position = divmod(step - 1, steps_per_epoch)
+        if position == 0:  # a new epoch, a new order
+            order = rng.permutation(len(train))
+        t0 = time.perf_counter()
+        # 3. one forward over the 2B sequences: chosen rows first, rejected rows after
+        batch = [train[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
+        # DDP: this rank's share; equal shares, so the mean of the ranks'
+        share = args.batch_size // world
+        batch = batch[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
+        input_ids, attention_mask, _ = (t.to(device) for t in concat_pairs(batch, tokenizer.pad_token_id))
+        with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
+            rewards = score_last_token(ddp_model, input_ids, attention_mask)  # (2B,)
+        chosen_rewards, rejected_rewards = rewards[: len(batch)], rewards[len(batch) :]
 
-            # 4. the Bradley–Terry loss
-            loss, accuracy = bradley_terry_loss(
-                chosen_rewards=chosen_rewards,
-                rejected_rewards=rejected_rewards,
-                margin=args.margin,
-                center_coef=args.center_coef,
+        # 4. the Bradley–Terry loss
+        loss, accuracy = bradley_terry_loss(
+            chosen_rewards=chosen_rewards,
+            rejected_rewards=rejected_rewards,
+            margin=args.margin,
+            center_coef=args.center_coef,
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {float(loss)} at step {step}; the last good model is in "
+                f"{log.dir}/model: lower --learning-rate or check the data"
             )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {float(loss)} at step {step}; the last good model is in "
-                    f"{log.dir}/model: lower --learning-rate or check the data"
-                )
 
-            # 5. clip, linear decay to 0, step
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            lr = args.learning_rate * (1 - (step - 1) / total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_s = time.perf_counter() - t0
+        # 5. clip, linear decay to 0, step
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        lr = args.learning_rate * (1 - (step - 1) / total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s = time.perf_counter() - t0
 
-            # 6. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
-            if step % args.log_every == 0:
-                per_rank = torch.stack(
-                    [
-                        loss.detach(),
-                        accuracy,
-                        (chosen_rewards - rejected_rewards).detach().mean(),
-                        rewards.detach().mean(),
-                        attention_mask.sum() * world,
-                    ]
-                ).float()
-                loss_, accuracy_, margin, reward_mean, tokens = (all_sum(per_rank.cpu()) / world).tolist()
-                log.log(
-                    step,
-                    {
-                        "epoch": epoch,
-                        "train/loss": loss_,
-                        "train/accuracy": accuracy_,
-                        "train/margin": margin,
-                        "train/reward_mean": reward_mean,
-                        "train/grad_norm": float(grad_norm),
-                        "train/lr": lr,
-                        "perf/step_s": step_s,
-                        "perf/tokens_per_s": tokens / step_s,
-                    },
-                )
-            if step % args.eval_every == 0 or step == total_steps:
-                eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+        # 6. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
+        if step % args.log_every == 0:
+            per_rank = torch.stack(
+                [
+                    loss.detach(),
+                    accuracy,
+                    (chosen_rewards - rejected_rewards).detach().mean(),
+                    rewards.detach().mean(),
+                    attention_mask.sum() * world,
+                ]
+            ).float()
+            loss_, accuracy_, margin, reward_mean, tokens = (all_sum(per_rank.cpu()) / world).tolist()
+            log.log(
+                step,
+                {
+                    "epoch": epoch,
+                    "train/loss": loss_,
+                    "train/accuracy": accuracy_,
+                    "train/margin": margin,
+                    "train/reward_mean": reward_mean,
+                    "train/grad_norm": float(grad_norm),
+                    "train/lr": lr,
+                    "perf/step_s": step_s,
+                    "perf/tokens_per_s": tokens / step_s,
+                },
+            )
+        if step % args.eval_every == 0 or step == total_steps:
+            eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+        if step % (args.save_every or args.eval_every) == 0 or step == total_steps:
+            save_checkpoint(log, step, {"model": model}, optimizer, rng, order=order.tolist())
     del ddp_model  # DDP: free the wrapper before leaving the process group
     cleanup_distributed()
     log.close()

@@ -27,9 +27,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import Logger, all_sum, autocast, cleanup_distributed, encode_examples, eval_prompts, evaluate
-from common import get_judge, init_distributed, load_model_and_tokenizer, parse_args, read_jsonl
-from common import resolve_device_dtype, sample_colour_pairs, save_atomic, sync_gradients
+from common import all_sum, autocast, cleanup_distributed, encode_examples, eval_prompts, evaluate, get_judge
+from common import init_distributed, load_checkpoint, load_model_and_tokenizer, Logger, parse_args, read_jsonl
+from common import resolve_device_dtype, resumed_args, sample_colour_pairs, save_atomic, save_checkpoint
+from common import sync_gradients
 from common.recipe import build_tokenizer, new_model, painter_texts, trainable_names
 
 
@@ -44,6 +45,10 @@ class Args:
     """runs go to output_dir/sft__exp_name__seed__time/"""
     save_to: Optional[str] = None
     """also save the final model here (`--save-to common/painter` replaces the shipped painter)"""
+    resume: Optional[str] = None
+    """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
+    save_every: Optional[int] = None
+    """save a checkpoint (weights, optimizer, step, random states) every this many steps; None = every eval"""
     track: bool = False
     """log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "paint-post-training"
@@ -163,6 +168,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 
 
 def main(args: Args) -> dict:
+    args = resumed_args("sft", args) if args.resume else args  # --resume: the run's own settings
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("sft", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     # DDP: the same seed on every rank: the same initial weights and batches, of which each rank takes its
@@ -216,11 +222,17 @@ def main(args: Args) -> dict:
             model, tokenizer, judge, eval_prompts_, args.temperature, args.max_new_tokens, dtype=dtype
         )
 
-    # rank 0: the starting model, then every --eval-every
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer)
-    order, cursor = (rng.permutation(len(rows)), 0) if rows else (None, 0)
+    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
+    start, state = load_checkpoint(log, {"model": model}, optimizer, rng) if args.resume else (1, {})
+    # rank 0: the starting model
+    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
+    order, cursor = None, 0  # with --data: the order of the rows and the position in it
+    if rows is not None:
+        order, cursor = (
+            (rng.permutation(len(rows)), 0) if start == 1 else (np.array(state["order"]), state["cursor"])
+        )
     model.train()
-    for step in range(1, args.total_steps + 1):
+    for step in range(start, args.total_steps + 1):
         t0 = time.perf_counter()
         # 3. one optimiser batch of B (prompt_ids, completion_ids) pairs
         if rows is None:
@@ -283,6 +295,9 @@ def main(args: Args) -> dict:
             )
         if step % args.eval_every == 0 or step == args.total_steps:
             eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
+        if step % (args.save_every or args.eval_every) == 0 or step == args.total_steps:
+            data_order = {"order": order.tolist(), "cursor": cursor} if rows is not None else {}
+            save_checkpoint(log, step, {"model": model}, optimizer, rng, **data_order)
     if args.save_to and rank == 0:
         save_atomic(model, tokenizer, args.save_to)
     del ddp_model  # DDP: free the wrapper before leaving the process group

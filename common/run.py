@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import tyro
 
-from .models import save_atomic
+from .models import PAINTER, save_atomic
 
 # ---- the process group (torchrun starts one process per rank; plain python is a world of one) -----------
 
@@ -109,15 +109,22 @@ class Logger:
     def __init__(self, script: str, args, rank: int = 0):
         # perf/train_s: wall clock with the evals left out
         self.t_start, self.eval_s = time.perf_counter(), 0.0
+        self.script, self.reference = script, getattr(args, "model", None) or PAINTER  # the starting model
         self.dir = os.path.join(
             args.output_dir, f"{script}__{args.exp_name}__{args.seed}__{int(time.time())}"
         )
+        if getattr(args, "resume", None):  # a resumed run continues in its own folder, appending
+            self.dir = args.resume.rstrip("/")
         self.active, self.evals, self.wandb, self.tensorboard = rank == 0, [], None, None
         if not self.active:
             return
         os.makedirs(self.dir, exist_ok=True)
-        with open(os.path.join(self.dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
+        if getattr(args, "resume", None):
+            with open(os.path.join(self.dir, "metrics.jsonl")) as f:  # the first eval, for the closing line
+                self.evals = [row for row in map(json.loads, f) if "perf/train_s" in row][:1]
+        else:
+            with open(os.path.join(self.dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=1)
         changed = [
             f"--{field.name.replace('_', '-')} {getattr(args, field.name)}"
             for field in dataclasses.fields(args)
@@ -167,7 +174,7 @@ class Logger:
             return {}
         t_eval = time.perf_counter()
         metrics, samples = run_eval()
-        metrics = {**metrics, "perf/train_s": t_eval - self.t_start - self.eval_s}
+        metrics = {**metrics, "perf/train_s": t_eval - self.t_start - self.eval_s}  # = train_seconds()
         self.log(step, metrics, samples, kind="eval")
         if samples:
             print(
@@ -179,6 +186,16 @@ class Logger:
         self.eval_s += time.perf_counter() - t_eval
         self.evals.append(metrics)
         return metrics
+
+    def train_seconds(self) -> float:
+        """Wall-clock seconds of this run so far, evals left out (perf/train_s)."""
+        return time.perf_counter() - self.t_start - self.eval_s
+
+    def resumed(self, step: int, train_s: float) -> None:
+        """Continue perf/train_s from where the checkpoint left it."""
+        self.t_start -= train_s - self.train_seconds()
+        if self.active:
+            print(f"resumed from step {step} of {self.dir}", flush=True)
 
     def close(self) -> None:
         """The closing line: where the run went, and the eval's headline metric before -> after."""

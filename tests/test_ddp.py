@@ -270,3 +270,54 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
     assert (
         result.returncode != 0 and "--batch-size 3 must be divisible by the 2 processes" in result.stderr
     ), result.stderr[-2000:]
+
+
+def test_two_processes_stopped_and_resumed_end_as_the_unbroken_run(tmp_path):
+    """Each rank saves its own random states; the resumed pair of processes continues both streams."""
+    argv = [
+        "--total-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--group-size",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "1",
+        "--eval-size",
+        "4",
+        "--log-every",
+        "1",
+        "--judge",
+        "correct",
+    ]
+    unbroken = run(["grpo.py", *argv], 2, tmp_path, "unbroken")
+    out = str(tmp_path / "broken")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    died = subprocess.run(
+        [*launcher, "tests/resume_worker.py", "grpo", "2", *argv, "--output-dir", out],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert died.returncode != 0  # both ranks died after step 2's checkpoint
+    (broken,) = glob.glob(os.path.join(out, "*"))
+    resumed = subprocess.run(
+        [*launcher, "grpo.py", "--resume", broken],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    weights = load_file(os.path.join(broken, "model", "model.safetensors"))
+    expected = load_file(os.path.join(unbroken, "model", "model.safetensors"))
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert [r["train/loss"] for r in train_rows(broken)] == [r["train/loss"] for r in train_rows(unbroken)]

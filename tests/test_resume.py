@@ -1,0 +1,192 @@
+"""--resume: a run stopped after k steps and resumed ends exactly as the unbroken run; a save killed with
+SIGKILL leaves a checkpoint that loads; a resumed run refuses another script's folder or other settings."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dpo
+import grpo
+import ppo_rlhf
+import reinforce
+import reward_model
+import sft
+from common import PAINTER
+from conftest import ROOT, assert_one_line_error, run_script
+
+SHORT = {  # a few steps of each script on the painter, a checkpoint after every step
+    grpo: dict(
+        total_steps=4,
+        batch_size=2,
+        group_size=4,
+        micro_batch_size=4,
+        eval_every=2,
+        eval_size=4,
+        log_every=1,
+        judge="correct",
+        max_new_tokens=6,
+    ),
+    reinforce: dict(
+        total_steps=4,
+        batch_size=2,
+        group_size=4,
+        micro_batch_size=4,
+        eval_every=2,
+        eval_size=4,
+        log_every=1,
+        judge="correct",
+        max_new_tokens=6,
+        baseline="moving-average",
+    ),
+    ppo_rlhf: dict(
+        total_steps=4,
+        batch_size=4,
+        num_minibatches=2,
+        num_ppo_epochs=2,
+        eval_every=2,
+        eval_size=4,
+        log_every=1,
+        judge="correct",
+        max_new_tokens=6,
+        target_kl=0.5,
+        kl_horizon=100,
+    ),
+    sft: dict(
+        model=PAINTER,
+        total_steps=4,
+        batch_size=8,
+        eval_every=2,
+        eval_size=4,
+        log_every=1,
+        max_new_tokens=6,
+        learning_rate=1e-4,
+        warmup_steps=2,
+    ),
+    dpo: dict(
+        num_prompts=40,
+        eval_pairs=8,
+        batch_size=8,
+        num_epochs=2,
+        eval_every=2,
+        eval_size=4,
+        log_every=1,
+        judge="correct",
+        max_new_tokens=6,
+        warmup_steps=1,
+    ),
+    reward_model: dict(
+        num_prompts=40, eval_prompts=8, batch_size=8, num_epochs=2, eval_every=2, log_every=1, judge="correct"
+    ),
+}
+
+
+class Crash(Exception):
+    pass
+
+
+def rows_after(run_dir: str, step: int) -> list[dict]:
+    """metrics.jsonl rows after `step`, timings left out (they are wall clock)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows if row["step"] > step]
+
+
+def final_weights(run_dir: str) -> dict:
+    return load_file(glob.glob(os.path.join(run_dir, "model", "*.safetensors"))[0])
+
+
+@pytest.mark.parametrize("script", SHORT, ids=lambda m: m.__name__)
+def test_a_run_stopped_and_resumed_ends_as_the_unbroken_run(script, tmp_path, monkeypatch):
+    settings = dict(SHORT[script], save_every=1)
+    unbroken = script.main(script.Args(output_dir=str(tmp_path / "unbroken"), **settings))["run_dir"]
+    stop_after = 2
+    save = script.save_checkpoint
+
+    def save_then_crash(log, step, *args, **kwargs):  # the process dies right after step 2's checkpoint
+        save(log, step, *args, **kwargs)
+        if step == stop_after:
+            raise Crash
+
+    monkeypatch.setattr(script, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        script.main(script.Args(output_dir=str(tmp_path / "broken"), **settings))
+    monkeypatch.undo()
+    (broken,) = glob.glob(str(tmp_path / "broken" / "*"))
+    assert rows_after(broken, stop_after) == []
+    resumed = script.main(script.Args(resume=broken))["run_dir"]  # --resume alone: the run's own settings
+    assert resumed == broken
+    assert rows_after(resumed, stop_after) == rows_after(unbroken, stop_after) != []
+    weights, expected = final_weights(resumed), final_weights(unbroken)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
+    if script is ppo_rlhf:  # the value model is saved and resumed too (its weights live in the checkpoint)
+        value = load_file(os.path.join(resumed, "checkpoints", "step-4", "value_model.safetensors"))
+        expected_value = load_file(os.path.join(unbroken, "checkpoints", "step-4", "value_model.safetensors"))
+        assert all(torch.equal(value[k], expected_value[k]) for k in value)
+
+
+def test_resume_refuses_other_settings_and_other_scripts(tmp_path):
+    run = grpo.main(grpo.Args(output_dir=str(tmp_path), **SHORT[grpo]))["run_dir"]
+    assert_one_line_error(run_script("grpo.py", "--resume", run, "--beta", "0.1"), "--beta 0.04, not 0.1")
+    assert_one_line_error(run_script("reinforce.py", "--resume", run), "is not a reinforce.py run")
+    assert_one_line_error(run_script("grpo.py", "--resume", str(tmp_path / "nope")), "has no args.json")
+    assert_one_line_error(
+        run_script("grpo.py", "--resume", run, "--total-steps", "5"), "--total-steps 4, not 5"
+    )
+    finished = run_script("grpo.py", "--resume", run, "--log-every", "2")  # how often it logs may change
+    assert finished.returncode == 0 and "resumed from step 4" in finished.stdout, finished.stderr[-2000:]
+
+
+SAVER = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+import numpy as np
+from common import load_model_and_tokenizer
+from common.checkpoint import save_checkpoint
+
+class Log:  # the part of common.Logger a save needs
+    dir, script, reference = {run!r}, "sft", "painter"
+    def train_seconds(self): return 0.0
+
+model, _ = load_model_and_tokenizer()
+optimizer = torch.optim.AdamW(model.parameters())
+rng = np.random.default_rng(0)
+print("ready", flush=True)
+for step in range(1, 10_000):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(step)  # every weight holds the step, so a mix of two saves would show
+    save_checkpoint(Log(), step, {{"model": model}}, optimizer, rng, marker=step)
+"""
+
+
+def test_a_save_killed_midway_leaves_a_checkpoint_that_loads(tmp_path):
+    from common.models import load_model_and_tokenizer
+    from safetensors.torch import load_model
+
+    run = str(tmp_path / "sft__kill__1__0")
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER.format(root=ROOT, run=run))
+    for delay in (0.4, 0.9, 1.3, 1.7, 2.2):
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)  # a few saves in: somewhere in the middle of one
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with open(os.path.join(run, "checkpoints", "latest")) as f:
+            folder = os.path.join(run, "checkpoints", f.read().strip())
+        state = json.load(open(os.path.join(folder, "state.json")))
+        model, _ = load_model_and_tokenizer()
+        load_model(model, os.path.join(folder, "model.safetensors"))
+        step = state["step"]
+        assert state["state"]["marker"] == step
+        assert all(bool((p == step).all()) for p in model.parameters())  # the weights of that very save
+        torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
+        torch.load(os.path.join(folder, "rng-rank0.pt"), weights_only=True)
