@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForSequenceClassification
 
 from common import all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge
-from common import init_distributed, load_checkpoint, load_model_and_tokenizer, load_prompts
+from common import init_distributed, judge_columns, load_checkpoint, load_model_and_tokenizer, load_prompts
 from common import load_reward_model, Logger, parse_args, resolve_device_dtype, resumed_args, sample
 from common import sampling_config, save_checkpoint
 
@@ -78,7 +78,9 @@ class Args:
     judge: str = "poet+correct"
     """the score without --reward-model (a judge or weighted sum); with one, the eval's gold reward"""
     prompts: Optional[str] = None
-    """JSONL of {"prompt", "answer"?} rows (answer goes to the judge); None = the training-split hexes"""
+    """JSONL of {"prompt", ...} rows (other columns go to the judge); None = the training-split hexes"""
+    eval_prompts: Optional[str] = None
+    """JSONL of held-out rows for the eval; None = the rows of a tenth of --prompts' prompts, held out"""
     # algorithm
     kl_coef: float = 0.05
     """beta: weight of the per-token k1 penalty in the reward (TRL, SFD: 0.05); the start if adaptive"""
@@ -305,12 +307,12 @@ def main(args: Args) -> dict:
             + " into minibatches of 2 or more"
         )
     M = N // args.num_minibatches
-    rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size)
-    eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
+    rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size, args.eval_prompts)
+    eval_extra = judge_columns(eval_rows)  # the rows' other columns ("answer", ...) go to the judge
 
     # the four roles; dropout is off in all of them (common's loader; N-blog detail 9, P4d)
     # trained models (policy, value) keep fp32 master weights; frozen ones (reference, reward) may be bf16
-    judge = get_judge(args.judge, args.device)
+    judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
     device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)  # policy
     ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)  # reference
@@ -383,7 +385,7 @@ def main(args: Args) -> dict:
             completions = [
                 c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             ]
-            extra = {"answer": [r["answer"] for r in batch_rows]} if "answer" in batch_rows[0] else {}
+            extra = judge_columns(batch_rows)  # every column but the prompt, one per completion
             raw_scores = torch.tensor(judge(prompts, completions, **extra), dtype=torch.float32)
         scores = sequence_scores(raw_scores.to(device), truncated, args.truncated, args.truncated_score)
         if args.truncated == "mask":

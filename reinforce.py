@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from common import all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge
-from common import init_distributed, load_checkpoint, load_model_and_tokenizer, load_prompts, Logger
-from common import parse_args, resolve_device_dtype, resumed_args, sample, sampling_config, save_checkpoint
-from common import sync_gradients
+from common import init_distributed, judge_columns, load_checkpoint, load_model_and_tokenizer, load_prompts
+from common import Logger, parse_args, resolve_device_dtype, resumed_args, sample, sampling_config
+from common import save_checkpoint, sync_gradients
 
 
 @dataclass
@@ -64,7 +64,9 @@ class Args:
     judge: str = "poet+correct"
     """reward: a judge or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct"""
     prompts: Optional[str] = None
-    """JSONL of {"prompt", "answer"?} rows (answer goes to the judge); None = the training-split hexes"""
+    """JSONL of {"prompt", ...} rows (other columns go to the judge); None = the training-split hexes"""
+    eval_prompts: Optional[str] = None
+    """JSONL of held-out rows for the eval; None = the rows of a tenth of --prompts' prompts, held out"""
     # algorithm
     group_size: int = 8
     """G: completions sampled per prompt"""
@@ -216,9 +218,9 @@ def main(args: Args) -> dict:
         )
 
     # the prompts, the judge, the policy (fp32 master weights) and its frozen reference (may be bf16)
-    rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size)
-    eval_extra = {"answer": [r["answer"] for r in eval_rows]} if "answer" in eval_rows[0] else {}
-    judge = get_judge(args.judge, args.device)
+    rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size, args.eval_prompts)
+    eval_extra = judge_columns(eval_rows)  # the rows' other columns ("answer", ...) go to the judge
+    judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
     device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     ref_model = None
@@ -267,11 +269,7 @@ def main(args: Args) -> dict:
 
         # 3. score every completion with the judge (TRL's reward-function signature)
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
-        extra = (
-            {"answer": [r["answer"] for r in batch_rows for _ in range(G)]}
-            if "answer" in batch_rows[0]
-            else {}
-        )
+        extra = judge_columns(batch_rows, repeat=G)  # every column but the prompt, one per completion
         rewards = torch.tensor(judge(prompts, completions, **extra), dtype=torch.float32)  # (N,)
 
         # 4. the k1 KL penalty in the reward, from log-probs of the sampling policy and the reference

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from common import all_sum, autocast, cleanup_distributed, encode_examples, eval_prompts, evaluate, get_judge
 from common import init_distributed, load_checkpoint, load_model_and_tokenizer, Logger, parse_args, read_jsonl
 from common import resolve_device_dtype, resumed_args, sample_colour_pairs, save_atomic, save_checkpoint
-from common import sync_gradients
+from common import split_by_prompt, sync_gradients
 from common.recipe import build_tokenizer, new_model, painter_texts, trainable_names
 
 
@@ -77,6 +77,8 @@ class Args:
     # data
     data: Optional[str] = None
     """JSONL file of {"prompt", "completion"} rows; None = the built-in colour names"""
+    eval_data: Optional[str] = None
+    """JSONL of held-out rows, whose prompts the eval samples; None = a tenth of --data's prompts, held out"""
     synthetic_frac: float = 0.5
     """built-in data: share of each batch that is random colours named by their nearest xkcd colour"""
     jitter: int = 8
@@ -184,11 +186,17 @@ def main(args: Args) -> dict:
         )
 
     # 1. data: the user's JSONL rows, or the built-in colour names (sampled fresh every step)
-    rows = None
+    rows, eval_prompts_ = None, eval_prompts(args.eval_size)
     if args.data is not None:
         rows = [(r["prompt"], r["completion"]) for r in read_jsonl(args.data, ("prompt", "completion"))]
-    judge = get_judge(args.judge, args.device)
-    eval_prompts_ = eval_prompts(args.eval_size) if rows is None else [p for p, _ in rows[: args.eval_size]]
+        if args.eval_data is not None:
+            held_out = [
+                (r["prompt"], r["completion"]) for r in read_jsonl(args.eval_data, ("prompt", "completion"))
+            ]
+        else:  # NOTE: held out by a hash of the prompt, so that no prompt is both trained on and evaluated
+            rows, held_out = split_by_prompt(rows, prompt_of=lambda row: row[0])
+        eval_prompts_ = list(dict.fromkeys(p for p, _ in held_out))[: args.eval_size]
+    judge = get_judge(args.judge, args.device, eval_prompts_)
 
     # 2. model: a pretrained one, or the painter's recipe (a tokenizer of the data's words, a small Llama);
     # fp32 weights either way, the forward in bf16 under autocast when --dtype says so

@@ -4,7 +4,8 @@ and the plumbing of a run (process group, logger, checkpoints, one-line errors).
 from transformers.utils import logging as _hf_logging
 
 from .checkpoint import load_checkpoint, resumed_args, save_checkpoint
-from .data import PROMPT, color_names, eval_prompts, load_prompts, read_jsonl, sample_colour_pairs, xkcd_names
+from .data import PROMPT, color_names, eval_prompts, judge_columns, load_prompts, read_jsonl
+from .data import sample_colour_pairs, split_by_prompt, xkcd_names
 from .evaluate import evaluate, generate
 from .judges import get_judge
 from .models import (

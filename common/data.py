@@ -83,20 +83,39 @@ def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def load_prompts(path: str | None, batch_size: int, eval_size: int) -> tuple[list[dict], list[dict]]:
-    """RL prompt rows {"prompt", "answer"?, ...} for training and for the eval: the user's JSONL (the eval
-    takes its first rows), or the training-split hexes (the eval takes the fixed held-out ones)."""
-    if path is not None:
-        rows = read_jsonl(path, ("prompt",))
-        eval_rows = rows[:eval_size]
-    else:
+def split_by_prompt(rows: list, prompt_of=lambda row: row["prompt"], every: int = 10) -> tuple[list, list]:
+    """(training rows, held-out rows): a prompt is held out, with all its rows, when crc32(prompt) % every
+    == 0, so no prompt is both trained on and evaluated, and the split never moves. When no prompt falls
+    out (a small file), the prompt with the lowest hash is held out."""
+    crc = {prompt_of(row): zlib.crc32(prompt_of(row).encode()) for row in rows}
+    held = {p for p, c in crc.items() if c % every == 0} or {min(crc, key=lambda p: (crc[p], p))}
+    return [r for r in rows if prompt_of(r) not in held], [r for r in rows if prompt_of(r) in held]
+
+
+def load_prompts(path: str | None, batch_size: int, eval_size: int, eval_path: str | None = None):
+    """RL prompt rows {"prompt", "answer"?, ...} for training and for the eval: the user's JSONL, with the
+    eval's rows from eval_path or held out by a hash of the prompt; or the training-split hexes, with the
+    fixed held-out hexes for the eval."""
+    if path is None:
         rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
         eval_rows = [{"prompt": p} for p in eval_prompts(eval_size)]
+    elif eval_path is not None:
+        rows, eval_rows = read_jsonl(path, ("prompt",)), read_jsonl(eval_path, ("prompt",))[:eval_size]
+    else:
+        rows, eval_rows = split_by_prompt(read_jsonl(path, ("prompt",)))
+        eval_rows = eval_rows[:eval_size]
     if len(rows) < batch_size:
         raise ValueError(
-            f"{len(rows)} prompts for a batch of {batch_size}: lower --batch-size or add prompts"
+            f"{len(rows)} training prompts for a batch of {batch_size}: lower --batch-size or add "
+            "prompts (a tenth of a --prompts file is held out for the eval unless --eval-prompts)"
         )
     return rows, eval_rows
+
+
+def judge_columns(rows: list[dict], repeat: int = 1) -> dict[str, list]:
+    """Every column of the rows but the prompt, one value per completion (each row's repeated `repeat`
+    times), for the judge's keyword arguments: as TRL passes dataset columns to reward functions."""
+    return {key: [row.get(key) for row in rows for _ in range(repeat)] for key in rows[0] if key != "prompt"}
 
 
 # ---- colour science: sRGB -> CIELAB, and the CIEDE2000 difference ------------------------------------------

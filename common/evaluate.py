@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .data import color_names, eval_prompts, xkcd_names
-from .judges import colour_distances, correct
+from .judges import answer, colour_distances, correct
 from .models import autocast, context_length, encode_prompt, sample, sampling_config
 
 
@@ -58,14 +58,15 @@ def evaluate(
     prompts = prompts or eval_prompts()
     names = generate(model, tokenizer, prompts, temperature, max_new_tokens, seed, dtype)
     rewards = judge(prompts, names, **judge_kwargs)
-    correctness = (
-        correct(prompts, names) if re.search(r"#[0-9a-fA-F]{6}", prompts[0]) else [float("nan")] * len(names)
-    )
+    colours = all(re.search(r"#[0-9a-fA-F]{6}", p) for p in prompts)
+    correctness = correct(prompts, names) if colours else [float("nan")] * len(names)
     metrics = {
         "eval/reward": float(np.mean(rewards)),
         "eval/correct": float(np.mean(correctness)),
         "eval/distinct": len(set(names)) / len(names),
     }
+    if "answer" in judge_kwargs:  # a verifiable task: the share of exactly right final answers
+        metrics["eval/accuracy"] = float(np.mean(answer(prompts, names, answer=judge_kwargs["answer"])))
     samples = [{"prompt": p, "completion": n, "reward": r} for p, n, r in zip(prompts, names, rewards)]
     return metrics, samples
 

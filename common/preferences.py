@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import torch
 
-from .data import PROMPT, color_names, eval_prompts, read_jsonl
+from .data import PROMPT, color_names, eval_prompts, read_jsonl, split_by_prompt
 from .evaluate import generate
 from .models import encode_completion, encode_prompt
 
@@ -188,19 +188,20 @@ def load_pairs(
     dtype=torch.float32,
     warn=print,
 ) -> tuple[list[dict], list[dict]]:
-    """Training and held-out pairs. From JSONL: --data, and --eval-data or the last tenth of --data. Built (AI
+    """Training and held-out pairs. From JSONL: --data, and --eval-data or the pairs of about a tenth of its
+    prompts (split_by_prompt). Built (AI
     feedback): for num_prompts training hexes and eval_pairs held-out ones, names_per_prompt names from
     sampler = (model, tokenizer) (source "policy") or random training names ("names"), ranked by the judge."""
     if data is not None:
         train = read_preferences(data)
         if eval_data is not None:
             return train, read_preferences(eval_data)
-        if len(train) < 2:
+        if len({pair["prompt"] for pair in train}) < 2:
             raise ValueError(
-                f"{data} has {len(train)} pair: need 2 or more to hold some out, or pass --eval-data"
+                f"{data} has pairs of one prompt only: need 2 or more prompts to hold some out "
+                "(by a hash of the prompt), or pass --eval-data"
             )
-        n_eval = max(1, len(train) // 10)
-        return train[:-n_eval], train[-n_eval:]
+        return split_by_prompt(train)  # NOTE: by prompt, so that no prompt is both trained on and evaluated
     model, tokenizer = sampler or (None, None)
     built = []
     for split, n, flip in (("train", num_prompts, flip_prob), ("heldout", eval_pairs, 0.0)):

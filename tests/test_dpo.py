@@ -255,14 +255,22 @@ def test_main_on_jsonl_raises_the_margin(tmp_path):
     [
         ([{"prompt": "P #123456", "rejected": "A"}], [], "lacks string field(s) ['chosen']"),
         (
-            [{"prompt": "P #123456", "chosen": "A", "rejected": "A"}] * 3,
+            [{"prompt": f"P{i} #123456", "chosen": "A", "rejected": "A"} for i in range(3)],
             ["--identical-pairs", "error"],
             "chosen identical to rejected",
         ),
-        ([{"prompt": "P #123456", "chosen": "A", "rejected": "A"}] * 3, [], "no preference pairs left"),
-        ([{"prompt": "word " * 80, "chosen": "A", "rejected": "B"}] * 3, [], "exceeds the model's context"),
         (
-            [{"prompt": "P #123456", "chosen": "A", "rejected": "B"}] * 3,
+            [{"prompt": f"P{i} #123456", "chosen": "A", "rejected": "A"} for i in range(3)],
+            [],
+            "no preference pairs left",
+        ),
+        (
+            [{"prompt": "word " * 80 + str(i), "chosen": "A", "rejected": "B"} for i in range(3)],
+            [],
+            "exceeds the model's context",
+        ),
+        (
+            [{"prompt": f"P{i} #123456", "chosen": "A", "rejected": "B"} for i in range(3)],
             ["--loss-type", "ipo", "--label-smoothing", "0.1"],
             "cDPO",
         ),

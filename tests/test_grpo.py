@@ -295,22 +295,26 @@ def test_main_runs_and_logs_the_shared_metrics(tmp_path, overrides):
 
 
 def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, monkeypatch):
-    seen = {}
+    seen = {"answer": []}
 
     def judge(prompts, completions, answer, **kwargs):
-        seen["answer"] = answer
+        seen["answer"] += answer
         return [float(len(c)) for c in completions]
 
-    monkeypatch.setattr(grpo, "get_judge", lambda spec, device: judge)
+    monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
     path = tmp_path / "prompts.jsonl"
     path.write_text(
         "".join(
             json.dumps({"prompt": f"Name this paint color: #{h}", "answer": h}) + "\n"
-            for h in ["aa0000", "00aa00"]
+            for h in ["aa0000", "00aa00", "0000aa"]
         )
     )
     grpo.main(tiny_args(tmp_path, prompts=str(path), total_steps=1, eval_every=1))
-    assert sorted(set(seen["answer"])) == ["00aa00", "aa0000"]
+    assert sorted(set(seen["answer"])) == [
+        "0000aa",
+        "00aa00",
+        "aa0000",
+    ]  # training and held-out rows' answers
 
 
 @pytest.mark.parametrize(
@@ -325,7 +329,7 @@ def test_a_bad_judge_is_a_clear_error(tmp_path, monkeypatch, judge_output, messa
 
     # what get_judge returns: checked output
     bad = checked_judge(lambda p, c, **k: judge_output(len(c)), "bad")
-    monkeypatch.setattr(grpo, "get_judge", lambda spec, device: bad)
+    monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: bad)
     with pytest.raises(ValueError, match=message):
         grpo.main(tiny_args(tmp_path))
 

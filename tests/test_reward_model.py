@@ -251,11 +251,15 @@ def test_main_reads_jsonl_pairs_and_learns_them(tmp_path):
     [
         ([{"prompt": "P #123456", "chosen": "A"}], [], "lacks string field(s) ['rejected']"),
         (
-            [{"prompt": "P #123456", "chosen": "A", "rejected": "A"}] * 3,
+            [{"prompt": f"P{i} #123456", "chosen": "A", "rejected": "A"} for i in range(3)],
             ["--identical-pairs", "error"],
             "chosen identical to rejected",
         ),
-        ([{"prompt": "P #123456", "chosen": "A", "rejected": "A"}] * 3, [], "no preference pairs left"),
+        (
+            [{"prompt": f"P{i} #123456", "chosen": "A", "rejected": "A"} for i in range(3)],
+            [],
+            "no preference pairs left",
+        ),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, rows, flags, message):

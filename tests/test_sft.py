@@ -165,6 +165,8 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"prompt": "word " * 100, "completion": "Navy"}) + "\n")
     with pytest.raises(ValueError, match="exceeds the model's context"):
+        sft.main(tiny_args(tmp_path, model="common/painter", data=str(data), judge="poet"))
+    with pytest.raises(ValueError, match="has no '#rrggbb' colour, which the judge 'correct'"):  # the default
         sft.main(tiny_args(tmp_path, model="common/painter", data=str(data)))
 
 

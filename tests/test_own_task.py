@@ -1,0 +1,182 @@
+"""Bring your own task: the `answer` judge, judges by import path, every column to the judge, the start-up
+colour check, held-out rows split by prompt, eval/accuracy, and the basic-colours RLVR task."""
+
+import json
+import os
+
+import pytest
+
+import grpo
+from common import get_judge, split_by_prompt
+from common.judges import answer
+from common.tasks import basic_colour, basic_colour_rows
+from conftest import ROOT, assert_one_line_error, run_script
+
+
+@pytest.mark.parametrize(
+    "completion, expected, score",
+    [
+        ("12", "12", 1.0),
+        ("1.2", "12", 0.0),  # numbers as numbers: 1.2 is not 12
+        ("12", "1.2", 0.0),
+        ("The answer is 7, not 8", "7", 0.0),  # the final number is 8
+        ("so the total is 1,234 apples.", "1234", 1.0),  # commas, units and a trailing period aside
+        ("$12", "12.0", 1.0),
+        ("\\boxed{42} and then 7", "42", 1.0),  # a \boxed{} final answer wins over later text
+        ("steps... #### 3.5", "3.5", 1.0),  # GSM8K's '#### N'
+        ("-3", "-3", 1.0),
+        ("no number", "5", 0.0),
+        ("Red.", "red", 1.0),  # a word: normalised exact match
+        ("Dark Red", "Red", 0.0),
+    ],
+)
+def test_the_answer_judge_by_hand(completion, expected, score):
+    assert answer(["a prompt"], [completion], answer=[expected]) == [score]
+
+
+def test_a_judge_by_import_path_alone_and_in_a_weighted_sum(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts, names = ["Name this paint color: #aa0000"] * 2, ["Red", "Sunset Dust"]
+    by_module, by_file = get_judge("my_rewards:length"), get_judge(f"{tmp_path}/my_rewards.py:length")
+    assert by_module(prompts, names) == by_file(prompts, names) == [3.0, 11.0]
+    mixed = get_judge("0.5*my_rewards:length+2*answer")
+    assert mixed(prompts, names, answer=["Red", "Red"]) == [0.5 * 3 + 2.0, 0.5 * 11]
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        get_judge("my_rewards:nope")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        get_judge("missing.py:length")
+
+
+def test_every_column_reaches_the_judge_and_the_split_holds_prompts_out(tmp_path, monkeypatch):
+    seen = []
+
+    def judge(prompts, completions, answer, tests, **kwargs):
+        seen.extend(zip(prompts, answer, tests))
+        return [0.0] * len(completions)
+
+    monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
+    rows = [{"prompt": f"Name this paint color: #{i:06x}", "answer": str(i), "tests": [i]} for i in range(40)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grpo.main(
+        grpo.Args(
+            output_dir=str(tmp_path),
+            prompts=str(path),
+            total_steps=2,
+            batch_size=2,
+            group_size=2,
+            eval_every=2,
+            eval_size=8,
+            log_every=1,
+            max_new_tokens=4,
+        )
+    )
+    train, held_out = split_by_prompt(rows)
+    assert 0 < len(held_out) < len(rows) and not {r["prompt"] for r in train} & {
+        r["prompt"] for r in held_out
+    }
+    by_prompt = {r["prompt"]: r for r in rows}
+    assert all(by_prompt[p]["answer"] == a and by_prompt[p]["tests"] == t for p, a, t in seen)
+    evaluated = {p for p, _, _ in seen} & {r["prompt"] for r in held_out}
+    assert evaluated and split_by_prompt(rows) == (train, held_out)  # the split never moves
+
+
+def test_a_judge_that_needs_a_colour_says_so_at_start_up(tmp_path):
+    path = tmp_path / "math.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(20))
+    )
+    result = run_script("grpo.py", "--prompts", str(path), "--output-dir", str(tmp_path))  # default judge
+    assert_one_line_error(result, "has no '#rrggbb' colour, which the judge 'correct'")
+
+
+def test_the_basic_colours_task_and_its_accuracy_in_the_eval(tmp_path):
+    assert [basic_colour(h) for h in ("#ff0000", "#0000ff", "#ffffff", "#000000", "#808080")] == [
+        "Red",
+        "Blue",
+        "White",
+        "Black",
+        "Grey",
+    ]
+    result = run_script("-m", "common.tasks", "basic-colours", str(tmp_path / "basic"))
+    assert result.returncode == 0, result.stderr
+    train = [json.loads(line) for line in open(tmp_path / "basic" / "train.jsonl")]
+    held = [json.loads(line) for line in open(tmp_path / "basic" / "eval.jsonl")]
+    assert len(train) > 30_000 and not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert held[0] == basic_colour_rows(["#" + held[0]["prompt"].split("#")[1]])[0]
+    metrics = grpo.main(
+        grpo.Args(
+            output_dir=str(tmp_path),
+            prompts=str(tmp_path / "basic" / "train.jsonl"),
+            eval_prompts=str(tmp_path / "basic" / "eval.jsonl"),
+            judge="answer",
+            total_steps=2,
+            batch_size=2,
+            group_size=4,
+            eval_every=2,
+            eval_size=16,
+        )
+    )
+    assert metrics["eval/accuracy"] == metrics["eval/reward"] and 0.0 <= metrics["eval/accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_grpo_learns_the_basic_colour_terms(tmp_path):
+    """RLVR in under a minute: held-out accuracy 0 -> about 0.7 in 200 steps."""
+    assert run_script("-m", "common.tasks", "basic-colours", str(tmp_path)).returncode == 0
+    metrics = grpo.main(
+        grpo.Args(
+            output_dir=str(tmp_path),
+            prompts=str(tmp_path / "train.jsonl"),
+            eval_prompts=str(tmp_path / "eval.jsonl"),
+            judge="answer",
+            total_steps=200,
+            eval_every=100,
+        )
+    )
+    assert metrics["eval/accuracy"] > 0.5
+
+
+def test_preference_and_sft_files_hold_out_whole_prompts(tmp_path):
+    from common import load_pairs
+
+    pairs = [
+        {"prompt": f"Name this paint color: #{i % 25:06x}", "chosen": f"A{i}", "rejected": f"B{i}"}
+        for i in range(100)
+    ]  # 25 prompts, 4 pairs each
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    train, held_out = load_pairs(str(path), None)
+    assert len(train) + len(held_out) == 100 and held_out and len(held_out) % 4 == 0
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in held_out}
+
+
+def test_sft_evaluates_on_held_out_prompts_or_the_eval_file(tmp_path):
+    import sft
+
+    rows = [{"prompt": f"Name this paint color: #{i:06x}", "completion": "Navy"} for i in range(30)]
+    data, held = tmp_path / "data.jsonl", tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held.write_text(json.dumps({"prompt": "Name this paint color: #123456", "completion": "Navy"}) + "\n")
+    common = dict(
+        model="common/painter",
+        total_steps=1,
+        batch_size=4,
+        eval_every=1,
+        eval_size=8,
+        max_new_tokens=4,
+        warmup_steps=0,
+    )
+    for extra, expected in [
+        ({}, {r["prompt"] for r in split_by_prompt(rows)[1]}),
+        ({"eval_data": str(held)}, {"Name this paint color: #123456"}),
+    ]:
+        run = sft.main(
+            sft.Args(output_dir=str(tmp_path / str(len(extra))), data=str(data), **common, **extra)
+        )
+        with open(os.path.join(run["run_dir"], "samples.jsonl")) as f:
+            assert {json.loads(line)["prompt"] for line in f} == expected
