@@ -12,6 +12,7 @@ from .models import PAINTER, autocast, encode_completion, encode_examples, encod
 from .models import load_model_and_tokenizer, load_reward_model, resolve_device_dtype, sample, sampling_config
 from .models import save_atomic, stop_token_ids
 from .preferences import candidate_names, encode_pairs, load_pairs, pair_prompts, rank_pairs, read_preferences
-from .run import Logger, all_gather, all_sum, cleanup_distributed, init_distributed, parse_args, sync_gradients
+from .run import Logger, all_gather, all_sum, cleanup_distributed, init_distributed, parse_args
+from .run import sync_gradients
 
 _hf_logging.disable_progress_bar()

@@ -7,6 +7,7 @@
 Writes colornames.csv.gz (name,hex,bestof), LICENSE.color-name-list and xkcd.csv (name,hex; the
 survey's few names with 'shit' in them left out).
 """
+
 import ast
 import csv
 import gzip
@@ -36,8 +37,11 @@ with gzip.GzipFile(os.path.join(here, "colornames.csv.gz"), "wb", mtime=0) as gz
 # matplotlib/_color_data.py holds XKCD_COLORS = {"cloudy blue": "#acc2d9", ...} (CC0, xkcd colour survey)
 source = zipfile.ZipFile(mpl_wheel).read("matplotlib/_color_data.py").decode()
 tree = ast.parse(source)
-xkcd = next(ast.literal_eval(n.value) for n in tree.body
-            if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "XKCD_COLORS")
+xkcd = next(
+    ast.literal_eval(n.value)
+    for n in tree.body
+    if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "XKCD_COLORS"
+)
 with open(os.path.join(here, "xkcd.csv"), "w", newline="") as f:
     writer = csv.writer(f, lineterminator="\n")
     writer.writerow(["name", "hex"])
