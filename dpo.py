@@ -7,7 +7,7 @@ and, with Delta = [log pi(y_c) - log pi_ref(y_c)] - [log pi(y_r) - log pi_ref(y_
     sigmoid  -(1-eps) log sigma(beta Delta) - eps log sigma(-beta Delta)   DPO Eq. 7; cDPO if eps > 0
     ipo      (Delta_bar - 1/(2 beta))^2, Delta_bar with each log-ratio divided by its completion's length
              (Azar et al. 2023, arXiv:2310.12036, its sampled loss; TRL normalises the same way)
-    hinge    max(0, 1 - beta Delta)                                 SLiC (Zhao et al. 2023, arXiv:2305.10425)
+    hinge    max(0, 1 - beta Delta)                      RSO (Liu et al. 2023, arXiv:2309.06657), SLiC's hinge
   + alpha * NLL(y_c) / |y_c|      optional, RPO (Pang et al. 2024, arXiv:2404.19733)
 This is the Bradley–Terry loss of reward_model.py with r_phi replaced by the policy's own implicit reward:
 no reward model, no sampling during training.
@@ -86,7 +86,7 @@ class Args:
     """pairs longer than the context: truncate the completions (counted) or stop with an error"""
     # algorithm
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    """sigmoid = DPO (cDPO with --label-smoothing), ipo = IPO (length-normalised), hinge = SLiC"""
+    """sigmoid = DPO (cDPO with --label-smoothing), ipo = IPO (length-normalised), hinge = RSO's hinge"""
     beta: float = 0.1
     """beta: strength of the implicit KL to pi_ref (IPO's tau)"""
     label_smoothing: float = 0.0
@@ -194,7 +194,7 @@ def dpo_loss(
         delta = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
         losses = (delta - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
-        # ALGO: SLiC's hinge on the same margin: no gradient once beta * Delta > 1
+        # ALGO: RSO's hinge (SLiC's, on the log-ratio margin): no gradient once beta * Delta > 1
         losses = torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
     else:
         raise ValueError(f"unknown loss type {loss_type!r}: use sigmoid, ipo or hinge")

@@ -11,11 +11,11 @@ Each choice on which later work departs from the paper is a flag, so these are s
     paper GRPO  --scale-rewards group --loss-agg seq-mean   --beta 0.04 (the defaults)
     Dr. GRPO    --scale-rewards none  --loss-agg constant   --beta 0     (Liu et al. 2025, arXiv:2503.20783)
     DAPO        --loss-agg token-mean --clip-eps-high 0.28 --beta 0 --mask-truncated  (Yu et al. 2025,
-                2503.14476)
+                2503.14476), without its dynamic sampling and overlong reward shaping
     RLOO, REINFORCE: see reinforce.py (same loop, no ratio, a leave-one-out baseline, KL in the reward)
-Differences from the paper: (1) one policy update per batch by default (mu = 1, as TRL and verl), so
-rho = 1 and the clip never binds; --num-iterations > 1 reuses each batch; (2) a judge, not a reward
-model; (3) constant learning rate, no warm-up.
+Differences from the paper: (1) none in the update: one policy update per batch (mu = 1, as DeepSeekMath's
+own runs, TRL and verl), so rho = 1 and the clip never binds; --num-iterations > 1 reuses each batch;
+(2) a judge, not a reward model; (3) constant learning rate, no warm-up.
 Shapes: B prompts per step, G completions per prompt, N = B*G sequences, P prompt tokens (left padded),
 T completion tokens, V vocab.
 Run: python grpo.py --group-size 8     (several processes: torchrun --nproc_per_node 2 grpo.py)
@@ -87,7 +87,8 @@ class Args:
     beta: float = 0.04
     """beta: weight of the KL penalty towards the frozen reference (0 = no reference loaded; TRL's default)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """per-token KL estimator in the loss: k1 = log(pi/pi_ref), k2 = (log ratio)^2 / 2, k3 (the paper's)"""
+    """per-token KL estimator in the loss: k1 = log(pi/pi_ref), k2 = (log ratio)^2 / 2, k3 (the paper's);
+    k1's expected gradient in the loss is zero (it belongs in the reward, as reinforce.py puts it)"""
     mask_truncated: bool = False
     """drop completions that never stop from the loss (DAPO; TRL mask_truncated_completions)"""
     temperature: float = 1.0
@@ -154,6 +155,8 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -
         return log_ratio
     if kind == "k2":
         return 0.5 * log_ratio**2
+    # NOTE: unclamped: exp(-log_ratio) overflows only past ~88 nats, far beyond where beta lets a run go;
+    # verl and OpenRLHF clamp the estimate to +-10 or +-20 for long completions
     return torch.exp(-log_ratio) + log_ratio - 1  # pi_ref/pi - log(pi_ref/pi) - 1
 
 
@@ -236,8 +239,8 @@ def main(args: Args) -> dict:
     log = Logger("grpo", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
     np.random.seed(args.seed)
-    # DDP: each rank samples different completions (same weights everywhere)
-    torch.manual_seed(args.seed + rank)
+    # DDP: each rank samples its own completions; the stride keeps seed 2's rank 0 off seed 1's rank 1 (SFD)
+    torch.manual_seed(args.seed + 100_003 * rank)
     rng = np.random.default_rng(args.seed)  # the same prompt order on every rank
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")

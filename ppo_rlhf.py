@@ -21,10 +21,8 @@ reward model, not a 6B RM; (3) the score sits on the last real token, not one po
 TRL #1893); (4) one optimiser for policy and value (as TRL), Adam eps 1e-5 (SFD), LR annealed linearly to 0.
 With --reward-model, --judge is not trained on: it is the "gold" reward of the eval, so eval/reward against
 train/score shows over-optimisation of the proxy (Gao et al. 2022).
-Shapes: N sequences (= prompts) per rollout, M per minibatch, P prompt tokens (left padded), T completion
-tokens (right padded after EOS), V vocab, D hidden size.
-Run: python ppo_rlhf.py                                            # judge poet+correct, ~3 min on 2 CPU cores
-     torchrun --nproc_per_node 2 ppo_rlhf.py                        # several processes (DDP)
+Shapes: N sequences (prompts) per rollout, M per minibatch, P prompt, T completion tokens, V vocab, D hidden
+Run: python ppo_rlhf.py        # judge poet+correct, ~3 min on 2 CPU cores (torchrun: several processes)
      python ppo_rlhf.py --reward-model runs/reward_model__.../model --judge poet
 """
 
@@ -296,37 +294,34 @@ def main(args: Args) -> dict:
     log = Logger("ppo_rlhf", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
     np.random.seed(args.seed)
-    # DDP: each rank samples different completions (same weights everywhere)
-    torch.manual_seed(args.seed + rank)
+    # DDP: each rank samples its own completions; the stride keeps seed 2's rank 0 off seed 1's rank 1 (SFD)
+    torch.manual_seed(args.seed + 100_003 * rank)
     rng = np.random.default_rng(args.seed)  # the same prompt order and minibatch shuffles on every rank
     N = args.batch_size // world  # DDP: this rank's share of the prompts
     if args.batch_size % world or N % args.num_minibatches or N // args.num_minibatches < 2:
+        per = f" / {world} processes" if world > 1 else ""
         raise ValueError(
             f"--num-minibatches {args.num_minibatches} must divide --batch-size {args.batch_size}"
-            + (f" / {world} processes" if world > 1 else "")
-            + " into minibatches of 2 or more"
+            f"{per} into minibatches of 2 or more"
         )
     M = N // args.num_minibatches
     rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size, args.eval_prompts)
     eval_extra = judge_columns(eval_rows)  # the rows' other columns ("answer", ...) go to the judge
 
-    # the four roles; dropout is off in all of them (common's loader; N-blog detail 9, P4d)
-    # trained models (policy, value) keep fp32 master weights; frozen ones (reference, reward) may be bf16
+    # the four roles, dropout off in all (N-blog detail 9); trained ones in fp32, frozen ones may be bf16
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
     device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)  # policy
     ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)  # reference
     reward_model = None
-    if args.reward_model is not None:  # reward
+    if args.reward_model is not None:  # reward; the value model starts from it (SFD ppo.py:482, TRL)
         reward_model = load_reward_model(args.reward_model, tokenizer, args.device)
-        # value from the RM (SFD ppo.py:482, TRL)
         value_model = copy.deepcopy(reward_model).requires_grad_(True)
         reward_model = reward_model.to(dtype)
     else:
-        value_model, _ = load_model_and_tokenizer(
-            args.model, args.device, model_class=AutoModelForSequenceClassification, num_labels=1
-        )
-        # NOTE: V = 0 at first (OAI's N(0, 0), N-blog detail 8)
+        # the backbone with a scalar head; NOTE: V = 0 at first (OAI's N(0, 0), N-blog detail 8)
+        scalar = AutoModelForSequenceClassification
+        value_model = load_model_and_tokenizer(args.model, args.device, model_class=scalar, num_labels=1)[0]
         torch.nn.init.zeros_(value_model.score.weight)
     value_model.train()
     if args.gradient_checkpointing:
@@ -465,7 +460,13 @@ def main(args: Args) -> dict:
         means = {name: float(total / n_updates) for name, total in totals.items()}
 
         # 7. adapt beta (from the KL per completion, in nats), log, eval, save
-        sequence_kl = float(all_sum(((old_logprobs - ref_logprobs) * completion_mask).sum(1).mean())) / world
+        kl_rows = ((old_logprobs - ref_logprobs) * completion_mask).sum(
+            1
+        )  # (N,), 0 for rows --truncated masks
+        trained_rows = (completion_mask.sum(1) > 0).float()
+        sequence_kl = float(
+            all_sum((kl_rows * trained_rows).sum()) / all_sum(trained_rows.sum()).clamp(min=1)
+        )
         logged_kl_coef = kl_coef
         if args.target_kl is not None:
             kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, args.target_kl, args.batch_size, args.kl_horizon)

@@ -114,8 +114,9 @@ def baseline_advantages(
     if baseline == "group-mean":
         return rewards - rewards.mean(dim=1, keepdim=True), running_mean
     if baseline == "moving-average":  # the baseline is the mean of PAST batches, so it ignores these rewards
-        b = rewards.mean().item() if running_mean is None else running_mean
-        return rewards - b, decay * b + (1 - decay) * rewards.mean().item()
+        if running_mean is None:  # no past yet: no baseline; the running mean starts at this batch's mean
+            return rewards, rewards.mean().item()
+        return rewards - running_mean, decay * running_mean + (1 - decay) * rewards.mean().item()
     return rewards, running_mean
 
 
@@ -200,8 +201,8 @@ def main(args: Args) -> dict:
     log = Logger("reinforce", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
     np.random.seed(args.seed)
-    # DDP: each rank samples different completions (same weights everywhere)
-    torch.manual_seed(args.seed + rank)
+    # DDP: each rank samples its own completions; the stride keeps seed 2's rank 0 off seed 1's rank 1 (SFD)
+    torch.manual_seed(args.seed + 100_003 * rank)
     rng = np.random.default_rng(args.seed)  # the same prompt order on every rank
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")

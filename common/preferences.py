@@ -99,7 +99,12 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    while n > 0 and not chosen[n - 1].isspace() and n < len(chosen) and not chosen[n].isspace():
+
+    # NOTE: cut back while the cut is inside a word of either text ("... Red" vs "... Reddish" shares "Red")
+    def inside_a_word(text: str) -> bool:
+        return n < len(text) and not text[n].isspace()
+
+    while n > 0 and not chosen[n - 1].isspace() and (inside_a_word(chosen) or inside_a_word(rejected)):
         n -= 1
     return chosen[:n].rstrip(), chosen[n:].strip(), rejected[n:].strip()
 

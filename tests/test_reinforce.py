@@ -36,8 +36,8 @@ def test_moving_average_baseline_uses_only_past_batches():
     first, state = reinforce.baseline_advantages(
         torch.tensor([[1.0, 3.0]]), "moving-average", None, decay=0.5
     )
-    # starts at the batch mean
-    assert torch.allclose(first, torch.tensor([[-1.0, 1.0]])) and state == pytest.approx(2.0)
+    # no past batch yet: no baseline (its own mean would include each reward itself); the mean starts there
+    assert torch.allclose(first, torch.tensor([[1.0, 3.0]])) and state == pytest.approx(2.0)
     second, state = reinforce.baseline_advantages(
         torch.tensor([[10.0, 10.0]]), "moving-average", state, decay=0.5
     )

@@ -173,6 +173,10 @@ def test_full_text_pairs_split_at_their_shared_prefix(tmp_path):
     assert split_shared_prefix(
         "Name this paint color: #d48475 Sunset Dust", "Name this paint color: #d48475 Navy"
     ) == ("Name this paint color: #d48475", "Sunset Dust", "Navy")
+    # one answer a prefix of the other: the cut stays at the word boundary, whichever is chosen
+    short, long = "Name this paint color: #d48475 Red", "Name this paint color: #d48475 Reddish"
+    assert split_shared_prefix(short, long) == ("Name this paint color: #d48475", "Red", "Reddish")
+    assert split_shared_prefix(long, short) == ("Name this paint color: #d48475", "Reddish", "Red")
     path = tmp_path / "pairs.jsonl"
     path.write_text(
         json.dumps({"prompt": "P #123456", "chosen": "A", "rejected": "B"})
