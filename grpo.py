@@ -306,7 +306,9 @@ def main(args: Args) -> dict:
         # 3. score every completion with the judge (TRL's reward-function signature)
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
         extra = judge_columns(batch_rows, repeat=G)  # every column but the prompt, one per completion
-        rewards = torch.tensor(judge(prompts, completions, **extra), dtype=torch.float32)  # (N,)
+        # NOTE: which completions never stopped, too: the rm: judge reads those as unfinished
+        scores = judge(prompts, completions, truncated=truncated.tolist(), **extra)
+        rewards = torch.tensor(scores, dtype=torch.float32)  # (N,)
 
         # 4. advantages per group, from the whole batch's rewards, then this rank's rows
         all_rewards = all_gather(rewards)  # DDP: (world * N,), in rank order

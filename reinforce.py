@@ -271,7 +271,9 @@ def main(args: Args) -> dict:
         # 3. score every completion with the judge (TRL's reward-function signature)
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
         extra = judge_columns(batch_rows, repeat=G)  # every column but the prompt, one per completion
-        rewards = torch.tensor(judge(prompts, completions, **extra), dtype=torch.float32)  # (N,)
+        # NOTE: which completions never stopped, too: the rm: judge reads those as unfinished
+        scores = judge(prompts, completions, truncated=truncated.tolist(), **extra)
+        rewards = torch.tensor(scores, dtype=torch.float32)  # (N,)
 
         # 4. the k1 KL penalty in the reward, from log-probs of the sampling policy and the reference
         kl = torch.zeros(N, device=device)

@@ -260,11 +260,15 @@ def reward_model_judge(path: str, device: str = "auto"):
         )
 
     @torch.no_grad()
-    def judge(prompts, completions, **kwargs) -> list[float]:
-        sequences = [
-            encode_prompt(tokenizer, p) + encode_completion(tokenizer, p, completion_text(c))
-            for p, c in zip(prompts, completions)
-        ]
+    def judge(prompts, completions, truncated=None, **kwargs) -> list[float]:
+        sequences = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            completion_ids = encode_completion(tokenizer, prompt, completion_text(completion))
+            if truncated is not None and truncated[i]:
+                # NOTE: a completion cut at max_new_tokens gets no end token: the reward model reads it
+                # unfinished (as ppo_rlhf.py's reward model reads the policy's tokens), not as a finished name
+                completion_ids = completion_ids[:-1]
+            sequences.append(encode_prompt(tokenizer, prompt) + completion_ids)
         input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
         hidden = model.base_model(
             input_ids.to(model.device),

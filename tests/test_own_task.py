@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import grpo
 from common import get_judge, split_by_prompt
@@ -180,3 +181,24 @@ def test_sft_evaluates_on_held_out_prompts_or_the_eval_file(tmp_path):
         )
         with open(os.path.join(run["run_dir"], "samples.jsonl")) as f:
             assert {json.loads(line)["prompt"] for line in f} == expected
+
+
+def test_the_rm_judge_reads_a_truncated_completion_as_unfinished(tmp_path, painter):
+    from transformers import AutoModelForSequenceClassification
+
+    from common import PAINTER, encode_completion, encode_prompt, save_atomic
+    from common.judges import left_pad
+
+    _, tokenizer = painter
+    rm = AutoModelForSequenceClassification.from_pretrained(PAINTER, num_labels=1)
+    save_atomic(rm, tokenizer, str(tmp_path / "rm"))
+    judge = get_judge(f"rm:{tmp_path / 'rm'}")
+    prompt, name = "Name this paint color: #d48475", "Sunset Dust Rose"
+    finished, cut = judge([prompt] * 2, [name] * 2, truncated=[False, True])
+    ids = encode_prompt(tokenizer, prompt) + encode_completion(tokenizer, prompt, name)[:-1]  # no end token
+    input_ids, mask = left_pad([ids], tokenizer.pad_token_id)
+    with torch.no_grad():
+        unfinished = float(rm.score(rm.base_model(input_ids, attention_mask=mask).last_hidden_state[:, -1]))
+    assert cut == pytest.approx(unfinished, abs=1e-5) and abs(cut - finished) > 1e-4
+    # without the flag (TRL's call), every completion is read as finished
+    assert judge([prompt], [name])[0] == pytest.approx(finished, abs=1e-5)
