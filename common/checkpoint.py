@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -88,7 +89,9 @@ def set_rng_states(states: dict, rng: np.random.Generator) -> None:
 
 def save_checkpoint(log, step: int, models: dict, optimizer, rng: np.random.Generator, **state) -> None:
     """Every rank: its random states; rank 0: the models, the optimizer and `state` (the method's running
-    statistics, JSON-able). Then `latest` moves to this step. All ranks must call it at the same step."""
+    statistics, JSON-able). Then `latest` moves to this step. All ranks must call it at the same step.
+    Like the evals, its time is left out of perf/train_s."""
+    t_save = time.perf_counter()
     folder = os.path.join(log.dir, "checkpoints")
     final, tmp = os.path.join(folder, f"step-{step}"), os.path.join(folder, f"step-{step}.tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -128,6 +131,7 @@ def save_checkpoint(log, step: int, models: dict, optimizer, rng: np.random.Gene
         for name in os.listdir(folder):
             if name.startswith("step-") and name != f"step-{step}":
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    log.eval_s += time.perf_counter() - t_save
 
 
 def load_checkpoint(log, models: dict, optimizer, rng: np.random.Generator) -> tuple[int, dict]:

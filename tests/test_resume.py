@@ -152,7 +152,7 @@ from common import load_model_and_tokenizer
 from common.checkpoint import save_checkpoint
 
 class Log:  # the part of common.Logger a save needs
-    dir, script, reference = {run!r}, "sft", "painter"
+    dir, script, reference, eval_s = {run!r}, "sft", "painter", 0.0
     def train_seconds(self): return 0.0
 
 model, _ = load_model_and_tokenizer()
@@ -178,6 +178,7 @@ def test_a_save_killed_midway_leaves_a_checkpoint_that_loads(tmp_path):
         proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(delay)  # a few saves in: somewhere in the middle of one
+        assert proc.poll() is None, "the saver died by itself"  # still saving when it is killed
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         with open(os.path.join(run, "checkpoints", "latest")) as f:
