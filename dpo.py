@@ -225,8 +225,7 @@ def main(args: Args) -> dict:
     args = resumed_args("dpo", args) if args.resume else args  # --resume: the run's own settings
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("dpo", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
-    # DDP: the same seed on every rank: the same pairs and the same batch order, of which each rank takes its
-    # share
+    # DDP: the same seed on every rank: the same pairs and batch order, of which each rank takes its share
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -237,8 +236,7 @@ def main(args: Args) -> dict:
             f"--label-smoothing is cDPO's and applies to --loss-type sigmoid only, not {args.loss_type}"
         )
 
-    # 1. the policy (fp32 master weights) and its frozen reference (may be bf16; dropout off in both), the
-    # judge
+    # 1. the policy (fp32 master weights), its frozen reference (may be bf16; dropout off in both), the judge
     device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)

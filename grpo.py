@@ -330,14 +330,13 @@ def main(args: Args) -> dict:
 
         # 6. mu policy updates on this batch, each accumulated over micro-batches
         # DDP: the gradients are AVERAGED over ranks, so each rank divides by (whole-batch count / world):
-        # then k processes with B/k prompts each give the gradient of one process with all B prompts, even for
-        # token-mean
+        # k processes with B/k prompts give the gradient of one process with B prompts, token-mean included
         n_tokens = float(all_sum(completion_mask.sum())) / world
         agg = dict(mode=args.loss_agg, n_sequences=N, n_tokens=n_tokens, max_new_tokens=args.max_new_tokens)
         micro_batches = torch.arange(N).split(args.micro_batch_size)
         logging = step % args.log_every == 0
         for _ in range(args.num_iterations):
-            # over micro-batches
+            # summed over the micro-batches, for the log
             loss_sum, clipped_sum, kl_sum, entropy_sum = (torch.zeros(()) for _ in range(4))
             for i, s in enumerate(micro_batches):
                 mask = completion_mask[s]

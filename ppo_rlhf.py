@@ -332,8 +332,7 @@ def main(args: Args) -> dict:
     stop_ids = torch.tensor(sampling.eos_token_id, device=device)
     # DDP: each trained model in its own wrapper, which averages its gradients in backward
     ddp_model, ddp_value_model = (DDP(model), DDP(value_model)) if world > 1 else (model, value_model)
-    # NOTE: Adam eps 1e-5 as SFD (ppo.py); PyTorch's default 1e-8 makes larger early updates (N-blog detail
-    # 14)
+    # NOTE: Adam eps 1e-5 as SFD (ppo.py); PyTorch's 1e-8 makes larger early updates (N-blog detail 14)
     trained = list(model.parameters()) + list(value_model.parameters())
     optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
 
@@ -404,9 +403,8 @@ def main(args: Args) -> dict:
             advantages, returns = gae(rewards, old_values, completion_mask, args.gamma, args.lam)
             # NOTE: whitened after the returns are taken
             advantages = masked_whiten(advantages, completion_mask)
-            # DDP: the whitening (and below, the minibatch token means) use this rank's tokens, as TRL's PPO
-            # does per process; k processes then match one process with the whole batch in expectation, not to
-            # the bit
+            # DDP: the whitening (and the minibatch token means below) use this rank's tokens, as TRL's PPO
+            # does; k processes then match one process with the whole batch in expectation, not bit for bit
         if not (torch.isfinite(old_values).all() and torch.isfinite(advantages).all()):
             raise FloatingPointError(
                 f"values or advantages are NaN/inf at step {step}; the last good model is in "

@@ -152,8 +152,7 @@ def bradley_terry_loss(
     """Loss and accuracy of B pairs of rewards (B,) each."""
     # ALGO: the Bradley–Terry negative log-likelihood (InstructGPT Eq. 1; DPO paper Eq. 2), with a margin
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()
-    # ALGO: reward centering (Eisenstein et al. 2023): the BT loss only sees differences, so pin the mean near
-    # 0
+    # ALGO: reward centering (Eisenstein et al. 2023): the BT loss only sees differences; pin the mean near 0
     if center_coef:
         loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
     accuracy = (chosen_rewards > rejected_rewards).float().mean()  # NOTE: a tie counts as wrong
@@ -187,16 +186,14 @@ def main(args: Args) -> dict:
     args = resumed_args("reward_model", args) if args.resume else args  # --resume: the run's own settings
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("reward_model", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
-    # DDP: the same seed on every rank: the same head, pairs and batch order, of which each rank takes its
-    # share
+    # DDP: the same seed on every rank: the same head, pairs and batch order, of which each rank takes a share
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
 
-    # 1. the backbone with a scalar head (dropout off, fp32 master weights); a causal-LM checkpoint gets a
-    # fresh head
+    # 1. the backbone with a scalar head (dropout off, fp32 weights); a causal-LM checkpoint gets a new head
     device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     model, tokenizer = load_model_and_tokenizer(
         args.model, args.device, model_class=AutoModelForSequenceClassification, num_labels=1

@@ -173,8 +173,7 @@ def main(args: Args) -> dict:
     args = resumed_args("sft", args) if args.resume else args  # --resume: the run's own settings
     rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
     log = Logger("sft", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
-    # DDP: the same seed on every rank: the same initial weights and batches, of which each rank takes its
-    # share
+    # DDP: the same seed on every rank: the same initial weights and batches, of which each takes its share
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

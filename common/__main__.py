@@ -3,7 +3,6 @@
 import argparse
 import json
 
-import torch
 
 from .evaluate import painter_report
 from .models import load_model_and_tokenizer

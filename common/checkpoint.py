@@ -60,7 +60,7 @@ def resumed_args(script: str, args):
                 f"--resume {run_dir!r}: the run was started with {flag} {then}, not {now}; resume "
                 f"with the same settings (only {', '.join(sorted(RESUMABLE - {'resume'}))} may change)"
             )
-        merged[field.name] = now if (now != field.default or field.name in ("resume",)) else then
+        merged[field.name] = now if now != field.default else then  # what was not given now: the run's own
     return type(args)(**merged)
 
 

@@ -295,8 +295,8 @@ NUMBER_RE = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 def final_answer(completion: str) -> str:
-    """The completion's final answer: the last \\boxed{...}, else what follows the last '####', else all of
-    it."""
+    """The completion's final answer: the last \\boxed{...} (MATH, Hendrycks et al. 2021), else what follows
+    the last '####' (GSM8K, Cobbe et al. 2021), else all of it."""
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", completion)
     if boxed:
         return boxed[-1]

@@ -9,6 +9,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+# each script on the painter in seconds: tiny batches, 4 eval prompts, the cheap `correct` judge
+RL = dict(eval_size=4, judge="correct", max_new_tokens=6)
+TINY = {
+    "grpo": dict(RL, batch_size=2, group_size=4, micro_batch_size=8),
+    "reinforce": dict(RL, batch_size=2, group_size=4, micro_batch_size=8),
+    "ppo_rlhf": dict(RL, batch_size=4, num_minibatches=1, num_ppo_epochs=1),
+    "sft": dict(
+        model=os.path.join(ROOT, "common", "painter"),
+        batch_size=8,
+        warmup_steps=0,
+        eval_size=4,
+        max_new_tokens=6,
+    ),
+    "dpo": dict(RL, num_prompts=12, eval_pairs=4, batch_size=8, num_epochs=1, warmup_steps=0),
+    "reward_model": dict(num_prompts=12, eval_prompts=4, batch_size=8, num_epochs=1, judge="correct"),
+}
+
+
+def saved_weights(folder: str) -> dict:
+    """The tensors of a saved model folder (its safetensors file), by name."""
+    from safetensors.torch import load_file
+
+    (path,) = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")]
+    return load_file(path)
+
+
 def run_script(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python <argv>` from the repository root, as a user would type it."""
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -89,28 +89,11 @@ def assert_same_update(argv: list[str], tmp_path, metric_names: tuple[str, ...])
 
 def test_sft_two_processes_give_the_one_process_update(tmp_path):
     assert_same_update(
-        [
-            "tests/ddp_worker.py",
-            "sft",
-            "--model",
-            "common/painter",
-            "--total-steps",
-            "2",
-            "--batch-size",
-            "8",
-            "--grad-accum-steps",
-            "2",
-            "--learning-rate",
-            "0.1",
-            "--warmup-steps",
-            "0",
-            "--log-every",
-            "1",
-            "--eval-every",
-            "1000",
-            "--eval-size",
-            "4",
-        ],
+        (
+            "tests/ddp_worker.py sft --model common/painter --total-steps 2 --batch-size 8 "
+            "--grad-accum-steps 2 --learning-rate 0.1 --warmup-steps 0 --log-every 1 "
+            "--eval-every 1000 --eval-size 4"
+        ).split(),
         tmp_path,
         ("train/loss", "train/grad_norm"),
     )
@@ -119,24 +102,12 @@ def test_sft_two_processes_give_the_one_process_update(tmp_path):
 def test_dpo_two_processes_give_the_one_process_update(tmp_path, pairs_file):
     assert_same_update(
         [
-            "tests/ddp_worker.py",
-            "dpo",
-            "--data",
+            *"tests/ddp_worker.py dpo --data".split(),
             pairs_file,
-            "--batch-size",
-            "4",
-            "--num-epochs",
-            "1",
-            "--learning-rate",
-            "0.1",
-            "--warmup-steps",
-            "0",
-            "--log-every",
-            "1",
-            "--eval-every",
-            "1000",
-            "--eval-size",
-            "4",
+            *(
+                "--batch-size 4 --num-epochs 1 --learning-rate 0.1 --warmup-steps 0 --log-every 1 "
+                "--eval-every 1000 --eval-size 4"
+            ).split(),
         ],
         tmp_path,
         ("train/loss", "train/grad_norm", "rewards/margins", "logps/chosen"),
@@ -146,30 +117,11 @@ def test_dpo_two_processes_give_the_one_process_update(tmp_path, pairs_file):
 def test_grpo_two_processes_give_the_one_process_update(tmp_path):
     # token-mean divides by the tokens of the WHOLE batch, which the two ranks share unequally
     assert_same_update(
-        [
-            "tests/ddp_worker.py",
-            "grpo",
-            "--judge",
-            "correct",
-            "--batch-size",
-            "4",
-            "--group-size",
-            "4",
-            "--loss-agg",
-            "token-mean",
-            "--micro-batch-size",
-            "4",
-            "--total-steps",
-            "2",
-            "--learning-rate",
-            "0.1",
-            "--log-every",
-            "1",
-            "--eval-every",
-            "1000",
-            "--eval-size",
-            "4",
-        ],
+        (
+            "tests/ddp_worker.py grpo --judge correct --batch-size 4 --group-size 4 "
+            "--loss-agg token-mean --micro-batch-size 4 --total-steps 2 --learning-rate 0.1 "
+            "--log-every 1 --eval-every 1000 --eval-size 4"
+        ).split(),
         tmp_path,
         (
             "train/loss",
@@ -185,58 +137,14 @@ def test_grpo_two_processes_give_the_one_process_update(tmp_path):
 @pytest.mark.parametrize(
     "argv",
     [
-        [
-            "sft.py",
-            "--model",
-            "common/painter",
-            "--total-steps",
-            "2",
-            "--batch-size",
-            "8",
-            "--eval-size",
-            "4",
-        ],
+        "sft.py --model common/painter --total-steps 2 --batch-size 8 --eval-size 4".split(),
         ["reward_model.py", "--batch-size", "4", "--num-epochs", "1"],
-        ["dpo.py", "--batch-size", "4", "--num-epochs", "1", "--eval-size", "4"],
-        [
-            "grpo.py",
-            "--judge",
-            "correct",
-            "--batch-size",
-            "2",
-            "--group-size",
-            "4",
-            "--total-steps",
-            "2",
-            "--eval-size",
-            "4",
-        ],
-        [
-            "reinforce.py",
-            "--judge",
-            "correct",
-            "--batch-size",
-            "2",
-            "--group-size",
-            "4",
-            "--total-steps",
-            "2",
-            "--eval-size",
-            "4",
-        ],
-        [
-            "ppo_rlhf.py",
-            "--judge",
-            "correct",
-            "--batch-size",
-            "8",
-            "--num-minibatches",
-            "2",
-            "--total-steps",
-            "2",
-            "--eval-size",
-            "4",
-        ],
+        "dpo.py --batch-size 4 --num-epochs 1 --eval-size 4".split(),
+        ("grpo.py --judge correct --batch-size 2 --group-size 4 --total-steps 2 --eval-size 4").split(),
+        ("reinforce.py --judge correct --batch-size 2 --group-size 4 --total-steps 2 --eval-size 4").split(),
+        (
+            "ppo_rlhf.py --judge correct --batch-size 8 --num-minibatches 2 --total-steps 2 --eval-size 4"
+        ).split(),
     ],
     ids=lambda argv: argv[0],
 )
@@ -251,14 +159,9 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "grpo.py",
-            "--batch-size",
-            "3",
-            "--output-dir",
+            *(
+                "-m torch.distributed.run --standalone --nproc_per_node=2 grpo.py --batch-size 3 --output-dir"
+            ).split(),
             str(tmp_path),
         ],
         cwd=ROOT,
@@ -274,26 +177,10 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
 
 def test_two_processes_stopped_and_resumed_end_as_the_unbroken_run(tmp_path):
     """Each rank saves its own random states; the resumed pair of processes continues both streams."""
-    argv = [
-        "--total-steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--group-size",
-        "4",
-        "--micro-batch-size",
-        "4",
-        "--eval-every",
-        "2",
-        "--save-every",
-        "1",
-        "--eval-size",
-        "4",
-        "--log-every",
-        "1",
-        "--judge",
-        "correct",
-    ]
+    argv = (
+        "--total-steps 4 --batch-size 4 --group-size 4 --micro-batch-size 4 --eval-every "
+        "2 --save-every 1 --eval-size 4 --log-every 1 --judge correct"
+    ).split()
     unbroken = run(["grpo.py", *argv], 2, tmp_path, "unbroken")
     out = str(tmp_path / "broken")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

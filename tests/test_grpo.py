@@ -338,7 +338,7 @@ def test_a_bad_judge_is_a_clear_error(tmp_path, monkeypatch, judge_output, messa
     "flags, message",
     [
         (["--group-size", "1"], "at least 2 completions"),
-        (["--batch-size", "3", "--group-size", "4", "--micro-batch-size", "8"], "must divide"),
+        ("--batch-size 3 --group-size 4 --micro-batch-size 8".split(), "must divide"),
         (["--prompts", "missing.jsonl"], "does not exist"),
     ],
 )
@@ -369,12 +369,7 @@ def test_cli_runs(tmp_path):
     assert_run_console(result, tmp_path, "train/frac_zero_std")
     assert_help_lists(
         "grpo.py",
-        [
-            "--scale-rewards",
-            "--loss-agg",
-            "--clip-eps-high",
-            "--num-iterations",
-            "--kl-estimator",
-            "--mask-truncated",
-        ],
+        (
+            "--scale-rewards --loss-agg --clip-eps-high --num-iterations --kl-estimator --mask-truncated"
+        ).split(),
     )

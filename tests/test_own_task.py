@@ -11,7 +11,7 @@ import grpo
 from common import get_judge, split_by_prompt
 from common.judges import answer
 from common.tasks import basic_colour, basic_colour_rows
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_script
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,9 @@ EOS ids, chat templates, SentencePiece spaces, a 150k vocabulary. Checked on sma
 
 import copy
 import json
-import glob
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from local_models import chatml_tokenizer, save_random_model, sentencepiece_tokenizer
 
 import dpo
@@ -21,6 +19,7 @@ from common import PAINTER, encode_completion, encode_prompt, load_model_and_tok
 from common import sampling_config, stop_token_ids
 from common.judges import yes_no_ids
 from common.models import end_of_turn_id
+from conftest import TINY, saved_weights
 
 PROMPT = "Name this paint color: #d48475"
 RL_SCRIPTS = [grpo, reinforce, ppo_rlhf]
@@ -230,58 +229,20 @@ def test_entropy_in_blocks_equals_one_pass(script, monkeypatch):
 
 # ---- mixed precision and gradient checkpointing in every script that trains --------------------------------
 
-ONE_STEP = {  # one optimiser step of each script on the painter, evaluated on 4 prompts
-    grpo: dict(
-        total_steps=1,
-        batch_size=2,
-        group_size=4,
-        micro_batch_size=8,
-        eval_size=4,
-        judge="correct",
-        max_new_tokens=6,
-    ),
-    reinforce: dict(
-        total_steps=1,
-        batch_size=2,
-        group_size=4,
-        micro_batch_size=8,
-        eval_size=4,
-        judge="correct",
-        max_new_tokens=6,
-    ),
-    ppo_rlhf: dict(
-        total_steps=1,
-        batch_size=4,
-        num_minibatches=1,
-        num_ppo_epochs=1,
-        eval_size=4,
-        judge="correct",
-        max_new_tokens=6,
-    ),
-    sft: dict(model=PAINTER, total_steps=1, batch_size=8, warmup_steps=0, eval_size=4, max_new_tokens=6),
-    dpo: dict(
-        num_prompts=12,
-        eval_pairs=4,
-        batch_size=8,
-        num_epochs=1,
-        warmup_steps=0,
-        eval_size=4,
-        judge="correct",
-        max_new_tokens=6,
-    ),
-    reward_model: dict(num_prompts=12, eval_prompts=4, batch_size=8, num_epochs=1, judge="correct"),
-}
+# one optimiser step of each script on the painter (dpo and reward_model: 12 prompts make one batch of pairs)
+ONE_STEP = {script: dict(TINY[script.__name__], total_steps=1) for script in (grpo, reinforce, ppo_rlhf, sft)}
+ONE_STEP.update({dpo: TINY["dpo"], reward_model: TINY["reward_model"]})
 
 
 def one_step(script, tmp_path, **overrides) -> dict:
     """The trained weights (fp32 tensors by name) after one step of `script`."""
     args = script.Args(output_dir=str(tmp_path), seed=3, **{**ONE_STEP[script], **overrides})
     run_dir = script.main(args)["run_dir"]
-    return load_file(glob.glob(f"{run_dir}/model/*.safetensors")[0])
+    return saved_weights(f"{run_dir}/model")
 
 
 def painter_weights() -> dict:
-    return load_file(glob.glob(f"{PAINTER}/*.safetensors")[0])
+    return saved_weights(PAINTER)
 
 
 @pytest.mark.parametrize("script", ONE_STEP, ids=lambda m: m.__name__)
@@ -289,13 +250,14 @@ def test_one_bf16_step_at_lr_1e6_changes_the_trained_weights(script, tmp_path):
     after = one_step(script, tmp_path, dtype="bfloat16", learning_rate=1e-6)
     before = painter_weights()
     shared = [k for k in after if k in before]  # the reward model's new head has no painter counterpart
-    # saved as fp32
-    assert len(shared) >= len(before) - 1 and all(after[k].dtype == torch.float32 for k in after)
+    assert len(shared) >= len(before) - 1 and all(
+        after[k].dtype == torch.float32 for k in after
+    )  # fp32 saved
     changed = sum(int((after[k] != before[k]).sum()) for k in shared) / sum(before[k].numel() for k in shared)
     if script not in (ppo_rlhf, reward_model):
         assert changed >= 0.99, changed
-    # NOTE: some elements barely move in fp32 runs too: in PPO, Adam's eps of 1e-5 (SFD) shrinks the updates
     else:
+        # NOTE: some weights barely move in fp32 too. In PPO, Adam's eps of 1e-5 (SFD) shrinks the updates
         # of gradients below ~1e-8 under fp32's resolution (~91% change); the reward model has no softmax over
         # the vocabulary, so the embeddings of tokens not in the batch get no gradient (~55% change). There,
         # bf16 compute must lose none of the updates that fp32 compute makes.

@@ -19,72 +19,19 @@ import ppo_rlhf
 import reinforce
 import reward_model
 import sft
-from common import PAINTER
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, TINY, assert_one_line_error, run_script, saved_weights
 
-SHORT = {  # a few steps of each script on the painter, a checkpoint after every step
-    grpo: dict(
-        total_steps=4,
-        batch_size=2,
-        group_size=4,
-        micro_batch_size=4,
-        eval_every=2,
-        eval_size=4,
-        log_every=1,
-        judge="correct",
-        max_new_tokens=6,
-    ),
-    reinforce: dict(
-        total_steps=4,
-        batch_size=2,
-        group_size=4,
-        micro_batch_size=4,
-        eval_every=2,
-        eval_size=4,
-        log_every=1,
-        judge="correct",
-        max_new_tokens=6,
-        baseline="moving-average",
-    ),
+STEPS = dict(total_steps=4, eval_every=2, log_every=1)  # four steps, evaluated every two
+PAIRS = dict(num_prompts=40, num_epochs=2, eval_every=2, log_every=1)  # four batches of pairs over two epochs
+SHORT = {  # a few steps of each script on the painter, each with the state that a resume must restore
+    grpo: dict(TINY["grpo"], **STEPS, micro_batch_size=4),  # micro-batches
+    reinforce: dict(TINY["reinforce"], **STEPS, baseline="moving-average"),  # a running mean
     ppo_rlhf: dict(
-        total_steps=4,
-        batch_size=4,
-        num_minibatches=2,
-        num_ppo_epochs=2,
-        eval_every=2,
-        eval_size=4,
-        log_every=1,
-        judge="correct",
-        max_new_tokens=6,
-        target_kl=0.5,
-        kl_horizon=100,
+        TINY["ppo_rlhf"], **STEPS, num_minibatches=2, num_ppo_epochs=2, target_kl=0.5, kl_horizon=100
     ),
-    sft: dict(
-        model=PAINTER,
-        total_steps=4,
-        batch_size=8,
-        eval_every=2,
-        eval_size=4,
-        log_every=1,
-        max_new_tokens=6,
-        learning_rate=1e-4,
-        warmup_steps=2,
-    ),
-    dpo: dict(
-        num_prompts=40,
-        eval_pairs=8,
-        batch_size=8,
-        num_epochs=2,
-        eval_every=2,
-        eval_size=4,
-        log_every=1,
-        judge="correct",
-        max_new_tokens=6,
-        warmup_steps=1,
-    ),
-    reward_model: dict(
-        num_prompts=40, eval_prompts=8, batch_size=8, num_epochs=2, eval_every=2, log_every=1, judge="correct"
-    ),
+    sft: dict(TINY["sft"], **STEPS, learning_rate=1e-4, warmup_steps=2),  # the schedule
+    dpo: dict(TINY["dpo"], **PAIRS, eval_pairs=8, warmup_steps=1),  # the order of the pairs in an epoch
+    reward_model: dict(TINY["reward_model"], **PAIRS, eval_prompts=8),
 }
 
 
@@ -97,10 +44,6 @@ def rows_after(run_dir: str, step: int) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows if row["step"] > step]
-
-
-def final_weights(run_dir: str) -> dict:
-    return load_file(glob.glob(os.path.join(run_dir, "model", "*.safetensors"))[0])
 
 
 @pytest.mark.parametrize("script", SHORT, ids=lambda m: m.__name__)
@@ -124,7 +67,10 @@ def test_a_run_stopped_and_resumed_ends_as_the_unbroken_run(script, tmp_path, mo
     resumed = script.main(script.Args(resume=broken))["run_dir"]  # --resume alone: the run's own settings
     assert resumed == broken
     assert rows_after(resumed, stop_after) == rows_after(unbroken, stop_after) != []
-    weights, expected = final_weights(resumed), final_weights(unbroken)
+    weights, expected = (
+        saved_weights(os.path.join(resumed, "model")),
+        saved_weights(os.path.join(unbroken, "model")),
+    )
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
     if script is ppo_rlhf:  # the value model is saved and resumed too (its weights live in the checkpoint)
         value = load_file(os.path.join(resumed, "checkpoints", "step-4", "value_model.safetensors"))
