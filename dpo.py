@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import all_sum, autocast, cleanup_distributed, encode_pairs, eval_prompts, evaluate, get_judge
-from common import init_distributed, load_checkpoint, load_model_and_tokenizer, load_pairs, Logger, parse_args
-from common import resolve_device_dtype, resumed_args, save_checkpoint
+from common import all_sum, autocast, cleanup_distributed, encode_pairs, eval_prompts, evaluate, frozen_copy
+from common import get_judge, init_distributed, load_checkpoint, load_model_and_tokenizer, load_pairs, Logger
+from common import parse_args, resolve_device_dtype, resumed_args, save_checkpoint
 
 
 @dataclass
@@ -115,8 +115,8 @@ class Args:
     """print and log train metrics every this many steps"""
     temperature: float = 1.0
     """sampling temperature of the eval (and of the built-in pairs)"""
-    max_new_tokens: int = 16
-    """longest sampled name"""
+    max_new_tokens: int = 8
+    """longest sampled name, in the built-in pairs and the eval (the RL scripts' default)"""
 
 
 def concat_pairs(
@@ -267,9 +267,11 @@ def main(args: Args) -> dict:
         heldout_ref = all_logprobs(ref_model, heldout, pad_id)  # (N_eval, 2), once
     ref_logps = None
     # NOTE: the same numbers as per batch; saves a forward per step and pi_ref's memory
+    start_model = ref_model  # eval/kl's starting policy
     if args.precompute_ref_logps:
         with autocast(device, dtype):
             ref_logps, ref_model = all_logprobs(ref_model, train, pad_id), None  # (N, 2)
+        start_model = frozen_copy(start_model, dtype, "cpu") if log.active else None  # in host memory
     steps_per_epoch = max(1, len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.num_epochs
     if rank == 0:
@@ -281,15 +283,10 @@ def main(args: Args) -> dict:
     ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
-    def run_eval() -> tuple[dict, list[dict]]:
+    def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from start_model, the starting policy
+        prompts = eval_prompts(args.eval_size)
         metrics, samples = evaluate(
-            model,
-            tokenizer,
-            judge,
-            eval_prompts(args.eval_size),
-            args.temperature,
-            args.max_new_tokens,
-            dtype=dtype,
+            model, tokenizer, judge, prompts, args.temperature, args.max_new_tokens, dtype, start_model
         )
         with autocast(device, dtype):
             logps = all_logprobs(model, heldout, pad_id)  # (N_eval, 2)

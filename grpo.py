@@ -32,10 +32,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge
-from common import init_distributed, judge_columns, load_checkpoint, load_model_and_tokenizer, load_prompts
-from common import Logger, parse_args, resolve_device_dtype, resumed_args, sample, sampling_config
-from common import save_checkpoint, sync_gradients
+from common import all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, frozen_copy
+from common import get_judge, init_distributed, judge_columns, load_checkpoint, load_model_and_tokenizer
+from common import load_prompts, Logger, parse_args, resolve_device_dtype, resumed_args, sample
+from common import sampling_config, sampling_seed, save_checkpoint, sync_gradients
 
 
 @dataclass
@@ -239,8 +239,7 @@ def main(args: Args) -> dict:
     log = Logger("grpo", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
     np.random.seed(args.seed)
-    # DDP: each rank samples its own completions; the stride keeps seed 2's rank 0 off seed 1's rank 1 (SFD)
-    torch.manual_seed(args.seed + 100_003 * rank)
+    torch.manual_seed(sampling_seed(args.seed, rank))  # DDP: each rank samples its own completions
     rng = np.random.default_rng(args.seed)  # the same prompt order on every rank
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
@@ -263,6 +262,9 @@ def main(args: Args) -> dict:
     ref_model = None
     if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
         ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    start_model = ref_model  # eval/kl's starting policy: the reference, or (rank 0 evaluates) a host copy
+    if start_model is None and log.active:
+        start_model = frozen_copy(model, dtype, "cpu")
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # the sampler: plain sampling at temperature from our flags only; its stop ids also end the masks
@@ -271,10 +273,10 @@ def main(args: Args) -> dict:
     ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
-    def run_eval() -> tuple[dict, list[dict]]:
-        prompts = [r["prompt"] for r in eval_rows]
+    def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from start_model, the starting policy
+        prompts, T = [r["prompt"] for r in eval_rows], args.temperature
         return evaluate(
-            model, tokenizer, judge, prompts, args.temperature, args.max_new_tokens, dtype=dtype, **eval_extra
+            model, tokenizer, judge, prompts, T, args.max_new_tokens, dtype, start_model, **eval_extra
         )
 
     # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)

@@ -41,7 +41,7 @@ from transformers import AutoModelForSequenceClassification
 from common import all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge
 from common import init_distributed, judge_columns, load_checkpoint, load_model_and_tokenizer, load_prompts
 from common import load_reward_model, Logger, parse_args, resolve_device_dtype, resumed_args, sample
-from common import sampling_config, save_checkpoint
+from common import sampling_config, sampling_seed, save_checkpoint
 
 
 @dataclass
@@ -282,6 +282,13 @@ def value_loss(values, old_values, returns, mask, value_clip: float) -> tuple[to
     )
 
 
+def trained_rows_kl(logprobs, ref_logprobs, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the per-completion KL, sum_t log pi - log pi_ref, over the rows that train; their number).
+    NOTE: a row that --truncated mask leaves out has no tokens: counted, it would pull the mean toward 0"""
+    trains = mask.sum(1) > 0
+    return ((logprobs - ref_logprobs) * mask).sum(1)[trains].sum(), trains.sum()
+
+
 # ALGO: the adaptive KL controller (Ziegler et al. 2019 §2.2; lm-human-preferences AdaptiveKLController)
 def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_episodes: int, horizon: float) -> float:
     """beta_next = beta * (1 + K * e), e = clip(KL / KL_target - 1, -0.2, 0.2), K = n_episodes / horizon."""
@@ -294,8 +301,7 @@ def main(args: Args) -> dict:
     log = Logger("ppo_rlhf", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     random.seed(args.seed)
     np.random.seed(args.seed)
-    # DDP: each rank samples its own completions; the stride keeps seed 2's rank 0 off seed 1's rank 1 (SFD)
-    torch.manual_seed(args.seed + 100_003 * rank)
+    torch.manual_seed(sampling_seed(args.seed, rank))  # DDP: each rank samples its own completions
     rng = np.random.default_rng(args.seed)  # the same prompt order and minibatch shuffles on every rank
     N = args.batch_size // world  # DDP: this rank's share of the prompts
     if args.batch_size % world or N % args.num_minibatches or N // args.num_minibatches < 2:
@@ -336,10 +342,10 @@ def main(args: Args) -> dict:
     trained = list(model.parameters()) + list(value_model.parameters())
     optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
 
-    def run_eval() -> tuple[dict, list[dict]]:
-        prompts = [r["prompt"] for r in eval_rows]
+    def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from ref_model, the starting policy
+        prompts, T = [r["prompt"] for r in eval_rows], args.temperature
         return evaluate(
-            model, tokenizer, judge, prompts, args.temperature, args.max_new_tokens, dtype=dtype, **eval_extra
+            model, tokenizer, judge, prompts, T, args.max_new_tokens, dtype, ref_model, **eval_extra
         )
 
     # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
@@ -385,11 +391,9 @@ def main(args: Args) -> dict:
         if args.truncated == "mask":
             completion_mask = completion_mask * (~truncated)[:, None]
 
-        # 4. the rollout's log-probs (policy = pi_old, reference) and values, once, without gradient
+        # 4. the rollout's log-probs (policy = pi_old, reference) and values, (N, T) each, once, without gradient
         with torch.no_grad(), autocast(device, dtype):
-            old_logprobs, _ = forward_logprobs(
-                model, sequences, attention_mask, P, args.temperature
-            )  # (N, T)
+            old_logprobs, _ = forward_logprobs(model, sequences, attention_mask, P, args.temperature)
             ref_logprobs, _ = forward_logprobs(ref_model, sequences, attention_mask, P, args.temperature)
             old_values = forward_values(value_model, sequences, attention_mask, P) * completion_mask
 
@@ -457,14 +461,9 @@ def main(args: Args) -> dict:
         n_updates = args.num_ppo_epochs * args.num_minibatches
         means = {name: float(total / n_updates) for name, total in totals.items()}
 
-        # 7. adapt beta (from the KL per completion, in nats), log, eval, save
-        kl_rows = ((old_logprobs - ref_logprobs) * completion_mask).sum(
-            1
-        )  # (N,), 0 for rows --truncated masks
-        trained_rows = (completion_mask.sum(1) > 0).float()
-        sequence_kl = float(
-            all_sum((kl_rows * trained_rows).sum()) / all_sum(trained_rows.sum()).clamp(min=1)
-        )
+        # 7. adapt beta (from the KL per completion, in nats, over the rows that train), log, eval, save
+        kl_sum, n_rows = trained_rows_kl(old_logprobs, ref_logprobs, completion_mask)
+        sequence_kl = float(all_sum(kl_sum) / all_sum(n_rows).clamp(min=1))
         logged_kl_coef = kl_coef
         if args.target_kl is not None:
             kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, args.target_kl, args.batch_size, args.kl_horizon)

@@ -27,10 +27,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import all_sum, autocast, cleanup_distributed, encode_examples, eval_prompts, evaluate, get_judge
-from common import init_distributed, load_checkpoint, load_model_and_tokenizer, Logger, parse_args, read_jsonl
-from common import resolve_device_dtype, resumed_args, sample_colour_pairs, save_atomic, save_checkpoint
-from common import split_by_prompt, sync_gradients
+from common import all_sum, autocast, cleanup_distributed, encode_examples, eval_prompts, evaluate
+from common import frozen_copy, get_judge, init_distributed, load_checkpoint, load_model_and_tokenizer, Logger
+from common import parse_args, read_jsonl, resolve_device_dtype, resumed_args, sample_colour_pairs
+from common import save_atomic, save_checkpoint, split_by_prompt, sync_gradients
 from common.recipe import build_tokenizer, new_model, painter_texts, trainable_names
 
 
@@ -111,8 +111,8 @@ class Args:
     """print and log train metrics every this many steps"""
     temperature: float = 1.0
     """sampling temperature of the eval"""
-    max_new_tokens: int = 16
-    """longest sampled completion in the eval"""
+    max_new_tokens: int = 8
+    """longest sampled completion in the eval (the RL scripts' default, so eval/reward compares)"""
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -209,11 +209,13 @@ def main(args: Args) -> dict:
     if rows is not None:
         examples = encode_examples(tokenizer, rows, context)  # (prompt_ids, completion_ids + end token)
     else:
-        names = trainable_names(tokenizer, context)
+        names, plain_names = trainable_names(tokenizer, context)  # the painter's labels, none with <unk>
     if rank == 0:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # eval/kl's starting policy: for rank 0's eval, a copy in host memory
+    start_model = frozen_copy(model, dtype, "cpu") if log.active else None
     ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -224,9 +226,9 @@ def main(args: Args) -> dict:
         betas=(0.9, 0.95),
     )
 
-    def run_eval() -> tuple[dict, list[dict]]:
+    def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from start_model, the starting policy
         return evaluate(
-            model, tokenizer, judge, eval_prompts_, args.temperature, args.max_new_tokens, dtype=dtype
+            model, tokenizer, judge, eval_prompts_, args.temperature, args.max_new_tokens, dtype, start_model
         )
 
     # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
@@ -243,7 +245,9 @@ def main(args: Args) -> dict:
         t0 = time.perf_counter()
         # 3. one optimiser batch of B (prompt_ids, completion_ids) pairs
         if rows is None:
-            pairs = sample_colour_pairs(rng, args.batch_size, args.synthetic_frac, args.jitter, names)
+            pairs = sample_colour_pairs(
+                rng, args.batch_size, args.synthetic_frac, args.jitter, names, plain_names
+            )
             batch = encode_examples(tokenizer, pairs, context)
         else:
             if cursor + args.batch_size > len(order):

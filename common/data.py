@@ -35,9 +35,12 @@ def color_names(split: str = "train") -> tuple[tuple[str, str], ...]:
 
 
 @lru_cache(maxsize=None)
-def xkcd_names() -> tuple[tuple[str, str], ...]:
+def xkcd_names(split: str = "train") -> tuple[tuple[str, str], ...]:
+    """(name, hex) pairs of the xkcd survey; "train" drops those with a held-out hex (they label SFT's
+    colours, so one would teach the eval's answer), "all" keeps them."""
     with open(os.path.join(ASSETS, "xkcd.csv"), encoding="utf-8") as f:
-        return tuple((r["name"], r["hex"]) for r in csv.DictReader(f))
+        rows = tuple((r["name"], r["hex"]) for r in csv.DictReader(f))
+    return rows if split == "all" else tuple(r for r in rows if not is_heldout(r[1]))
 
 
 def eval_prompts(n: int = 64) -> list[str]:
@@ -171,8 +174,21 @@ def hex_to_rgb(hex_: str) -> tuple[int, int, int]:
 
 
 @lru_cache(maxsize=None)
-def xkcd_labs() -> np.ndarray:
-    return srgb_to_lab(np.array([hex_to_rgb(h) for _, h in xkcd_names()]))
+def labs_of(names: tuple[tuple[str, str], ...]) -> np.ndarray:
+    return srgb_to_lab(np.array([hex_to_rgb(h) for _, h in names]))
+
+
+def training_rgb(rng: np.random.Generator, n: int, centres: np.ndarray | None = None, jitter: int = 0):
+    """n colours (n, 3): the centres moved by up to +-jitter per channel, or uniform in 0..255 without
+    centres. A colour that lands on a held-out hex is drawn again: SFT never sees an eval colour."""
+    out, todo = np.zeros((n, 3), dtype=np.int64), np.arange(n)
+    while len(todo):
+        if centres is None:
+            out[todo] = rng.integers(0, 256, (len(todo), 3))
+        else:
+            out[todo] = np.clip(centres[todo] + rng.integers(-jitter, jitter + 1, (len(todo), 3)), 0, 255)
+        todo = todo[np.array([is_heldout("#%02x%02x%02x" % tuple(c)) for c in out[todo]], dtype=bool)]
+    return out
 
 
 def sample_colour_pairs(
@@ -181,28 +197,29 @@ def sample_colour_pairs(
     synthetic_frac: float = 0.5,
     jitter: int = 8,
     names: tuple[tuple[str, str], ...] | None = None,
+    plain_names: tuple[tuple[str, str], ...] | None = None,
 ) -> list[tuple[str, str]]:
     """n (prompt, name) training pairs of the built-in task.
 
     A share 1 - synthetic_frac are training-split names whose hex moves by up to +-jitter per channel
     (augmentation: nearby colours share a name); the rest are uniformly random colours named by their
-    nearest xkcd colour in CIEDE2000. Those plain names ("dusty rose") teach which words mean which
-    colours, which the often fanciful real names ("Sunny Disposition") barely do. names defaults to the
-    training split.
+    nearest plain name (the xkcd survey's) in CIEDE2000. Those plain names ("dusty rose") teach which words
+    mean which colours, which the often fanciful real names ("Sunny Disposition") barely do. names and
+    plain_names default to the training splits; no colour drawn is a held-out hex.
     """
-    names = names or color_names("train")
+    names, plain_names = names or color_names("train"), plain_names or xkcd_names("train")
     n_synthetic = int(rng.binomial(n, synthetic_frac))
-    pairs = []
-    for i in rng.integers(len(names), size=n - n_synthetic):
-        rgb = np.clip(np.array(hex_to_rgb(names[i][1])) + rng.integers(-jitter, jitter + 1, 3), 0, 255)
-        pairs.append((PROMPT.format(hex="#%02x%02x%02x" % tuple(rgb)), names[i][0]))
+    chosen = rng.integers(len(names), size=n - n_synthetic)
+    centres = np.array([hex_to_rgb(names[i][1]) for i in chosen]).reshape(-1, 3)
+    rgb = training_rgb(rng, len(chosen), centres, jitter)
+    pairs = [(PROMPT.format(hex="#%02x%02x%02x" % tuple(c)), names[i][0]) for c, i in zip(rgb, chosen)]
     if n_synthetic:
-        rgb = rng.integers(0, 256, (n_synthetic, 3))
-        labs, candidates = srgb_to_lab(rgb), xkcd_labs()
+        rgb = training_rgb(rng, n_synthetic)
+        labs, candidates = srgb_to_lab(rgb), labs_of(plain_names)
         distances = ciede2000(np.repeat(labs, len(candidates), 0), np.tile(candidates, (n_synthetic, 1)))
         nearest = distances.reshape(n_synthetic, len(candidates)).argmin(1)
         pairs += [
-            (PROMPT.format(hex="#%02x%02x%02x" % tuple(c)), xkcd_names()[j][0]) for c, j in zip(rgb, nearest)
+            (PROMPT.format(hex="#%02x%02x%02x" % tuple(c)), plain_names[j][0]) for c, j in zip(rgb, nearest)
         ]
     order = rng.permutation(len(pairs))
     return [pairs[i] for i in order]

@@ -1,5 +1,6 @@
 """The eval every script shares: name the fixed held-out hexes, score the names, count distinct ones."""
 
+import copy
 import re
 
 import numpy as np
@@ -7,21 +8,25 @@ import torch
 
 from .data import color_names, eval_prompts, xkcd_names
 from .judges import answer, colour_distances, correct
-from .models import autocast, context_length, encode_prompt, sample, sampling_config
+from .models import autocast, context_length, encode_prompt, sample, sampling_config, stop_token_ids
+
+
+EVAL_NEW_TOKENS = 8  # every script's eval samples at most this many tokens unless --max-new-tokens says
 
 
 @torch.no_grad()
-def generate(
+def sample_names(
     model,
     tokenizer,
     prompts: list[str],
     temperature: float = 1.0,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = EVAL_NEW_TOKENS,
     seed: int | None = None,
     dtype: torch.dtype = torch.float32,
-) -> list[str]:
-    """Sample one completion per prompt (left padded, KV cache, plain softmax sampling at temperature, the
-    same sampler as training's), under autocast in `dtype`."""
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """One completion per prompt (left padded, KV cache, plain softmax sampling at temperature, the same
+    sampler as training's), under autocast in `dtype`: the names, the sequences (N, P+T) and the prompts'
+    attention mask (N, P)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if max(len(e) for e in encoded) + max_new_tokens > context_length(model):
         raise ValueError(
@@ -36,10 +41,61 @@ def generate(
             torch.manual_seed(seed)
         with autocast(model.device, dtype):
             output = sample(model, batch["input_ids"], batch["attention_mask"], config)
-    return [
-        t.strip()
-        for t in tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    ]
+    completions = output[:, batch["input_ids"].shape[1] :]
+    names = [t.strip() for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
+    return names, output, batch["attention_mask"]
+
+
+def generate(model, tokenizer, prompts: list[str], *args, **kwargs) -> list[str]:
+    """The names alone of sample_names."""
+    return sample_names(model, tokenizer, prompts, *args, **kwargs)[0]
+
+
+@torch.no_grad()
+def sequence_kl(
+    model,
+    reference,
+    sequences: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    stop_ids: list[int],
+    temperature: float,
+    dtype: torch.dtype,
+    rows: int = 16,
+) -> float:
+    """eval/kl: KL(pi || pi_start) per completion, estimated on the eval's own samples from pi as
+    mean_i sum_t log pi(y_it) - log pi_start(y_it) (k1, unbiased; Schulman 2020), at the sampling
+    temperature, over the completion's tokens up to and including its stop token. The reference may live on
+    another device (host memory) than the model."""
+    P = prompt_mask.shape[1]
+    completion = sequences[:, P:]
+    is_stop = torch.isin(completion, torch.tensor(stop_ids, device=completion.device))
+    first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion.shape[1])
+    mask = torch.arange(completion.shape[1], device=completion.device)[None] <= first_stop[:, None]
+    attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+
+    def logprobs(m) -> torch.Tensor:  # (N, T) on the CPU, rows at a time
+        device, out = next(m.parameters()).device, []
+        for s in torch.arange(len(sequences)).split(rows):
+            ids, att, pos = (t[s].to(device) for t in (sequences, attention_mask, position_ids))
+            with autocast(device, dtype):
+                logits = m(ids, attention_mask=att, position_ids=pos, use_cache=False).logits[:, P - 1 : -1]
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+            out.append(logp.gather(-1, ids[:, P:, None]).squeeze(-1).cpu())
+        return torch.cat(out)
+
+    was_training = model.training
+    model.eval()  # the sampler's policy: dropout off
+    try:
+        return float(((logprobs(model) - logprobs(reference)) * mask.cpu()).sum(1).mean())
+    finally:
+        model.train(was_training)
+
+
+def frozen_copy(model, dtype: torch.dtype, device: str | torch.device | None = None):
+    """A frozen copy of the model (the starting policy for eval/kl), in dtype, on device (default: the
+    model's own)."""
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def evaluate(
@@ -48,15 +104,19 @@ def evaluate(
     judge,
     prompts: list[str] | None = None,
     temperature: float = 1.0,
-    max_new_tokens: int = 16,
-    seed: int = 0,
+    max_new_tokens: int = EVAL_NEW_TOKENS,
     dtype: torch.dtype = torch.float32,
+    reference=None,
+    seed: int = 0,
     **judge_kwargs,
 ) -> tuple[dict, list[dict]]:
-    """eval/reward (the judge), eval/correct, eval/distinct (share of unique names) and the samples.
-    judge_kwargs (e.g. answer=[...], one per prompt) go to the judge, as TRL passes dataset columns."""
+    """eval/reward (the judge), eval/correct, eval/distinct (share of unique names), eval/kl (to the
+    reference, the starting policy, when given) and the samples. judge_kwargs (e.g. answer=[...], one per
+    prompt) go to the judge, as TRL passes dataset columns."""
     prompts = prompts or eval_prompts()
-    names = generate(model, tokenizer, prompts, temperature, max_new_tokens, seed, dtype)
+    names, sequences, prompt_mask = sample_names(
+        model, tokenizer, prompts, temperature, max_new_tokens, seed, dtype
+    )
     rewards = judge(prompts, names, **judge_kwargs)
     colours = all(re.search(r"#[0-9a-fA-F]{6}", p) for p in prompts)
     correctness = correct(prompts, names) if colours else [float("nan")] * len(names)
@@ -65,6 +125,10 @@ def evaluate(
         "eval/correct": float(np.mean(correctness)),
         "eval/distinct": len(set(names)) / len(names),
     }
+    if reference is not None:
+        stop_ids = stop_token_ids(tokenizer, model)
+        kl = sequence_kl(model, reference, sequences, prompt_mask, stop_ids, temperature, dtype)
+        metrics["eval/kl"] = kl
     if "answer" in judge_kwargs:  # a verifiable task: the share of exactly right final answers
         metrics["eval/accuracy"] = float(np.mean(answer(prompts, names, answer=judge_kwargs["answer"])))
     samples = [{"prompt": p, "completion": n, "reward": r} for p, n, r in zip(prompts, names, rewards)]

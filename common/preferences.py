@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .data import PROMPT, color_names, eval_prompts, read_jsonl, split_by_prompt
-from .evaluate import generate
+from .evaluate import EVAL_NEW_TOKENS, generate
 from .models import encode_completion, encode_prompt
 
 
@@ -35,7 +35,7 @@ def candidate_names(
     model=None,
     tokenizer=None,
     temperature: float = 1.0,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = EVAL_NEW_TOKENS,
     dtype=torch.float32,
 ) -> list[list[str]]:
     """per_prompt names for each prompt: sampled from the model ("policy"), or random training names
@@ -189,7 +189,7 @@ def load_pairs(
     flip_prob: float = 0.0,
     seed: int = 0,
     temperature: float = 1.0,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = EVAL_NEW_TOKENS,
     dtype=torch.float32,
     warn=print,
 ) -> tuple[list[dict], list[dict]]:

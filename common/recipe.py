@@ -80,13 +80,16 @@ def painter_texts(rows: list[tuple[str, str]] | None) -> list[str]:
     ]
 
 
-def trainable_names(tokenizer, context: int) -> tuple[tuple[str, str], ...]:
-    """The training names the model can learn: none with a word the tokenizer lacks (it would teach the model
-    to say <unk>), none too long to fit the context after the prompt."""
+def trainable_names(tokenizer, context: int) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """The training names and the plain (xkcd) names the model can learn: none with a word the tokenizer
+    lacks (it would teach the model to say <unk>), none too long to fit the context after the prompt."""
     prompt = PROMPT.format(hex="#000000")
     room = context - len(encode_prompt(tokenizer, prompt))
-    return tuple(
-        (n, h)
-        for n, h in color_names("train")
-        if len(ids := encode_completion(tokenizer, prompt, n)) <= room and tokenizer.unk_token_id not in ids
+
+    def fits(name: str) -> bool:
+        ids = encode_completion(tokenizer, prompt, name)
+        return len(ids) <= room and tokenizer.unk_token_id not in ids
+
+    return tuple(r for r in color_names("train") if fits(r[0])), tuple(
+        r for r in xkcd_names("train") if fits(r[0])
     )

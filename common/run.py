@@ -30,6 +30,13 @@ def init_distributed(device: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def sampling_seed(seed: int, rank: int) -> int:
+    """The torch seed of one rank: seed + 100_003 * rank, so that no (seed, rank) repeats another's random
+    stream below 100,003 seeds (with seed + rank, seed 2 on rank 0 would sample what seed 1 samples on
+    rank 1)."""
+    return seed + 100_003 * rank
+
+
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     """x summed over the ranks; x itself in a world of one."""
     if not dist.is_initialized():

@@ -7,16 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from common import PAINTER, evaluate, get_judge, load_model_and_tokenizer, read_jsonl, save_atomic
-from common.data import (
-    ciede2000,
-    color_names,
-    eval_prompts,
-    is_heldout,
-    parse_hex,
-    sample_colour_pairs,
-    srgb_to_lab,
+from common import (
+    PAINTER,
+    evaluate,
+    frozen_copy,
+    get_judge,
+    load_model_and_tokenizer,
+    read_jsonl,
+    save_atomic,
 )
+from common.data import ciede2000, color_names, eval_prompts, is_heldout, parse_hex, sample_colour_pairs
+from common.data import srgb_to_lab, xkcd_names
+from common.evaluate import EVAL_NEW_TOKENS, sample_names
+from common.models import stop_token_ids
+from common.recipe import build_tokenizer, painter_texts, trainable_names
+from common.run import sampling_seed
+from conftest import TINY
 from common.judges import STYLE_EXAMPLES, correct, name_to_lab, style_judge
 
 HEX = "Name this paint color: #1f4e79"
@@ -53,6 +59,37 @@ def test_built_in_pairs_are_deterministic_and_near_their_colour():
     assert a == b and len(a) == 200
     distances = [d for d in correct([p for p, _ in a], [n for _, n in a])]
     assert np.mean(distances) > 0.5  # names describe their (jittered or nearest-xkcd) colours
+
+
+def test_sft_labels_and_colours_never_touch_a_held_out_hex():
+    # the xkcd plain names that label random colours: none with a held-out hex (19 of 949 have one)
+    assert len(xkcd_names("all")) > len(xkcd_names("train"))
+    assert not any(is_heldout(h) for _, h in xkcd_names("train"))
+    # names whose hexes sit next to held-out ones, jittered by 1: a 27-colour cube around each holds a
+    # held-out hex, so about 1 row in 27 would land on one without the redraw
+    near = []
+    for _, h in color_names("heldout")[:40]:
+        r, g, b = (int(h[i : i + 2], 16) for i in (1, 3, 5))
+        neighbour = "#%02x%02x%02x" % (min(r + 1, 255), g, b)
+        if not is_heldout(neighbour):
+            near.append(("Near", neighbour))
+    pairs = sample_colour_pairs(np.random.default_rng(0), 2000, 0.5, 1, tuple(near))
+    assert not any(is_heldout(p[-7:]) for p, _ in pairs)
+    assert {n for _, n in pairs} - {"Near"} <= {n for n, _ in xkcd_names("train")}
+
+
+def test_no_painter_label_holds_a_word_the_tokenizer_lacks():
+    tokenizer = build_tokenizer("word", painter_texts(None), min_count=2)
+    names, plain = trainable_names(tokenizer, 64)
+    assert len(plain) > 800 and len(names) > 20_000
+    for name, _ in names + plain:
+        assert tokenizer.unk_token_id not in tokenizer(name, add_special_tokens=False)["input_ids"], name
+
+
+def test_sampling_seeds_of_two_runs_never_share_a_stream():
+    # with seed + rank, seed 2 on rank 0 would sample exactly what seed 1 samples on rank 1
+    seeds = {sampling_seed(seed, rank) for seed in range(1, 101) for rank in range(64)}
+    assert len(seeds) == 100 * 64 and sampling_seed(2, 0) != sampling_seed(1, 1)
 
 
 def test_parse_hex_and_its_error():
@@ -187,12 +224,38 @@ def test_bad_jsonl_is_a_clear_error(tmp_path, content, message):
 
 def test_eval_reports_the_shared_metrics(painter):
     model, tokenizer = painter
-    metrics, samples = evaluate(model, tokenizer, correct, eval_prompts(16), max_new_tokens=8)
-    assert set(metrics) == {"eval/reward", "eval/correct", "eval/distinct"}
+    metrics, samples = evaluate(model, tokenizer, correct, eval_prompts(16), reference=model)
+    assert set(metrics) == {"eval/reward", "eval/correct", "eval/distinct", "eval/kl"}
+    assert metrics["eval/kl"] == 0.0  # to itself
     assert metrics["eval/reward"] == metrics["eval/correct"] and 0 < metrics["eval/distinct"] <= 1
     assert len(samples) == 16 and all(isinstance(s["completion"], str) for s in samples)
-    again, _ = evaluate(model, tokenizer, correct, eval_prompts(16), max_new_tokens=8)
+    again, _ = evaluate(model, tokenizer, correct, eval_prompts(16), reference=model)
     assert again == metrics  # the eval is seeded
+
+
+def test_eval_kl_sums_each_completions_log_ratio_through_its_stop_token(painter):
+    start, tokenizer = painter
+    model = frozen_copy(start, torch.float32)  # a "trained" policy: the painter, moved a little
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    prompts = eval_prompts(12)
+    metrics, _ = evaluate(model, tokenizer, correct, prompts, reference=start)
+    # the same samples (the eval is seeded), each row scored alone: no padding, one token at a time
+    _, sequences, prompt_mask = sample_names(model, tokenizer, prompts, seed=0)
+    stop, P, expected = stop_token_ids(tokenizer, model), prompt_mask.shape[1], []
+    for row, mask in zip(sequences, prompt_mask):
+        ids, total = row[P - int(mask.sum()) :].tolist(), 0.0
+        for t in range(int(mask.sum()), len(ids)):
+            with torch.no_grad():
+                now, then = (m(torch.tensor([ids[:t]])).logits[0, -1].log_softmax(-1) for m in (model, start))
+            total += float(now[ids[t]] - then[ids[t]])
+            if ids[t] in stop:
+                break
+        expected.append(total)
+    assert metrics["eval/kl"] == pytest.approx(np.mean(expected), abs=1e-4)
+    assert metrics["eval/kl"] > 0.01
 
 
 def test_save_is_atomic_and_replaces(tmp_path, painter):
@@ -211,3 +274,22 @@ def test_a_seeded_eval_leaves_the_training_random_stream_alone(painter):
     torch.manual_seed(123)
     evaluate(model, tokenizer, correct, eval_prompts(4), max_new_tokens=4)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(
+    "script, overrides",
+    [("sft", {}), ("dpo", {}), ("dpo", {"precompute_ref_logps": True}), ("grpo", {}), ("grpo", {"beta": 0.0})]
+    + [("reinforce", {}), ("ppo_rlhf", {})],
+)
+def test_every_policy_script_runs_one_eval_with_its_kl_to_the_start(script, overrides, tmp_path):
+    import importlib
+
+    module = importlib.import_module(script)
+    assert module.Args.max_new_tokens == EVAL_NEW_TOKENS  # the same eval, so eval/reward compares
+    args = {**TINY[script], "total_steps": 2, "eval_every": 2, "learning_rate": 1e-3, **overrides}
+    if script == "dpo":  # dpo's steps come from its pairs: one epoch of 8 pairs in batches of 4
+        args = {**TINY[script], "batch_size": 4, "eval_every": 2, "learning_rate": 1e-3, **overrides}
+    run_dir = module.main(module.Args(output_dir=str(tmp_path), **args))["run_dir"]
+    with open(f"{run_dir}/metrics.jsonl") as f:
+        evals = [m for m in map(json.loads, f) if "eval/reward" in m]
+    assert evals[0]["eval/kl"] == 0.0 and evals[-1]["eval/kl"] != 0.0, evals  # the start, then a drift

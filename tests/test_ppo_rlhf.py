@@ -157,6 +157,16 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
 # ---- values at the policy's positions ----------------------------------------------------------------------
 
 
+def test_the_controllers_kl_averages_over_the_rows_that_train():
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5], [-3.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.5, -9.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    # row 0: two real tokens; row 1: masked out whole (--truncated mask); row 2: one real token
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    kl_sum, n_rows = ppo.trained_rows_kl(logprobs, ref, mask)
+    # (0.5 + 0.5) + (-2.0) over 2 rows = -0.5 nats per completion; over all 3 rows it would be -1/3
+    assert float(kl_sum) == pytest.approx(-1.0) and int(n_rows) == 2
+
+
 def test_values_are_read_at_the_state_before_each_token_whatever_the_padding():
     torch.manual_seed(0)
     value_model, tokenizer = load_model_and_tokenizer(
