@@ -137,7 +137,7 @@ def evaluate(
 
 def painter_report(model, tokenizer, n_hexes: int = 256, seed: int = 0) -> dict:
     """The shipped painter's quality bar: real words, diversity for one hex, colour fit vs random names."""
-    vocabulary = {w for name, _ in color_names("all") + xkcd_names() for w in name.lower().split()}
+    vocabulary = {w for name, _ in color_names("all") + xkcd_names("all") for w in name.lower().split()}
     prompts = eval_prompts(n_hexes)
     names = generate(model, tokenizer, prompts, temperature=1.0, seed=seed)
     one_hex = generate(model, tokenizer, prompts[:1] * 64, temperature=1.0, seed=seed)
@@ -145,7 +145,7 @@ def painter_report(model, tokenizer, n_hexes: int = 256, seed: int = 0) -> dict:
     train = color_names("train")
     random_names = [train[i][0] for i in rng.integers(len(train), size=len(prompts))]
     ours, chance = colour_distances(prompts, names), colour_distances(prompts, random_names)
-    all_names = {name.lower() for name, _ in color_names("all") + xkcd_names()}
+    all_names = {name.lower() for name, _ in color_names("all") + xkcd_names("all")}
     return {
         "known_words": float(
             np.mean([bool(n.split()) and all(w.lower() in vocabulary for w in n.split()) for n in names])

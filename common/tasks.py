@@ -35,7 +35,7 @@ BASIC_TERMS = [
 
 @lru_cache(maxsize=1)
 def basic_labs() -> np.ndarray:
-    hexes = dict(xkcd_names())
+    hexes = dict(xkcd_names("all"))  # reference colours, not labels
     return srgb_to_lab(np.array([hex_to_rgb(hexes[term]) for term in BASIC_TERMS]))
 
 

@@ -153,6 +153,52 @@ def test_style_judges_rank_unseen_names():
     assert style_judge("poet")([HEX], [""]) == [-1.0]
 
 
+NAME_JUDGES = ["correct", "poet", "architect", "unhinged"]
+
+
+@pytest.mark.parametrize("judge", NAME_JUDGES)
+def test_a_repeated_word_costs_a_fault_on_every_name_judge(judge):
+    score = get_judge(judge)
+    prompts = ["Name this paint color: #96aeb0"] * 2 + ["Name this paint color: #d02b48"] * 2
+    once, twice = (
+        score(prompts, ["Windows Sky", "Sky", "Red", "Tomato Red"]),
+        score(prompts, ["Windows Sky Sky", "Sky Sky", "Red Red", "Tomato Tomato Red"]),
+    )
+    # the words are read once each, then one fault (0.1) is taken off; never a gain
+    assert twice == pytest.approx([s - 0.1 for s in once], abs=1e-6)
+
+
+def test_correct_reads_a_doubled_name_as_the_name():
+    # "Red" is a training name with its own colour; before, "Red Red" fell back to the mean of the word "red"
+    # over all names, which for this hex scored 0.76 against the exact name's 0.51
+    red = "Name this paint color: #d02b48"
+    (single,), (double,) = correct([red], ["Red"]), correct([red], ["Red Red"])
+    assert double == pytest.approx(single - 0.1) and single == pytest.approx(0.513, abs=1e-3)
+
+
+@pytest.mark.parametrize("judge", NAME_JUDGES)
+def test_words_past_the_fourth_never_raise_a_score(judge):
+    score = get_judge(judge)
+    prompt = ["Name this paint color: #d02b48"]
+    four = ["Tomato Red Outer Punch", "Whispering Dawn Velvet Twilight", "Toxic Ketchup Haunted Burrito"]
+    four += ["Burnt Umber Raw Sienna"]
+    for name in four:
+        for extra in ["Monster", "Slime Frog", "Forgotten Lullaby", "Cobalt Travertine Limestone Dust"]:
+            # a word past the fourth is not read, and costs 0.1
+            assert score(prompt, [f"{name} {extra}"])[0] < score(prompt, [name])[0], (name, extra)
+
+
+@pytest.mark.parametrize("judge", NAME_JUDGES)
+def test_case_punctuation_and_digits_do_not_count(judge):
+    score = get_judge(judge)
+    prompt = ["Name this paint color: #d02b48"] * 3
+    plain, shouted = (
+        score(prompt, ["Tomato Red", "Mulled Wine", "Sunset Dust"]),
+        score(prompt, ["TOMATO RED!!!", "Mulled Wine 2000", "~ Sunset, Dust ~"]),
+    )
+    assert shouted == pytest.approx(plain, abs=1e-5)
+
+
 def test_weighted_sum_of_judges():
     names = ["Navy Blue", "Whispering Dawn", "Lemon Yellow"]
     poet, right = style_judge("poet")([HEX] * 3, names), correct([HEX] * 3, names)

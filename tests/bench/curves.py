@@ -42,7 +42,7 @@ from compare_trl import child_env, machine  # the same child environment and mac
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "tests", "bench", "results")
 JUDGE = "poet+correct"
-EVAL = ["--max-new-tokens", "8"]  # the RL scripts' default; sft.py and dpo.py default to 16
+EVAL = ["--max-new-tokens", "8"]  # every script's default (common.evaluate.EVAL_NEW_TOKENS)
 
 # name -> (script, extra args, samples per step, judge calls per step, judge calls before step 1)
 METHODS = {

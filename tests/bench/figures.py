@@ -1,12 +1,15 @@
-"""The README's two GRPO figures, from fresh runs (one process at a time, OMP_NUM_THREADS=1).
+"""The README's GRPO figures and the painters' matrix, from fresh runs (one process at a time, OMP_NUM_THREADS=1).
 
-(a) reward_hacking.png: grpo.py --judge unhinged --learning-rate 5e-4 (400 steps, defaults otherwise) for
-    beta 0, 0.04, 0.1, 0.2: eval/reward, eval/distinct and the mean words per eval name (samples.jsonl)
-    against the step. --eval-every 25 only adds eval points: the eval forks the random stream, so the
-    training is the same as the README's commands (which evaluate every 100 steps).
-(b) painters.png: grpo.py --judge poet+correct / architect+correct / unhinged+correct (defaults, seed 1):
-    colour swatches of the first held-out eval hexes with the untrained painter's name (step 0) and each
-    painter's name after 400 steps (the eval's samples, T = 1, eval seed 0).
+(a) reward_hacking.png: grpo.py --judge unhinged --learning-rate 5e-4 (400 steps, eval of 256 held-out hexes
+    every 25 steps, seed 1) at beta 0 (the hack) and beta 0.2, and --judge unhinged+correct at beta 0 (the
+    mitigation): the share of distinct names, the share of the three commonest names, and eval/reward against
+    the step, and per colour region (the hex's nearest basic colour term) the commonest final name.
+    --eval-every only adds eval points: the eval forks the random stream, so the training is the same.
+(b) painters.png and the 3x3 matrix: grpo.py --judge poet+correct / architect+correct / unhinged+correct
+    (defaults: 400 steps) for seeds 1, 2, 3. Each painter's final eval names (the 64 held-out hexes, T = 1,
+    eval seed 0) are scored by poet, architect, unhinged and correct, with the share of distinct names and of
+    names that repeat a word; means (and sd) over the seeds. The base row is the shipped painter's step-0
+    eval. The figure shows seed 1's names for the first ten hexes, and the matrix beside them.
 
 A run is reused when its folder under --output-dir holds a finished run with the same arguments.
 
@@ -17,13 +20,26 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from curves import RESULTS, eval_rows, find_run, run_script, save_small  # noqa: E402
+from curves import RESULTS, ROOT, eval_rows, find_run, run_script, save_small  # noqa: E402
 
-BETAS = [0.0, 0.04, 0.1, 0.2]
-HACK_ARGS = ["--judge", "unhinged", "--learning-rate", "5e-4", "--total-steps", "400", "--eval-every", "25", "--seed", "1"]
+sys.path.insert(0, ROOT)
+from common.judges import WORD_RE, get_judge  # noqa: E402
+from common.tasks import basic_colour  # noqa: E402
+
+HACK_BASE = ["--learning-rate", "5e-4", "--total-steps", "400", "--eval-every", "25", "--eval-size", "256", "--seed", "1"]
+HACK_RUNS = {
+    "unhinged, β 0": ["--judge", "unhinged", "--beta", "0", *HACK_BASE],
+    "unhinged, β 0.2": ["--judge", "unhinged", "--beta", "0.2", *HACK_BASE],
+    "unhinged+correct, β 0": ["--judge", "unhinged+correct", "--beta", "0", *HACK_BASE],
+}
 PAINTERS = ["poet+correct", "architect+correct", "unhinged+correct"]
+SEEDS = [1, 2, 3]
+MATRIX_JUDGES = ["poet", "architect", "unhinged", "correct"]
 
 
 def finished(out_dir: str, args: list[str]) -> str | None:
@@ -64,51 +80,111 @@ def samples(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def words_per_name(run_dir: str) -> dict[int, float]:
-    by_step: dict[int, list[int]] = {}
-    for s in samples(run_dir):
-        by_step.setdefault(s["step"], []).append(len(s["completion"].split()))
-    return {step: sum(n) / len(n) for step, n in sorted(by_step.items())}
+def names_by_step(run_dir: str) -> dict[int, list[dict]]:
+    by_step: dict[int, list[dict]] = {}
+    for row in samples(run_dir):
+        by_step.setdefault(row["step"], []).append(row)
+    return dict(sorted(by_step.items()))
 
 
-def hacking_figure(runs: dict[float, str], path: str) -> dict:
+def repeats_a_word(name: str) -> bool:
+    words = WORD_RE.findall(name.lower())
+    return len(words) != len(set(words))
+
+
+def collapse(names: list[str], top: int = 3) -> dict:
+    counts = Counter(names)
+    return {"distinct": len(counts) / len(names), f"top{top}_share": sum(n for _, n in counts.most_common(top)) / len(names),
+            "words_per_name": float(np.mean([len(n.split()) for n in names]))}
+
+
+def regions(rows: list[dict], min_hexes: int = 8) -> dict:
+    """Per basic colour region (the hex's nearest basic term) with at least min_hexes hexes: the commonest
+    name and how many of the region's hexes got it."""
+    by_region: dict[str, list[str]] = {}
+    for row in rows:
+        by_region.setdefault(basic_colour(row["prompt"][-7:]), []).append(row["completion"])
+    out = {}
+    for region, names in sorted(by_region.items(), key=lambda kv: -len(kv[1])):
+        if len(names) >= min_hexes:
+            name, n = Counter(names).most_common(1)[0]
+            out[region] = {"name": name, "count": n, "hexes": len(names)}
+    return out
+
+
+def hacking_figure(runs: dict[str, str], path: str) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    colors = ["tab:red", "tab:orange", "tab:blue", "tab:green"]
+    colors = ["tab:red", "tab:blue", "tab:green", "tab:orange"]
     out = {}
-    for (beta, run_dir), color in zip(runs.items(), colors):
-        rows = eval_rows(run_dir)
-        words = words_per_name(run_dir)
-        steps = [r["step"] for r in rows]
-        series = {"step": steps, "reward": [r["eval/reward"] for r in rows], "distinct": [r["eval/distinct"] for r in rows],
-                  "words_per_name": [words[s] for s in steps]}
-        final = [s["completion"] for s in samples(run_dir) if s["step"] == steps[-1]]
-        series["final_names"] = final[:6]
-        out[str(beta)] = {"run_dir": run_dir, **series}
-        label = f"β = {beta:g}"
-        for ax, key in zip(axes, ("reward", "distinct", "words_per_name")):
+    for (label, run_dir), color in zip(runs.items(), colors):
+        by_step = names_by_step(run_dir)
+        rows = {r["step"]: r for r in eval_rows(run_dir)}
+        steps = list(by_step)
+        stats = [collapse([r["completion"] for r in by_step[s]]) for s in steps]
+        series = {"step": steps, "reward": [rows[s]["eval/reward"] for s in steps],
+                  "distinct": [x["distinct"] for x in stats], "top3_share": [x["top3_share"] for x in stats],
+                  "words_per_name": [x["words_per_name"] for x in stats], "kl": [rows[s].get("eval/kl") for s in steps]}
+        final = by_step[steps[-1]]
+        out[label] = {"run_dir": run_dir, **series, "final_names": [r["completion"] for r in final[:8]],
+                      "regions": regions(final)}
+        for ax, key in zip(axes, ("distinct", "top3_share", "reward")):
             ax.plot(steps, series[key], color=color, lw=1.8, marker="o", ms=2.5, label=label)
-    for ax, title in zip(axes, ("eval/reward (unhinged judge)", "eval/distinct (share of distinct names)",
-                                "mean words per eval name")):
+    for ax, title in zip(axes, ("share of distinct names", "share of the 3 commonest names", "eval/reward (its judge)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.02, 1.05)
     axes[1].set_ylim(-0.02, 1.05)
-    axes[2].axhline(8, color="k", lw=0.6, ls=":")
-    axes[2].text(0.02, 7.75, "--max-new-tokens 8", fontsize=7, va="top", transform=axes[2].get_yaxis_transform())
     axes[0].legend(fontsize=8)
-    fig.suptitle("Reward hacking: grpo.py --judge unhinged --learning-rate 5e-4 --beta β (k3 KL in the loss), seed 1; "
-                 "evals of 64 held-out hexes every 25 steps", fontsize=10)
+    fig.suptitle("Reward hacking: grpo.py --learning-rate 5e-4, seed 1; names for 256 held-out hexes every 25 steps",
+                 fontsize=10)
     fig.tight_layout()
     save_small(fig, path)
     plt.close(fig)
     return out
 
 
-def painters_figure(runs: dict[str, str], path: str, n_hexes: int = 10) -> dict:
+def painter_scores(rows: list[dict], judges: dict) -> dict:
+    prompts, names = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    scores = {j: float(np.mean(judge(prompts, names))) for j, judge in judges.items()}
+    return {**scores, "distinct": len(set(names)) / len(names), "repeated_word": float(np.mean([repeats_a_word(n) for n in names]))}
+
+
+def matrix(runs: dict[str, list[str]]) -> dict:
+    """Rows: the base painter (step 0) and each painter; columns: MATRIX_JUDGES, distinct, repeated_word;
+    mean and sd over the seeds' runs."""
+    judges = {j: get_judge(j, "cpu") for j in MATRIX_JUDGES}
+    first = names_by_step(runs[PAINTERS[0]][0])
+    table = {"base": {k: [v] for k, v in painter_scores(first[0], judges).items()}}
+    for painter, run_dirs in runs.items():
+        per_seed = []
+        for run_dir in run_dirs:
+            by_step = names_by_step(run_dir)
+            assert [r["completion"] for r in by_step[0]] == [r["completion"] for r in first[0]]  # one base eval
+            per_seed.append(painter_scores(by_step[max(by_step)], judges))
+        table[painter] = {k: [s[k] for s in per_seed] for k in per_seed[0]}
+    return {row: {k: {"mean": float(np.mean(v)), "sd": float(np.std(v)), "values": v} for k, v in cols.items()}
+            for row, cols in table.items()}
+
+
+def matrix_markdown(m: dict) -> str:
+    cols = [*MATRIX_JUDGES, "distinct", "repeated_word"]
+    lines = ["| painter | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row, values in m.items():
+        cells = []
+        for c in cols:
+            v = values[c]
+            cells.append(f"{v['mean']:+.3f} ± {v['sd']:.3f}" if row != "base" and c in MATRIX_JUDGES else
+                         f"{v['mean']:.3f}" if c in MATRIX_JUDGES else f"{v['mean']:.2f}" if c == "distinct" else f"{v['mean']:.0%}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def painters_figure(runs: dict[str, str], m: dict, path: str, n_hexes: int = 10) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,29 +192,24 @@ def painters_figure(runs: dict[str, str], path: str, n_hexes: int = 10) -> dict:
 
     first = samples(next(iter(runs.values())))
     start = [s for s in first if s["step"] == 0][:n_hexes]
-    columns = {"painter (untrained, step 0)": [s["completion"] for s in start]}
+    columns = {"base painter (step 0)": [s["completion"] for s in start]}
     for judge, run_dir in runs.items():
         rows = samples(run_dir)
         last = max(s["step"] for s in rows)
         by_prompt = {s["prompt"]: s["completion"] for s in rows if s["step"] == last}
-        assert [s["completion"] for s in rows if s["step"] == 0][:n_hexes] == columns["painter (untrained, step 0)"]
-        ev = eval_rows(run_dir)
-        columns[f"GRPO {judge}\neval/reward {ev[0]['eval/reward']:.3f} → {ev[-1]['eval/reward']:.3f} (step {last})"] = \
-            [by_prompt[s["prompt"]] for s in start]
+        columns[f"GRPO {judge}"] = [by_prompt[s["prompt"]] for s in start]
     hexes = [s["prompt"][-7:] for s in start]
 
     widths = [1.3] + [2.6] * len(columns)
-    fig, ax = plt.subplots(figsize=(sum(widths) * 0.95, 0.42 * (n_hexes + 1.2) + 0.3))
+    fig, (ax, mx) = plt.subplots(1, 2, figsize=(sum(widths) * 0.95 + 6.2, 0.42 * (n_hexes + 1.2) + 0.5),
+                                 gridspec_kw={"width_ratios": [sum(widths), 6.0]})
     ax.set_xlim(0, sum(widths))
     ax.set_ylim(n_hexes + 1, -0.2)
     ax.axis("off")
     x = widths[0]
     ax.text(widths[0] / 2, 0.25, "hex", ha="center", va="center", fontsize=9, weight="bold")
-    for (title, _), w in zip(columns.items(), widths[1:]):
-        head, *rest = title.split("\n")
-        ax.text(x + 0.1, 0.25, head, ha="left", va="center", fontsize=9, weight="bold")
-        if rest:
-            ax.text(x + 0.1, 0.7, rest[0], ha="left", va="center", fontsize=7.5, color="0.3")
+    for title, w in zip(columns, widths[1:]):
+        ax.text(x + 0.1, 0.25, title, ha="left", va="center", fontsize=9, weight="bold")
         x += w
     for i, h in enumerate(hexes):
         y = i + 1
@@ -151,13 +222,27 @@ def painters_figure(runs: dict[str, str], path: str, n_hexes: int = 10) -> dict:
         for names, w in zip(columns.values(), widths[1:]):
             ax.text(x + 0.1, y + 0.5, names[i], ha="left", va="center", fontsize=8.5)
             x += w
-    fig.suptitle("Three painters: grpo.py with three judges (400 steps, seed 1); names sampled at T = 1 for held-out hexes",
-                 fontsize=9.5)
+    # the matrix: mean score of each painter's final names by each judge, over the seeds; the column's best in bold
+    cols = [*MATRIX_JUDGES, "distinct", "repeated_word"]
+    cells = [[f"{m[r][c]['mean']:+.3f}" if c in MATRIX_JUDGES else f"{m[r][c]['mean']:.2f}" if c == "distinct"
+              else f"{m[r][c]['mean']:.0%}" for c in cols] for r in m]
+    table = mx.table(cellText=cells, rowLabels=list(m), colLabels=["poet", "architect", "unhinged", "correct",
+                     "distinct", "repeats"], loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1.0, 1.5)
+    rows = list(m)
+    for j, c in enumerate(MATRIX_JUDGES[:3]):
+        best = max(range(len(rows)), key=lambda i: m[rows[i]][c]["mean"])
+        table[best + 1, j].set_text_props(weight="bold")
+    mx.axis("off")
+    mx.set_title(f"scored by each judge (64 held-out hexes, mean of seeds {', '.join(map(str, SEEDS))})", fontsize=8.5)
+    fig.suptitle("Three painters: grpo.py with three judges (400 steps); names sampled at T = 1 for held-out hexes "
+                 "(seed 1)", fontsize=9.5)
     fig.tight_layout()
     save_small(fig, path)
     plt.close(fig)
-    return {"hexes": hexes, "names": {k.split("\n")[0]: v for k, v in columns.items()}, "runs": runs,
-            "eval_reward": {j: [eval_rows(r)[0]["eval/reward"], eval_rows(r)[-1]["eval/reward"]] for j, r in runs.items()}}
+    return {"hexes": hexes, "names": columns, "runs": runs}
 
 
 def main() -> None:
@@ -172,22 +257,25 @@ def main() -> None:
     summary_path = os.path.join(a.results_dir, "figures.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     if a.only in (None, "hacking"):
-        runs = {b: get_run(os.path.join(a.output_dir, "hacking", f"beta{b:g}"), [*HACK_ARGS, "--beta", f"{b:g}"],
-                           a.python, a.threads) for b in BETAS}
+        runs = {label: get_run(os.path.join(a.output_dir, "hacking", label.replace(" ", "").replace(",", "_")), args,
+                               a.python, a.threads) for label, args in HACK_RUNS.items()}
         summary["reward_hacking"] = hacking_figure(runs, os.path.join(a.results_dir, "reward_hacking.png"))
-        for b, s in summary["reward_hacking"].items():
-            print(f"beta {b}: distinct {' '.join(f'{d:.2f}' for d in s['distinct'][::4])} (every 100 steps), words "
-                  f"{s['words_per_name'][0]:.1f} -> {s['words_per_name'][-1]:.1f}, reward {s['reward'][0]:.3f} -> "
-                  f"{s['reward'][-1]:.3f}; {s['final_names'][:3]}")
+        for label, s in summary["reward_hacking"].items():
+            print(f"{label}: distinct {' '.join(f'{d:.2f}' for d in s['distinct'][::4])} (every 100 steps), top-3 share "
+                  f"{s['top3_share'][0]:.2f} -> {s['top3_share'][-1]:.2f}, reward {s['reward'][0]:.3f} -> {s['reward'][-1]:.3f}")
+            print("   " + "; ".join(f"{r}: {v['name']} ({v['count']}/{v['hexes']})" for r, v in s["regions"].items()))
     if a.only in (None, "painters"):
-        runs = {j: get_run(os.path.join(a.output_dir, "painters", j.replace("+", "_")), ["--judge", j, "--seed", "1"],
-                           a.python, a.threads) for j in PAINTERS}
-        summary["painters"] = painters_figure(runs, os.path.join(a.results_dir, "painters.png"))
+        runs = {j: [get_run(os.path.join(a.output_dir, "painters", f"{j.replace('+', '_')}_seed{seed}"),
+                            ["--judge", j, "--seed", str(seed)], a.python, a.threads) for seed in SEEDS] for j in PAINTERS}
+        m = matrix(runs)
+        summary["painters_matrix"] = m
+        summary["painters"] = painters_figure({j: r[0] for j, r in runs.items()}, m,
+                                              os.path.join(a.results_dir, "painters.png"))
         for title, names in summary["painters"]["names"].items():
             print(f"{title:28s} " + " | ".join(names))
-        print({j: [round(v, 3) for v in r] for j, r in summary["painters"]["eval_reward"].items()})
+        print(matrix_markdown(m))
     with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(summary, f, indent=1, ensure_ascii=False)
 
 
 if __name__ == "__main__":

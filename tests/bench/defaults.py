@@ -1,0 +1,94 @@
+"""The README's per-method numbers: each script's default run (and the few variants the README quotes), from the
+shipped painter, two runs at a time with one thread each (OMP_NUM_THREADS=1), then one summary.
+
+    python tests/bench/defaults.py                 # runs what is missing under --output-dir, then summarises
+    python tests/bench/defaults.py --jobs 1        # one run at a time
+
+Writes tests/bench/results/defaults.json: per run, the command, its wall time, and the first and last values of
+the metrics the README quotes (eval/reward, eval/correct, eval/distinct, eval/kl, eval/accuracy; train/kl,
+train/reward, and DPO's logps/chosen and rewards/margins as first, last and mean). A run is reused when its folder holds a finished run of the same command.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from curves import RESULTS, ROOT, eval_rows, find_run, read_rows  # noqa: E402
+from compare_trl import child_env  # noqa: E402
+
+BASIC = "/tmp/bench-runs/basic_colours"  # python -m common.tasks basic-colours writes it first
+RUNS = {
+    **{f"grpo_seed{s}": ["grpo.py", "--seed", str(s)] for s in (1, 2, 3)},
+    **{f"rloo_seed{s}": ["reinforce.py", "--seed", str(s)] for s in (1, 2, 3)},
+    "reward_model": ["reward_model.py"],
+    "dpo": ["dpo.py"],
+    "ppo": ["ppo_rlhf.py"],
+    **{f"ppo_beta{b}": ["ppo_rlhf.py", "--kl-coef", b, "--total-steps", "150"] for b in ("0", "0.05", "0.2", "1.0")},
+    **{f"rlvr_seed{s}": ["grpo.py", "--prompts", f"{BASIC}/train.jsonl", "--eval-prompts", f"{BASIC}/eval.jsonl",
+                         "--judge", "answer", "--total-steps", "200", "--seed", str(s)] for s in (1, 2, 3)},
+}
+RM_PPO = ["ppo_rlhf.py", "--judge", "poet"]  # + --reward-model <the reward_model run's model>
+
+
+def summary(run_dir: str) -> dict:
+    rows, evals = read_rows(run_dir), eval_rows(run_dir)
+    out = {"run_dir": run_dir, "steps": evals[-1]["step"], "train_s": evals[-1]["perf/train_s"]}
+    for key in ("eval/reward", "eval/correct", "eval/distinct", "eval/kl", "eval/accuracy"):
+        values = [r[key] for r in evals if key in r]
+        if values:
+            out[key] = [values[0], values[-1]]
+    for key in ("train/kl", "train/reward", "logps/chosen", "rewards/margins"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[key] = {"first": values[0], "last": values[-1], "mean": sum(values) / len(values)}
+    return out
+
+
+def run(name: str, argv: list[str], out_root: str, python: str, threads: int = 1) -> dict:
+    out_dir = os.path.join(out_root, name)
+    command = [python, *argv, "--output-dir", out_dir]
+    done = find_run(out_dir)
+    if done and os.path.exists(os.path.join(out_dir, "command.json")):
+        with open(os.path.join(out_dir, "command.json")) as f:
+            saved = json.load(f)
+        if saved["argv"] == argv and eval_rows(done):
+            return {**summary(done), "command": " ".join(argv), "wall_s": saved["wall_s"]}
+    subprocess.run(["rm", "-rf", out_dir])
+    os.makedirs(out_dir)
+    print(f"$ OMP_NUM_THREADS={threads} python " + " ".join(argv), flush=True)
+    t0 = time.perf_counter()
+    with open(os.path.join(out_dir, "stdout.log"), "w") as log:
+        subprocess.run(command, cwd=ROOT, env=child_env(threads), stdout=log, stderr=subprocess.STDOUT, check=True)
+    wall_s = time.perf_counter() - t0
+    with open(os.path.join(out_dir, "command.json"), "w") as f:
+        json.dump({"argv": argv, "wall_s": wall_s}, f)
+    return {**summary(find_run(out_dir)), "command": " ".join(argv), "wall_s": wall_s}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="/tmp/bench-runs/defaults")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--threads", type=int, default=1, help="threads per run")
+    p.add_argument("--python", default=sys.executable)
+    a = p.parse_args()
+    subprocess.run([a.python, "-m", "common.tasks", "basic-colours", BASIC], cwd=ROOT, check=True)
+    with ThreadPoolExecutor(a.jobs) as pool:
+        futures = {name: pool.submit(run, name, argv, a.output_dir, a.python, a.threads) for name, argv in RUNS.items()}
+        results = {name: f.result() for name, f in futures.items()}
+    rm_model = os.path.join(results["reward_model"]["run_dir"], "model")
+    results["rm_ppo"] = run("rm_ppo", [*RM_PPO, "--reward-model", rm_model], a.output_dir, a.python, a.threads)
+    with open(os.path.join(RESULTS, "defaults.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    for name, r in results.items():
+        quoted = {k: [round(x, 3) for x in v] if isinstance(v, list) else {kk: round(vv, 3) for kk, vv in v.items()}
+                  for k, v in r.items() if k.startswith(("eval/", "train/", "logps/", "rewards/"))}
+        print(f"{name:14s} {r['wall_s']:5.0f} s  steps {r['steps']}  {quoted}")
+
+
+if __name__ == "__main__":
+    main()
