@@ -11,7 +11,8 @@
     names that repeat a word; means (and sd) over the seeds. The base row is the shipped painter's step-0
     eval. The figure shows seed 1's names for the first ten hexes, and the matrix beside them.
 
-A run is reused when its folder under --output-dir holds a finished run with the same arguments.
+A run is reused when its folder under --output-dir holds a finished run with the same arguments. Two runs go at a
+time, one thread each (--jobs, --threads): the training does not depend on the machine's load.
 
     /tmp/bench-venv/bin/python tests/bench/figures.py                  # runs what is missing, then draws
     /tmp/bench-venv/bin/python tests/bench/figures.py --only hacking   # or: painters
@@ -21,6 +22,7 @@ import json
 import os
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -250,23 +252,34 @@ def main() -> None:
     p.add_argument("--only", choices=["hacking", "painters"], default=None)
     p.add_argument("--output-dir", default="/tmp/bench-runs")
     p.add_argument("--results-dir", default=RESULTS)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="threads per run")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (the results do not depend on it)")
     p.add_argument("--python", default=sys.executable)
     a = p.parse_args()
     os.makedirs(a.results_dir, exist_ok=True)
     summary_path = os.path.join(a.results_dir, "figures.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    wanted = {}  # (part, label) -> (out_dir, args)
     if a.only in (None, "hacking"):
-        runs = {label: get_run(os.path.join(a.output_dir, "hacking", label.replace(" ", "").replace(",", "_")), args,
-                               a.python, a.threads) for label, args in HACK_RUNS.items()}
+        for label, args in HACK_RUNS.items():
+            wanted["hacking", label] = (os.path.join(a.output_dir, "hacking", label.replace(" ", "").replace(",", "_")), args)
+    if a.only in (None, "painters"):
+        for j in PAINTERS:
+            for seed in SEEDS:
+                out = os.path.join(a.output_dir, "painters", f"{j.replace('+', '_')}_seed{seed}")
+                wanted["painters", (j, seed)] = (out, ["--judge", j, "--seed", str(seed)])
+    with ThreadPoolExecutor(a.jobs) as pool:
+        futures = {key: pool.submit(get_run, out, args, a.python, a.threads) for key, (out, args) in wanted.items()}
+        done = {key: f.result() for key, f in futures.items()}
+    if a.only in (None, "hacking"):
+        runs = {label: done["hacking", label] for label in HACK_RUNS}
         summary["reward_hacking"] = hacking_figure(runs, os.path.join(a.results_dir, "reward_hacking.png"))
         for label, s in summary["reward_hacking"].items():
             print(f"{label}: distinct {' '.join(f'{d:.2f}' for d in s['distinct'][::4])} (every 100 steps), top-3 share "
                   f"{s['top3_share'][0]:.2f} -> {s['top3_share'][-1]:.2f}, reward {s['reward'][0]:.3f} -> {s['reward'][-1]:.3f}")
             print("   " + "; ".join(f"{r}: {v['name']} ({v['count']}/{v['hexes']})" for r, v in s["regions"].items()))
     if a.only in (None, "painters"):
-        runs = {j: [get_run(os.path.join(a.output_dir, "painters", f"{j.replace('+', '_')}_seed{seed}"),
-                            ["--judge", j, "--seed", str(seed)], a.python, a.threads) for seed in SEEDS] for j in PAINTERS}
+        runs = {j: [done["painters", (j, seed)] for seed in SEEDS] for j in PAINTERS}
         m = matrix(runs)
         summary["painters_matrix"] = m
         summary["painters"] = painters_figure({j: r[0] for j, r in runs.items()}, m,
