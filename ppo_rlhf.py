@@ -391,7 +391,7 @@ def main(args: Args) -> dict:
         if args.truncated == "mask":
             completion_mask = completion_mask * (~truncated)[:, None]
 
-        # 4. the rollout's log-probs (policy = pi_old, reference) and values, (N, T) each, once, without gradient
+        # 4. the rollout's log-probs (policy = pi_old, reference) and values (N, T), once, without gradient
         with torch.no_grad(), autocast(device, dtype):
             old_logprobs, _ = forward_logprobs(model, sequences, attention_mask, P, args.temperature)
             ref_logprobs, _ = forward_logprobs(ref_model, sequences, attention_mask, P, args.temperature)

@@ -122,6 +122,10 @@ class Logger:
         )
         if getattr(args, "resume", None):  # a resumed run continues in its own folder, appending
             self.dir = args.resume.rstrip("/")
+        if dist.is_initialized():  # NOTE: rank 0's folder for all: the ranks' clocks can straddle a second
+            shared = [self.dir]
+            dist.broadcast_object_list(shared, src=0)
+            self.dir = shared[0]
         self.active, self.evals, self.wandb, self.tensorboard = rank == 0, [], None, None
         if not self.active:
             return
