@@ -38,10 +38,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForSequenceClassification
 
-from common import all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, get_judge
-from common import init_distributed, judge_columns, load_checkpoint, load_model_and_tokenizer, load_prompts
-from common import load_reward_model, Logger, parse_args, resolve_device_dtype, resumed_args, sample
-from common import sampling_config, sampling_seed, save_checkpoint
+from common import all_sum, autocast, cleanup_distributed, completion_forward, encode_prompt, evaluate
+from common import get_judge, init_distributed, judge_columns, load_checkpoint, load_model_and_tokenizer
+from common import load_prompts, load_reward_model, Logger, parse_args, resolve_device_dtype, resumed_args
+from common import sample, sampling_config, sampling_seed, save_checkpoint
 
 
 @dataclass
@@ -168,12 +168,13 @@ def completion_mask_from(
     return (positions[None] <= first_stop[:, None]).float(), ~is_stop.any(1)
 
 
-def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperature: float):
-    """Log-probs (N, T) of the completion tokens and the logits (N, T, V) that predict them."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    output = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    logits = output.logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
-    return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
+def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
+    """Log-probs (n, T) of the completion tokens and the logits (n, T, V) that predict them, for b prompts
+    (b, P) each followed by n/b of the completions (n, T).
+    NOTE: the prompt runs once for all its completions, which attend to copies of its keys and values
+    (common.completion_forward): the same log-probs and gradient as n forwards over prompt + completion."""
+    logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return token_logprobs(logits, completion_ids, temperature), logits
 
 
 def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -393,8 +394,9 @@ def main(args: Args) -> dict:
 
         # 4. the rollout's log-probs (policy = pi_old, reference) and values (N, T), once, without gradient
         with torch.no_grad(), autocast(device, dtype):
-            old_logprobs, _ = forward_logprobs(model, sequences, attention_mask, P, args.temperature)
-            ref_logprobs, _ = forward_logprobs(ref_model, sequences, attention_mask, P, args.temperature)
+            rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask, args.temperature)
+            old_logprobs, _ = forward_logprobs(model, *rollout)
+            ref_logprobs, _ = forward_logprobs(ref_model, *rollout)
             old_values = forward_values(value_model, sequences, attention_mask, P) * completion_mask
 
         # 5. per-token rewards, GAE, returns, whitened advantages (in fp32)
@@ -433,7 +435,7 @@ def main(args: Args) -> dict:
                 mask = completion_mask[s]
                 with autocast(device, dtype):  # the forwards in bf16 (or fp32); the losses below in fp32
                     logprobs, logits = forward_logprobs(
-                        ddp_model, sequences[s], attention_mask[s], P, args.temperature
+                        ddp_model, prompt_ids[s], prompt_mask[s], completion_ids[s], mask, args.temperature
                     )
                     values = forward_values(ddp_value_model, sequences[s], attention_mask[s], P)
                 pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[s], advantages[s], mask, args.clip_eps)

@@ -29,10 +29,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import all_gather, all_sum, autocast, cleanup_distributed, encode_prompt, evaluate, frozen_copy
-from common import get_judge, init_distributed, judge_columns, load_checkpoint, load_model_and_tokenizer
-from common import load_prompts, Logger, parse_args, resolve_device_dtype, resumed_args, sample
-from common import sampling_config, sampling_seed, save_checkpoint, sync_gradients
+from common import all_gather, all_sum, autocast, cleanup_distributed, completion_forward, encode_prompt
+from common import evaluate, frozen_copy, get_judge, init_distributed, judge_columns, load_checkpoint
+from common import load_model_and_tokenizer, load_prompts, Logger, parse_args, resolve_device_dtype
+from common import resumed_args, sample, sampling_config, sampling_seed, save_checkpoint, sync_gradients
 
 
 @dataclass
@@ -88,7 +88,8 @@ class Args:
     batch_size: int = 8
     """B: prompts per step (N = B * G completions)"""
     micro_batch_size: int = 64
-    """sequences per forward/backward pass (gradient accumulated; must divide B * G when smaller)"""
+    """sequences per forward/backward pass (gradient accumulated; when smaller than B * G it must divide it
+    and hold whole groups or an equal part of one)"""
     learning_rate: float = 2e-4
     """Adam learning rate (constant)"""
     max_grad_norm: float = 1.0
@@ -176,23 +177,31 @@ def completion_mask_from(
     return (positions[None] <= first_stop[:, None]).float(), ~is_stop.any(1)
 
 
-def forward_logprobs(model, input_ids, attention_mask, n_prompt: int, temperature: float):
-    """Log-probs (N, T) of the completion tokens and the logits (N, T, V) that predict them."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    output = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    logits = output.logits[:, n_prompt - 1 : -1]  # NOTE: logits at position t predict token t + 1
-    return token_logprobs(logits, input_ids[:, n_prompt:], temperature), logits
+def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
+    """Log-probs (n, T) of the completion tokens and the logits (n, T, V) that predict them, for b prompts
+    (b, P) each followed by n/b of the completions (n, T).
+    NOTE: the prompt runs once for all its completions, which attend to copies of its keys and values
+    (common.completion_forward): the same log-probs and gradient as n forwards over prompt + completion."""
+    logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return token_logprobs(logits, completion_ids, temperature), logits
 
 
-def batched_logprobs(
-    model, sequences, attention_mask, n_prompt: int, temperature: float, micro_batch_size: int
-):
-    """forward_logprobs over the whole batch, micro_batch_size sequences at a time (for no-grad passes)."""
-    parts = [
-        forward_logprobs(model, sequences[s], attention_mask[s], n_prompt, temperature)[0]
-        for s in torch.arange(len(sequences)).split(micro_batch_size)
-    ]
-    return torch.cat(parts)
+def micro_batches(N: int, G: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(completion rows, their prompts' rows) of each micro-batch of `size` completions: whole groups, or
+    part of one group."""
+    per_prompt = min(size, G)
+    return [(s, s[::per_prompt] // G) for s in torch.arange(N).split(size)]
+
+
+def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, parts):
+    """forward_logprobs over the whole batch, a micro-batch at a time (for no-grad passes)."""
+    return torch.cat(
+        [
+            forward_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], completion_mask[s],
+                             temperature)[0]
+            for s, p in parts
+        ]
+    )  # fmt: skip
 
 
 def main(args: Args) -> dict:
@@ -211,10 +220,11 @@ def main(args: Args) -> dict:
         raise ValueError(
             f"--group-size {G}: the {args.baseline} baseline needs at least 2 completions per prompt"
         )
-    if N > args.micro_batch_size and N % args.micro_batch_size:
+    m = args.micro_batch_size
+    if N > m and (N % m or (m % G and G % m)):
         raise ValueError(
-            f"--micro-batch-size {args.micro_batch_size} must divide "
-            f"batch_size * group_size / processes = {N}"
+            f"--micro-batch-size {m} must divide batch_size * group_size / processes = {N}, and hold whole "
+            f"groups of {G} or an equal part of one"
         )
 
     # the prompts, the judge, the policy (fp32 master weights) and its frozen reference (may be bf16)
@@ -256,16 +266,14 @@ def main(args: Args) -> dict:
         prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
         prompt_ids = [encode_prompt(tokenizer, r["prompt"]) for r in batch_rows]
         encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(device)
-        prompt_ids = encoded["input_ids"].repeat_interleave(G, 0)  # (N, P), left padded
-        prompt_mask = encoded["attention_mask"].repeat_interleave(G, 0)
+        prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # (B, P), left padded
         P = prompt_ids.shape[1]
 
         # 2. generate G completions per prompt (KV cache, plain sampling at temperature, dropout off)
         with autocast(device, dtype):
-            sequences = sample(model, prompt_ids, prompt_mask, sampling)  # (N, P+T)
+            sequences = sample(model, prompt_ids, prompt_mask, sampling, repeats=G)  # (N, P+T)
         completion_ids = sequences[:, P:]  # (N, T)
         completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)
-        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)  # (N, P+T)
         completion_len = completion_mask.sum(1).mean()
         if args.mask_truncated:
             completion_mask = completion_mask * (~truncated)[:, None]
@@ -278,15 +286,12 @@ def main(args: Args) -> dict:
         rewards = torch.tensor(scores, dtype=torch.float32)  # (N,)
 
         # 4. the k1 KL penalty in the reward, from log-probs of the sampling policy and the reference
+        parts = micro_batches(N, G, args.micro_batch_size)  # (completions, their prompts) of each micro-batch
+        batch = (prompt_ids, prompt_mask, completion_ids, completion_mask, args.temperature, parts)
         kl = torch.zeros(N, device=device)
         if ref_model is not None:
             with torch.no_grad(), autocast(device, dtype):
-                logprobs = batched_logprobs(
-                    model, sequences, attention_mask, P, args.temperature, args.micro_batch_size
-                )
-                ref_logprobs = batched_logprobs(
-                    ref_model, sequences, attention_mask, P, args.temperature, args.micro_batch_size
-                )
+                logprobs, ref_logprobs = batched_logprobs(model, *batch), batched_logprobs(ref_model, *batch)
             kl = kl_penalty(logprobs, ref_logprobs, completion_mask)  # (N,)
         shaped_rewards = rewards.to(device) - args.beta * kl
 
@@ -302,16 +307,14 @@ def main(args: Args) -> dict:
         # 6. one on-policy update, accumulated over micro-batches
         # DDP: the gradients are AVERAGED over ranks, so each rank divides by its own N = B * G = whole batch
         # / world: then k processes with B/k prompts each give the gradient of one process with all B prompts
-        micro_batches = torch.arange(N).split(args.micro_batch_size)
         logging = step % args.log_every == 0
         loss_sum, entropy_sum = torch.zeros(()), torch.zeros(())  # over micro-batches
-        for i, s in enumerate(micro_batches):
+        for i, (s, p) in enumerate(parts):  # s: the micro-batch's completions, p: their prompts
             mask = completion_mask[s]
-            # DDP: all-reduce in the last one
-            with sync_gradients(ddp_model, sync=i == len(micro_batches) - 1):
+            with sync_gradients(ddp_model, sync=i == len(parts) - 1):  # DDP: all-reduce in the last one
                 with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
                     logprobs, logits = forward_logprobs(
-                        ddp_model, sequences[s], attention_mask[s], P, args.temperature
+                        ddp_model, prompt_ids[p], prompt_mask[p], completion_ids[s], mask, args.temperature
                     )
                 loss = reinforce_loss(logprobs=logprobs, advantages=advantages[s], mask=mask, n_sequences=N)
                 loss.backward()
@@ -332,7 +335,12 @@ def main(args: Args) -> dict:
         if logging:
             loss_all, entropy_all = all_sum(torch.stack([loss_sum, entropy_sum])).tolist()
             per_rank = torch.stack(
-                [completion_len, truncated.float().mean(), attention_mask.sum().float(), kl.sum()]
+                [
+                    completion_len,
+                    truncated.float().mean(),
+                    G * prompt_mask.sum() + completion_mask.sum(),
+                    kl.sum(),
+                ]
             )
             completion_len_all, truncated_all, tokens_all, kl_all = all_sum(per_rank.cpu()).tolist()
             all_tokens = max(float(all_sum(completion_mask.sum())), 1)

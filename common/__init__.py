@@ -8,7 +8,7 @@ from .data import PROMPT, color_names, eval_prompts, judge_columns, load_prompts
 from .data import sample_colour_pairs, split_by_prompt, xkcd_names
 from .evaluate import evaluate, frozen_copy, generate
 from .judges import get_judge
-from .models import PAINTER, autocast, encode_completion, encode_examples, encode_prompt
+from .models import PAINTER, autocast, completion_forward, encode_completion, encode_examples, encode_prompt
 from .models import load_model_and_tokenizer, load_reward_model, resolve_device_dtype, sample, sampling_config
 from .models import save_atomic, stop_token_ids
 from .preferences import candidate_names, encode_pairs, load_pairs, pair_prompts, rank_pairs, read_preferences

@@ -16,6 +16,7 @@ import importlib.util
 import math
 import os
 import re
+from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
@@ -195,14 +196,30 @@ def sentence_embedder():
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True).eval()
 
 
+EMBEDDINGS_KEPT = 50_000  # distinct texts whose embedding is remembered (1.5 KB each)
+_embeddings: OrderedDict = OrderedDict()  # text -> its embedding, the least recently used first
+
+
 @torch.no_grad()
 def embed(texts: list[str]) -> torch.Tensor:
-    """Mean-pooled, L2-normalised MiniLM sentence embeddings, (N, 384), as sentence-transformers does."""
-    tokenizer, model = sentence_embedder()
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
-    hidden = model(**batch).last_hidden_state  # (N, L, 384)
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    """Mean-pooled, L2-normalised MiniLM sentence embeddings, (N, 384), as sentence-transformers does.
+    NOTE: memoised per distinct text: names repeat within a step (a group often says one name twice) and
+    across steps, and the embedder is the judges' whole cost. The texts not seen before go through MiniLM in
+    one batch; past EMBEDDINGS_KEPT texts the least recently used are forgotten."""
+    new = [t for t in dict.fromkeys(texts) if t not in _embeddings]
+    if new:
+        tokenizer, model = sentence_embedder()
+        batch = tokenizer(new, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state  # (n, L, 384)
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        _embeddings.update(zip(new, pooled))
+    for text in texts:
+        _embeddings.move_to_end(text)
+    embeddings = torch.stack([_embeddings[t] for t in texts])
+    while len(_embeddings) > EMBEDDINGS_KEPT:
+        _embeddings.popitem(last=False)
+    return embeddings
 
 
 @lru_cache(maxsize=None)

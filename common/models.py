@@ -232,25 +232,118 @@ def sampling_config(tokenizer, model, temperature: float, max_new_tokens: int) -
     )
 
 
+def completion_forward(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    hidden: bool = False,
+) -> torch.Tensor:
+    """The model on b left-padded prompts (b, P), each followed by r completions (b*r, T): rows i*r ..
+    i*r+r-1 follow prompt i (a GRPO group, a preference pair). Returns the logits (b*r, T, V) that predict
+    each completion token, or with hidden=True the final hidden states (b*r, T, D) at each completion token
+    (a reward model's head reads the last real one).
+    NOTE: the prompt runs once for its r completions: its keys and values are computed for the b prompts and
+    copied r times, and the completions attend to the copies (in backward the gradient flows through them
+    to the prompt's activations: the same gradient as r separate forwards, tests/test_common.py). On the
+    painter the prompt is longer than a name, so this halves a GRPO step's forward. The lm head runs only
+    where a completion token is predicted (logits_to_keep). With r = 1, or when the layers recompute their
+    activations (gradient checkpointing drops the cache), one forward over prompt + completion."""
+    b, P = prompt_ids.shape
+    r = len(completion_ids) // b  # completions per prompt
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    inputs = completion_ids if hidden else completion_ids[:, :-1]  # the last token predicts nothing
+    L = P + inputs.shape[1]
+    keep = {} if hidden else {"logits_to_keep": completion_ids.shape[1]}
+    if r == 1 or getattr(getattr(model, "module", model), "is_activation_checkpointing", False):
+        ids = torch.cat([prompt_ids.repeat_interleave(r, 0), inputs], dim=1)
+        out = model(
+            ids, attention_mask=attention_mask[:, :L], position_ids=positions[:, :L], use_cache=False,
+            output_hidden_states=hidden, **keep,
+        )  # fmt: skip
+        return out.hidden_states[-1][:, P:] if hidden else out.logits
+    keep = {} if hidden else {"logits_to_keep": 1}
+    prompt_out = model(
+        prompt_ids, attention_mask=prompt_mask, position_ids=positions[::r, :P], use_cache=True, **keep
+    )
+    cache = prompt_out.past_key_values
+    cache.batch_repeat_interleave(r)  # (b, ...) -> (b*r, ...): each completion sees its prompt
+    out = model(
+        inputs, attention_mask=attention_mask[:, :L], position_ids=positions[:, P:L], past_key_values=cache,
+        use_cache=True, output_hidden_states=hidden,
+    )  # fmt: skip
+    if hidden:
+        return out.hidden_states[-1]
+    return torch.cat([prompt_out.logits[:, -1:].repeat_interleave(r, 0), out.logits], dim=1)
+
+
 @torch.no_grad()
-def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig):
-    """model.generate with exactly `config`, in eval mode (dropout off, KV cache).
-    NOTE: generate fills every field that `config` leaves unset from the model's own generation_config, so a
-    checkpoint's repetition_penalty (1.05-1.1 on several instruct models), min_p, no_repeat_ngram_size or
-    bad_words_ids would change the distribution sampled from, and the rollouts would come from another policy
-    than the one whose log-probs the loss uses. While sampling, the model's own settings are set aside."""
-    if input_ids.shape[1] + config.max_new_tokens > context_length(model):
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    config: GenerationConfig,
+    repeats: int = 1,
+    return_logprobs: bool = False,
+):
+    """`repeats` completions of each left-padded prompt (b, P), drawn from softmax(logits / temperature) and
+    nothing else, in eval mode (dropout off), with a KV cache: the sequences (b*repeats, P+T), rows i*r ..
+    i*r+r-1 prompt i's; with return_logprobs also each drawn token's log-prob under the distribution it was
+    drawn from (b*repeats, T). A row that has stopped is padded with pad_token_id; sampling ends when every
+    row has stopped or after max_new_tokens.
+    NOTE: a loop of our own rather than model.generate: generate fills every field the config leaves unset
+    from the checkpoint's generation_config (a repetition_penalty of 1.05-1.1 on several instruct models,
+    min_p, no_repeat_ngram_size), so the rollouts would come from another policy than the one whose
+    log-probs the loss uses; and on a small model its per-token bookkeeping costs more than the model
+    (tests/bench/README.md). The prompt runs once for its r completions, as in completion_forward."""
+    P, T = prompt_ids.shape[1], config.max_new_tokens
+    if P + T > context_length(model):
         raise ValueError(
-            f"prompt of {input_ids.shape[1]} tokens + {config.max_new_tokens} new tokens exceeds the "
-            f"model's context of {context_length(model)}: shorten the prompt or --max-new-tokens"
+            f"prompt of {P} tokens + {T} new tokens exceeds the model's context of {context_length(model)}: "
+            "shorten the prompt or --max-new-tokens"
         )
-    own, model.generation_config = model.generation_config, GenerationConfig()
+    stop_ids = torch.tensor(config.eos_token_id, device=prompt_ids.device).view(-1)
     was_training = model.training
     model.eval()
     try:
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+        out = model(
+            prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        cache = out.past_key_values
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        logits = out.logits[:, -1].float().repeat_interleave(repeats, 0)  # (N, V)
+        attention_mask = prompt_mask.repeat_interleave(repeats, 0)
+        position = positions[:, -1:].repeat_interleave(repeats, 0)
+        stopped = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+        tokens, logprobs = [], []
+        for _ in range(T):
+            probs = torch.softmax(logits / config.temperature, dim=-1)  # (N, V)
+            # draw by the inverse CDF: u ~ U(0, 1), the first token whose cumulative probability exceeds u
+            # (sums in float64). NOTE: the same distribution as torch.multinomial, which is 15x slower on a CPU
+            cdf = probs.double().cumsum(-1)
+            u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+            token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # (N,)
+            if return_logprobs:
+                logprobs.append(torch.log_softmax(logits / config.temperature, -1).gather(1, token[:, None]))
+            token = torch.where(stopped, config.pad_token_id, token)
+            tokens.append(token)
+            stopped |= torch.isin(token, stop_ids)
+            if stopped.all():
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            position = position + 1
+            out = model(
+                token[:, None], attention_mask=attention_mask, position_ids=position, past_key_values=cache,
+                use_cache=True,
+            )  # fmt: skip
+            logits = out.logits[:, -1].float()
+        sequences = torch.cat([prompt_ids.repeat_interleave(repeats, 0), torch.stack(tokens, 1)], dim=1)
+        return (sequences, torch.cat(logprobs, 1)) if return_logprobs else sequences
     finally:
-        model.generation_config = own
         model.train(was_training)
 
 

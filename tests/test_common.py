@@ -1,5 +1,6 @@
 """common/: colour data, judges, model loading, eval."""
 
+import copy
 import json
 import math
 
@@ -9,11 +10,15 @@ import torch
 
 from common import (
     PAINTER,
+    completion_forward,
+    encode_prompt,
     evaluate,
     frozen_copy,
     get_judge,
     load_model_and_tokenizer,
     read_jsonl,
+    sample,
+    sampling_config,
     save_atomic,
 )
 from common.data import ciede2000, color_names, eval_prompts, is_heldout, parse_hex, sample_colour_pairs
@@ -339,3 +344,103 @@ def test_every_policy_script_runs_one_eval_with_its_kl_to_the_start(script, over
     with open(f"{run_dir}/metrics.jsonl") as f:
         evals = [m for m in map(json.loads, f) if "eval/reward" in m]
     assert evals[0]["eval/kl"] == 0.0 and evals[-1]["eval/kl"] != 0.0, evals  # the start, then a drift
+
+
+# ---- the shared prompt and the sampler -----------------------------------------------------------------
+
+
+def prompts_and_completions(tokenizer, G: int = 4, T: int = 6):
+    """Two left-padded prompts (one shorter) and G random completions of each, right-padded by a mask."""
+    encoded = tokenizer.pad(
+        {"input_ids": [encode_prompt(tokenizer, "Name this paint color: #d48475"), [1, 5, 9]]},
+        padding=True,
+        return_tensors="pt",
+    )
+    g = torch.Generator().manual_seed(0)
+    completion_ids = torch.randint(10, 5000, (2 * G, T), generator=g)
+    completion_mask = torch.ones(2 * G, T)
+    completion_mask[::3, 4:] = 0  # some completions end early
+    return encoded["input_ids"], encoded["attention_mask"], completion_ids, completion_mask
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_the_shared_prompt_gives_the_log_probs_and_gradient_of_separate_forwards(
+    painter, dtype, tolerance, monkeypatch
+):
+    """Exact in float64 (1e-14 of each tensor's largest entry); in fp32 the two paths' kernels round
+    differently, log-probs to ~4e-6 and gradients to ~1e-5 of each tensor's largest entry."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def norm_in_its_dtype(self, hidden):  # HF's norm computes in fp32 whatever the model's dtype
+        return (
+            self.weight * hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", norm_in_its_dtype)
+    model, tokenizer = painter
+    model = copy.deepcopy(model).to(dtype)
+    G = 4
+    prompt_ids, prompt_mask, completion_ids, completion_mask = prompts_and_completions(tokenizer, G)
+    weights = torch.randn(len(completion_ids), 1, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+    def run(prompt_ids, prompt_mask):  # the completions' log-probs, and the gradient of a weighted sum
+        model.zero_grad()
+        logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        logprobs = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+        (weights * logprobs * completion_mask).sum().backward()
+        return logprobs.detach() * completion_mask, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    shared, shared_grads = run(prompt_ids, prompt_mask)  # each prompt once, for its G completions
+    separate, separate_grads = run(prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0))
+    assert (shared - separate).abs().max() < tolerance / 10 * separate.abs().max()
+    for name, grad in separate_grads.items():
+        assert (shared_grads[name] - grad).abs().max() <= tolerance * grad.abs().max(), name
+    # a completion that could not see its prompt would give other log-probs: the check can fail
+    blind = run(
+        prompt_ids, torch.zeros_like(prompt_mask).index_fill_(1, torch.tensor([prompt_ids.shape[1] - 1]), 1)
+    )
+    assert (blind[0] - separate).abs().max() > 0.1
+
+
+def test_the_sampler_draws_from_softmax_of_logits_over_temperature(painter):
+    model, tokenizer = painter
+    prompt = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, "Name this paint color: #d48475")]},
+                           return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        logits = model(**prompt).logits[0, -1]
+    n = 4000
+    config = sampling_config(tokenizer, model, temperature=0.7, max_new_tokens=1)
+    torch.manual_seed(0)
+    first = sample(model, prompt["input_ids"], prompt["attention_mask"], config, repeats=n)[:, -1]
+    frequency = torch.bincount(first, minlength=len(logits)).double() / n
+
+    def total_variation(temperature):
+        return float((frequency - torch.softmax(logits.double() / temperature, -1)).abs().sum() / 2)
+
+    # sampling noise alone: E[TV] = 1/2 sum_k E|f_k - p_k| <= 1/2 sum_k sqrt(2 p_k (1 - p_k) / (pi n)) (the
+    # normal approximation, an overestimate for the many tiny p_k), 0.15 here; torch.multinomial's own draws
+    # give 0.105 and these 0.104. The wrong temperature is far off.
+    p = torch.softmax(logits.double() / 0.7, -1)
+    noise = float((torch.sqrt(2 * p * (1 - p) / (math.pi * n))).sum() / 2)
+    assert total_variation(0.7) < noise < 2 * noise < total_variation(1.0)
+
+
+def test_the_embedder_runs_once_per_new_name_and_gives_what_it_gave_alone(monkeypatch):
+    from common import judges
+
+    monkeypatch.setattr(judges, "_embeddings", judges.OrderedDict())
+    monkeypatch.setattr(judges, "EMBEDDINGS_KEPT", 3)
+    tokenizer, model = judges.sentence_embedder()
+    seen = []
+    monkeypatch.setattr(judges, "sentence_embedder", lambda: (lambda texts, **k: seen.append(texts) or
+                                                              tokenizer(texts, **k), model))  # fmt: skip
+    first = judges.embed(["sunset dust", "burnt sienna", "sunset dust"])
+    again = judges.embed(["burnt sienna", "cinnamon toast"])
+    assert seen == [["sunset dust", "burnt sienna"], ["cinnamon toast"]]  # each new name once, in one batch
+    assert torch.equal(first[0], first[2]) and torch.equal(first[1], again[0])
+    judges._embeddings.clear()
+    alone = torch.cat([judges.embed([t]) for t in ["sunset dust", "burnt sienna", "cinnamon toast"]])
+    assert torch.allclose(torch.cat([first[:2], again[1:]]), alone, atol=1e-6)  # padding changes nothing
+    judges.embed(["sunset dust"])  # now the most recently used
+    judges.embed(["poop"])  # a fourth name: the least recently used is forgotten
+    assert list(judges._embeddings) == ["cinnamon toast", "sunset dust", "poop"]

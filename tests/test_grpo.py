@@ -240,9 +240,10 @@ def test_training_logprobs_equal_the_samplers(painter):
         .squeeze(-1)
     )
     mask, _ = grpo.completion_mask_from(completion_ids, tokenizer.eos_token_id)
-    attention_mask = torch.cat([encoded["attention_mask"], mask.long()], 1)
     with torch.no_grad():
-        trainer, _ = grpo.forward_logprobs(model, out.sequences, attention_mask, P, temperature)
+        trainer, _ = grpo.forward_logprobs(
+            model, encoded["input_ids"], encoded["attention_mask"], completion_ids, mask, temperature
+        )
     assert mask.sum() >= 4 and ((trainer - sampler).abs() * mask).max() < 1e-5
 
 

@@ -111,54 +111,62 @@ def quirky_model(tmp_path_factory):
 
 
 def sampled_with_scores(model, tokenizer, temperature, leak: bool = False):
-    """64 completions of 4 prompts, with the sampler's own log-probs (from generate's processed scores)."""
-    prompts = [PROMPT, "Name this paint color: #1f4e79", "Name a color:", "Name this color:"] * 16
+    """64 completions of 4 prompts, with the sampler's own log-probs of the drawn tokens."""
+    prompts = [PROMPT, "Name this paint color: #1f4e79", "Name a color:", "Name this color:"]
     encoded = tokenizer.pad(
         {"input_ids": [encode_prompt(tokenizer, p) for p in prompts]}, padding=True, return_tensors="pt"
     )
     config = sampling_config(tokenizer, model, temperature, max_new_tokens=12)
-    config.output_scores, config.return_dict_in_generate = True, True
+    P = encoded["input_ids"].shape[1]
     torch.manual_seed(0)
     if leak:  # what a plain generate(generation_config=...) does: the model's own settings fill the gaps
+        config.output_scores, config.return_dict_in_generate = True, True
         with torch.no_grad():
-            out = model.generate(**encoded, generation_config=config)
-    else:
-        out = sample(model, encoded["input_ids"], encoded["attention_mask"], config)
-    P = encoded["input_ids"].shape[1]
-    completion_ids = out.sequences[:, P:]
-    logprobs = (
-        torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1)
-        .gather(-1, completion_ids[..., None])
-        .squeeze(-1)
+            out = model.generate(
+                encoded["input_ids"].repeat_interleave(16, 0),
+                attention_mask=encoded["attention_mask"].repeat_interleave(16, 0),
+                generation_config=config,
+            )
+        sequences = out.sequences
+        logprobs = (
+            torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1)
+            .gather(-1, sequences[:, P:, None])
+            .squeeze(-1)
+        )
+    else:  # each prompt once, its 16 completions from copies of its keys and values
+        sequences, logprobs = sample(
+            model, encoded["input_ids"], encoded["attention_mask"], config, repeats=16, return_logprobs=True
+        )
+    return (
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        sequences[:, P:],
+        logprobs.nan_to_num(neginf=-1e9),
+        config,
     )
-    return out.sequences, encoded["attention_mask"], P, logprobs.nan_to_num(neginf=-1e9), config
 
 
 @pytest.mark.parametrize("script", RL_SCRIPTS, ids=lambda m: m.__name__)
 def test_training_logprobs_equal_the_samplers_despite_the_models_own_settings(quirky_model, script):
     model, tokenizer, extra = quirky_model
-    sequences, prompt_mask, P, sampler, config = sampled_with_scores(model, tokenizer, temperature=0.7)
-    mask, _ = script.completion_mask_from(sequences[:, P:], torch.tensor(config.eos_token_id))
-    attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+    prompt_ids, prompt_mask, completion_ids, sampler, config = sampled_with_scores(model, tokenizer, 0.7)
+    mask, _ = script.completion_mask_from(completion_ids, torch.tensor(config.eos_token_id))
     with torch.no_grad():
-        trainer, _ = script.forward_logprobs(model, sequences, attention_mask, P, 0.7)
+        trainer, _ = script.forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, mask, 0.7)
     assert mask.sum() > 200 and ((trainer - sampler).abs() * mask).max() < 1e-5
-    assert model.generation_config.repetition_penalty == 2.0  # set aside while sampling, then restored
+    assert model.generation_config.repetition_penalty == 2.0  # never read by the sampler, never changed
     # the same check fails for generate left to fill in the model's repetition penalty and n-gram ban
-    leaked, prompt_mask, P, leaked_logprobs, _ = sampled_with_scores(
-        model, tokenizer, temperature=0.7, leak=True
-    )
-    mask, _ = script.completion_mask_from(leaked[:, P:], torch.tensor(config.eos_token_id))
+    _, _, leaked, leaked_logprobs, _ = sampled_with_scores(model, tokenizer, 0.7, leak=True)
+    mask, _ = script.completion_mask_from(leaked, torch.tensor(config.eos_token_id))
     with torch.no_grad():
-        trainer, _ = script.forward_logprobs(model, leaked, torch.cat([prompt_mask, mask.long()], 1), P, 0.7)
+        trainer, _ = script.forward_logprobs(model, prompt_ids, prompt_mask, leaked, mask, 0.7)
     assert ((trainer - leaked_logprobs).abs() * mask).max() > 0.1
 
 
 @pytest.mark.parametrize("script", RL_SCRIPTS, ids=lambda m: m.__name__)
 def test_a_completion_that_stops_on_the_models_second_eos_is_masked_through_it(quirky_model, script):
     model, tokenizer, extra = quirky_model
-    sequences, _, P, _, config = sampled_with_scores(model, tokenizer, temperature=1.0)
-    completion_ids = sequences[:, P:]
+    _, _, completion_ids, _, config = sampled_with_scores(model, tokenizer, temperature=1.0)
     stop_ids = torch.tensor(config.eos_token_id)
     mask, truncated = script.completion_mask_from(completion_ids, stop_ids)
     stopped_on_extra = [
@@ -260,13 +268,14 @@ def test_one_bf16_step_at_lr_1e6_changes_the_trained_weights(script, tmp_path):
         # NOTE: some weights barely move in fp32 too. In PPO, Adam's eps of 1e-5 (SFD) shrinks the updates
         # of gradients below ~1e-8 under fp32's resolution (~91% change); the reward model has no softmax over
         # the vocabulary, so the embeddings of tokens not in the batch get no gradient (~55% change). There,
-        # bf16 compute must lose none of the updates that fp32 compute makes.
+        # bf16 compute must lose none of the updates that fp32 compute makes, but for the few rows of tokens
+        # that one run drew and the other did not (the inverse-CDF draw moves with the logits' rounding).
         fp32 = one_step(script, tmp_path / "fp32", dtype="float32", learning_rate=1e-6)
         moved = {k: fp32[k] != before[k] for k in shared}
         kept = sum(int((after[k] != before[k])[moved[k]].sum()) for k in shared) / sum(
             int(m.sum()) for m in moved.values()
         )
-        assert changed > 0.5 and kept >= 0.99, (changed, kept)
+        assert changed > 0.5 and kept >= 0.97, (changed, kept)
 
 
 def test_the_same_step_on_bf16_weights_rounds_away():
@@ -301,7 +310,15 @@ def test_gradient_checkpointing_gives_the_same_step(script, tmp_path, monkeypatc
     # every trained model: PPO's policy and value model
     assert len(enabled) == (2 if script is ppo_rlhf else 1)
     assert plain.keys() == checkpointed.keys()
-    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+    if script in (ppo_rlhf, sft):  # one completion per prompt: the same forward either way
+        assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+        return
+    # The same step up to fp32 rounding. Checkpointed layers keep no cache, so there the prompt runs once per
+    # completion, not once per group or pair (common.completion_forward); the gradients agree to ~1e-5
+    # (tests/test_common.py). Adam's first step is +-lr for any gradient well above its eps, so only weights
+    # whose gradient is near 0 may move differently.
+    diffs = torch.cat([(plain[k] - checkpointed[k]).abs().flatten() for k in plain])
+    assert (diffs > 1e-6).float().mean() < 0.01 and diffs.max() <= 2 * script.Args.learning_rate + 1e-6
     # it trained
     assert any(not torch.equal(plain[k], painter_weights()[k]) for k in plain if k in painter_weights())
 

@@ -58,48 +58,46 @@ def sampler_trainer_gap(model, tokenizer, dtype, n: int, max_new_tokens: int, de
     encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in prompts]}, padding=True,
                             return_tensors="pt").to(device)
     config = sampling_config(tokenizer, model, temperature=0.7, max_new_tokens=max_new_tokens)
-    config.output_scores, config.return_dict_in_generate = True, True
     torch.manual_seed(0)
     with autocast(device, dtype):
-        out = sample(model, encoded["input_ids"], encoded["attention_mask"], config)
-    P = encoded["input_ids"].shape[1]
-    completion_ids = out.sequences[:, P:]
-    sampler = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
-    sampler = sampler.gather(-1, completion_ids[..., None]).squeeze(-1)
+        sequences, sampler = sample(model, encoded["input_ids"], encoded["attention_mask"], config,
+                                    return_logprobs=True)
+    completion_ids = sequences[:, encoded["input_ids"].shape[1]:]
     mask, _ = grpo.completion_mask_from(completion_ids, torch.tensor(config.eos_token_id, device=device))
-    attention_mask = torch.cat([encoded["attention_mask"], mask.long()], 1)
     with torch.no_grad(), autocast(device, dtype):
-        trainer, _ = grpo.forward_logprobs(model, out.sequences, attention_mask, P, 0.7)
+        trainer, _ = grpo.forward_logprobs(model, encoded["input_ids"], encoded["attention_mask"], completion_ids,
+                                           mask, 0.7)
     return float(((trainer - sampler).abs() * mask).max()), int(mask.sum())
 
 
 def throughput(model, tokenizer, dtype, n: int, max_new_tokens: int, device) -> dict:
     """Generated and trained tokens per second on one batch of n sequences (second of two timed repeats)."""
-    prompts = ["Name this paint color: #d48475"] * n
+    prompts = ["Name this paint color: #d48475"] * (n // 8)  # 8 completions of each prompt, as a GRPO group
     encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in prompts]}, padding=True,
                             return_tensors="pt").to(device)
     config = sampling_config(tokenizer, model, temperature=1.0, max_new_tokens=max_new_tokens)
-    config.min_new_tokens = max_new_tokens  # a fixed length, so that the count is exact
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     result = {}
     for _ in range(2):  # the first round warms up kernels and the allocator
         sync()
         t0 = time.perf_counter()
         with autocast(device, dtype):
-            sequences = sample(model, encoded["input_ids"], encoded["attention_mask"], config)
+            sequences = sample(model, encoded["input_ids"], encoded["attention_mask"], config, repeats=8)
         sync()
         t1 = time.perf_counter()
         P = encoded["input_ids"].shape[1]
-        attention_mask = torch.ones_like(sequences)
-        attention_mask[:, :P] = encoded["attention_mask"]
+        completion_ids = sequences[:, P:]
+        completion_mask = torch.ones_like(completion_ids)  # every position trained, as the count says
         with autocast(device, dtype):
-            logprobs, _ = grpo.forward_logprobs(model, sequences, attention_mask, P, 1.0)
+            logprobs, _ = grpo.forward_logprobs(model, encoded["input_ids"], encoded["attention_mask"],
+                                                completion_ids, completion_mask, 1.0)
         logprobs.sum().backward()
         sync()
         t2 = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        result = {"generated_tokens_per_s": n * max_new_tokens / (t1 - t0),
-                  "trained_tokens_per_s": int(attention_mask.sum()) / (t2 - t1)}
+        # the positions sampled (rows that stopped sample padding until the last one stops) and trained
+        result = {"generated_tokens_per_s": completion_ids.numel() / (t1 - t0),
+                  "trained_tokens_per_s": (completion_ids.numel() + P * len(sequences)) / (t2 - t1)}
     return result
 
 
