@@ -15,7 +15,7 @@ Differences from the paper: (1) the pairs are ranked by a judge (AI feedback) am
 starting policy (on-policy pairs, as the paper's "preferred-FT" data), not by people; (2) pi_ref is the
 starting checkpoint itself (the paper first runs SFT on the chosen answers; the painter is already SFT'd);
 (3) rewards/* always use summed log-probs, also for IPO.
-Shapes: B pairs, L prompt + completion tokens (right padded), V vocab.
+Shapes: B pairs, P prompt tokens (left padded), T completion tokens (right padded), V vocab.
 # poet-ranked pairs from the painter, ~1.5 min on 2 CPU cores
 Run: python dpo.py
      python dpo.py --loss-type ipo --beta 0.5 --judge architect
@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import all_sum, autocast, cleanup_distributed, encode_pairs, eval_prompts, evaluate, frozen_copy
-from common import get_judge, init_distributed, load_checkpoint, load_model_and_tokenizer, load_pairs, Logger
-from common import parse_args, resolve_device_dtype, resumed_args, save_checkpoint
+from common import all_sum, autocast, cleanup_distributed, completion_forward, encode_pairs, eval_prompts
+from common import evaluate, frozen_copy, get_judge, init_distributed, load_checkpoint
+from common import load_model_and_tokenizer, load_pairs, Logger, parse_args, resolve_device_dtype
+from common import resumed_args, save_checkpoint
 
 
 @dataclass
@@ -122,30 +123,32 @@ class Args:
 def concat_pairs(
     batch: list[tuple[list[int], list[int], list[int]]], pad_id: int
 ) -> tuple[torch.Tensor, ...]:
-    """B (prompt, chosen, rejected) -> right-padded input_ids, attention_mask, completion_mask (2B, L):
-    rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected, so one forward scores both.
+    """B (prompt, chosen, rejected) -> prompt_ids, prompt_mask (B, P), left padded, and completion_ids,
+    completion_mask (2B, T), right padded: rows 2i and 2i+1 are pair i's chosen and rejected, which follow
+    its prompt, so one forward scores both and runs the prompt once (common.completion_forward).
 
     NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still
     counts."""
-    rows = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
-    width = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), pad_id)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    completion_mask = torch.zeros(len(rows), width)
-    for i, (p, c) in enumerate(rows):
-        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        attention_mask[i, : len(p) + len(c)] = 1
-        completion_mask[i, len(p) : len(p) + len(c)] = 1
-    return input_ids, attention_mask, completion_mask
+    P, T = max(len(p) for p, _, _ in batch), max(len(y) for _, c, r in batch for y in (c, r))
+    prompt_ids, prompt_mask = (
+        torch.full((len(batch), P), pad_id),
+        torch.zeros(len(batch), P, dtype=torch.long),
+    )
+    completion_ids, completion_mask = torch.full((2 * len(batch), T), pad_id), torch.zeros(2 * len(batch), T)
+    for i, (p, c, r) in enumerate(batch):
+        prompt_ids[i, P - len(p) :], prompt_mask[i, P - len(p) :] = torch.tensor(p), 1
+        for row, y in ((2 * i, c), (2 * i + 1, r)):
+            completion_ids[row, : len(y)], completion_mask[row, : len(y)] = torch.tensor(y), 1
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
 
 
 LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs copies at once
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log pi(token): (2B, L, V), (2B, L) -> (2B, L) in fp32.
-    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (2B, L,
-    V) in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at 2B=64, L=512,
+    """log pi(token): (2B, T, V), (2B, T) -> (2B, T) in fp32.
+    NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax over all of (2B, T,
+    V) in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20 GB at 2B=64, T=512,
     V=151,936 (TRL selective_log_softmax, PR #2773). One block holds at most LOGITS_PER_BLOCK fp32 logits."""
 
     def block_logprobs(block_logits, block_tokens):
@@ -158,14 +161,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+    logits: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
-    """log pi(y | x) of each row, (2B,): the SUM of the completion's token log-probs (not prompt, not
-    padding)."""
-    # NOTE: the one-token shift: logits at position t predict the token at t + 1
-    logprobs = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (2B, L-1)
+    """log pi(y | x) of each completion, (2B,): the SUM of its token log-probs (not padding), from the logits
+    (2B, T, V) that predict each completion token (common.completion_forward makes the one-token shift)."""
     # NOTE: a sum, not a mean: averaging changes the objective (TRL #789; the mean is SimPO's)
-    return (logprobs * completion_mask[:, 1:]).sum(1)
+    return (token_logprobs(logits, completion_ids) * completion_mask).sum(1)
 
 
 def dpo_loss(
@@ -204,11 +205,14 @@ def dpo_loss(
 
 
 def batch_logprobs(model, batch: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs (2B,) and completion lengths (2B,): ONE forward over chosen and
-    rejected."""
-    input_ids, attention_mask, completion_mask = (t.to(model.device) for t in concat_pairs(batch, pad_id))
-    logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, L, V)
-    return sequence_logprobs(logits, input_ids, completion_mask), completion_mask.sum(1)
+    """Summed completion log-probs (B, 2) and completion lengths (B, 2), columns chosen and rejected: ONE
+    forward over both, the prompt run once for the pair."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = (
+        t.to(model.device) for t in concat_pairs(batch, pad_id)
+    )
+    logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (2B, T, V)
+    logps = sequence_logprobs(logits, completion_ids, completion_mask)
+    return logps.view(-1, 2), completion_mask.sum(1).view(-1, 2)
 
 
 @torch.no_grad()
@@ -216,8 +220,7 @@ def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 64) -> torch
     """(N, 2): log pi(y_c|x) and log pi(y_r|x) of every pair, in batches."""
     columns = []
     for start in range(0, len(pairs), batch_size):
-        logps, _ = batch_logprobs(model, pairs[start : start + batch_size], pad_id)
-        columns.append(logps.view(2, -1).T)
+        columns.append(batch_logprobs(model, pairs[start : start + batch_size], pad_id)[0])
     return torch.cat(columns)
 
 
@@ -281,7 +284,8 @@ def main(args: Args) -> dict:
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
 
     def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from start_model, the starting policy
         prompts = eval_prompts(args.eval_size)
@@ -311,35 +315,34 @@ def main(args: Args) -> dict:
         share = args.batch_size // world
         indices = indices[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
         batch = [train[i] for i in indices]
-        B = len(batch)
 
         # 3. pi_ref's log-probs: looked up, or one no-grad forward (never recomputed within the step)
         if ref_logps is not None:
             ref_chosen_logps, ref_rejected_logps = ref_logps[indices].to(device).T
         else:
             with torch.no_grad(), autocast(device, dtype):
-                ref_both, _ = batch_logprobs(ref_model, batch, pad_id)  # (2B,)
-            ref_chosen_logps, ref_rejected_logps = ref_both[:B], ref_both[B:]
+                ref_both, _ = batch_logprobs(ref_model, batch, pad_id)  # (B, 2)
+            ref_chosen_logps, ref_rejected_logps = ref_both.T
 
         # 4. the policy's log-probs: one forward over chosen and rejected together
         with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-            logps, lengths = batch_logprobs(ddp_model, batch, pad_id)  # (2B,), (2B,)
+            logps, lengths = batch_logprobs(ddp_model, batch, pad_id)  # (B, 2), (B, 2)
 
         # 5. the preference loss (+ RPO's NLL on the chosen completion, per token)
         loss, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen_logps=logps[:B],
-            rejected_logps=logps[B:],
+            chosen_logps=logps[:, 0],
+            rejected_logps=logps[:, 1],
             ref_chosen_logps=ref_chosen_logps,
             ref_rejected_logps=ref_rejected_logps,
             beta=args.beta,
             loss_type=args.loss_type,
             label_smoothing=args.label_smoothing,
-            chosen_lengths=lengths[:B],
-            rejected_lengths=lengths[B:],
+            chosen_lengths=lengths[:, 0],
+            rejected_lengths=lengths[:, 1],
         )
         if args.rpo_alpha:
             # ALGO: RPO: the NLL of the chosen completion per token, which keeps log pi(y_c) from falling
-            loss = loss + args.rpo_alpha * (-logps[:B] / lengths[:B]).mean()
+            loss = loss + args.rpo_alpha * (-logps[:, 0] / lengths[:, 0]).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {float(loss)} at step {step}; the last good model is in "
@@ -365,16 +368,14 @@ def main(args: Args) -> dict:
                     chosen_rewards.mean(),
                     rejected_rewards.mean(),
                     accuracy,
-                    logps[:B].detach().mean(),
-                    logps[B:].detach().mean(),
+                    logps[:, 0].detach().mean(),
+                    logps[:, 1].detach().mean(),
                 ]
             )
             means = all_sum(per_rank.cpu()) / world
             loss_, chosen, rejected, accuracy, logps_chosen, logps_rejected = means.tolist()
             margins = float(means[1] - means[2])
-            tokens = float(
-                all_sum(torch.tensor(float(sum(2 * len(p) + len(c) + len(r) for p, c, r in batch))))
-            )
+            tokens = float(all_sum(torch.tensor(float(sum(len(p) + len(c) + len(r) for p, c, r in batch)))))
             log.log(
                 step,
                 {

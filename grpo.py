@@ -281,7 +281,8 @@ def main(args: Args) -> dict:
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
     stop_ids = torch.tensor(sampling.eos_token_id, device=device)
     ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
 
     def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from start_model, the starting policy
         prompts, T = [r["prompt"] for r in eval_rows], args.temperature

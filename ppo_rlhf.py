@@ -177,17 +177,15 @@ def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
     return token_logprobs(logits, completion_ids, temperature), logits
 
 
-def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r(x, y) of each row, (N,): the scalar head on the hidden state of the last real token."""
-    # NOTE: positions count real tokens only, so left- and right-padded rows get the same positions
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+def score_last_token(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """r(x, y) of each completion, (N,): the scalar head on the hidden state of its last real token, for b
+    prompts (b, P), left padded, each followed by N/b of the completions (N, T), right padded."""
     # NOTE: through the model's own forward, not model.base_model, so that a DDP wrapper sees the call and
-    # syncs the gradients; the last of the hidden states is the final (normed) one, the head's input
-    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, output_hidden_states=True)
-    hidden = out.hidden_states[-1]  # (N, L, D)
-    # NOTE: the last real token found from the attention mask, not from pad_token_id (TRL #937: when
-    # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
-    last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)
+    # syncs the gradients; the final (normed) hidden states are the head's input
+    hidden = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, hidden=True)
+    # NOTE: the last real token found from the mask, not from pad_token_id (TRL #937: when pad == EOS, HF's
+    # own lookup reads the wrong token)
+    last = (completion_mask * torch.arange(completion_mask.shape[1], device=completion_mask.device)).argmax(1)
     head = getattr(model, "module", model).score  # DDP: the wrapped model's head
     return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
@@ -341,7 +339,8 @@ def main(args: Args) -> dict:
     ddp_model, ddp_value_model = (DDP(model), DDP(value_model)) if world > 1 else (model, value_model)
     # NOTE: Adam eps 1e-5 as SFD (ppo.py); PyTorch's 1e-8 makes larger early updates (N-blog detail 14)
     trained = list(model.parameters()) + list(value_model.parameters())
-    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
+    # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
+    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5, fused=True)
 
     def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from ref_model, the starting policy
         prompts, T = [r["prompt"] for r in eval_rows], args.temperature
@@ -381,7 +380,9 @@ def main(args: Args) -> dict:
         # 3. score: the reward model on the policy's own token ids (last real token), or the judge on the text
         if reward_model is not None:
             with torch.no_grad(), autocast(device, dtype):
-                raw_scores = score_last_token(reward_model, sequences, attention_mask)
+                raw_scores = score_last_token(
+                    reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask
+                )
         else:
             completions = [
                 c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)

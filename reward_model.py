@@ -16,7 +16,7 @@ Differences from the papers: (1) pairs, not InstructGPT's K-way comparisons (K c
 --center-coef instead); (4) the head is a bias-free Linear(d, 1) initialised N(0, 1/sqrt(d+1)) as in SFD.
 The saved model is an AutoModelForSequenceClassification with num_labels=1: `--judge rm:PATH` in every
 script (and ppo_rlhf.py --reward-model PATH) scores with it exactly as score_last_token below does.
-Shapes: B pairs, L prompt + completion tokens (right padded), D hidden size.
+Shapes: B pairs, P prompt tokens (left padded), T completion tokens (right padded), D hidden size.
 # poet-labelled pairs from the painter, ~2-3 min on 2 CPU cores
 Run: python reward_model.py
      python reward_model.py --judge correct --data my_pairs.jsonl
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModelForSequenceClassification
 
-from common import all_sum, autocast, cleanup_distributed, encode_pairs, get_judge, init_distributed
-from common import load_checkpoint, load_model_and_tokenizer, load_pairs, Logger, parse_args
+from common import all_sum, autocast, cleanup_distributed, completion_forward, encode_pairs, get_judge
+from common import init_distributed, load_checkpoint, load_model_and_tokenizer, load_pairs, Logger, parse_args
 from common import resolve_device_dtype, resumed_args, save_checkpoint
 
 
@@ -111,34 +111,34 @@ class Args:
 def concat_pairs(
     batch: list[tuple[list[int], list[int], list[int]]], pad_id: int
 ) -> tuple[torch.Tensor, ...]:
-    """B (prompt, chosen, rejected) -> right-padded input_ids, attention_mask, completion_mask (2B, L):
-    rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected, so one forward scores both.
+    """B (prompt, chosen, rejected) -> prompt_ids, prompt_mask (B, P), left padded, and completion_ids,
+    completion_mask (2B, T), right padded: rows 2i and 2i+1 are pair i's chosen and rejected, which follow
+    its prompt, so one forward scores both and runs the prompt once (common.completion_forward).
 
     NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still
     counts."""
-    rows = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
-    width = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), pad_id)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    completion_mask = torch.zeros(len(rows), width)
-    for i, (p, c) in enumerate(rows):
-        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        attention_mask[i, : len(p) + len(c)] = 1
-        completion_mask[i, len(p) : len(p) + len(c)] = 1
-    return input_ids, attention_mask, completion_mask
+    P, T = max(len(p) for p, _, _ in batch), max(len(y) for _, c, r in batch for y in (c, r))
+    prompt_ids, prompt_mask = (
+        torch.full((len(batch), P), pad_id),
+        torch.zeros(len(batch), P, dtype=torch.long),
+    )
+    completion_ids, completion_mask = torch.full((2 * len(batch), T), pad_id), torch.zeros(2 * len(batch), T)
+    for i, (p, c, r) in enumerate(batch):
+        prompt_ids[i, P - len(p) :], prompt_mask[i, P - len(p) :] = torch.tensor(p), 1
+        for row, y in ((2 * i, c), (2 * i + 1, r)):
+            completion_ids[row, : len(y)], completion_mask[row, : len(y)] = torch.tensor(y), 1
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
 
 
-def score_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r(x, y) of each row, (N,): the scalar head on the hidden state of the last real token."""
-    # NOTE: positions count real tokens only, so left- and right-padded rows get the same positions
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+def score_last_token(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """r(x, y) of each completion, (N,): the scalar head on the hidden state of its last real token, for b
+    prompts (b, P), left padded, each followed by N/b of the completions (N, T), right padded."""
     # NOTE: through the model's own forward, not model.base_model, so that a DDP wrapper sees the call and
-    # syncs the gradients; the last of the hidden states is the final (normed) one, the head's input
-    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, output_hidden_states=True)
-    hidden = out.hidden_states[-1]  # (N, L, D)
-    # NOTE: the last real token found from the attention mask, not from pad_token_id (TRL #937: when
-    # pad == EOS, HF's own lookup reads the wrong token); right for left padding, right padding and pad == EOS
-    last = (attention_mask * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(1)
+    # syncs the gradients; the final (normed) hidden states are the head's input
+    hidden = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, hidden=True)
+    # NOTE: the last real token found from the mask, not from pad_token_id (TRL #937: when pad == EOS, HF's
+    # own lookup reads the wrong token)
+    last = (completion_mask * torch.arange(completion_mask.shape[1], device=completion_mask.device)).argmax(1)
     head = getattr(model, "module", model).score  # DDP: the wrapped model's head
     return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
@@ -167,11 +167,11 @@ def evaluate_pairs(
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
-        input_ids, attention_mask, _ = (t.to(model.device) for t in concat_pairs(batch, pad_id))
+        tensors = (t.to(model.device) for t in concat_pairs(batch, pad_id))
         with autocast(model.device, dtype):
-            rewards = score_last_token(model, input_ids, attention_mask)  # (2B,)
-        chosen.append(rewards[: len(batch)])
-        rejected.append(rewards[len(batch) :])
+            rewards = score_last_token(model, *tensors).view(-1, 2)  # (B, 2): chosen, rejected
+        chosen.append(rewards[:, 0])
+        rejected.append(rewards[:, 1])
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     loss, accuracy = bradley_terry_loss(chosen, rejected)
     return {
@@ -234,7 +234,10 @@ def main(args: Args) -> dict:
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
+    )
 
     def run_eval() -> tuple[dict, None]:
         return evaluate_pairs(model, heldout, tokenizer.pad_token_id, dtype), None
@@ -250,15 +253,15 @@ def main(args: Args) -> dict:
         if position == 0:  # a new epoch, a new order
             order = rng.permutation(len(train))
         t0 = time.perf_counter()
-        # 3. one forward over the 2B sequences: chosen rows first, rejected rows after
+        # 3. one forward over the B prompts and 2B completions: each prompt once, then its chosen and rejected
         batch = [train[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
         # DDP: this rank's share; equal shares, so the mean of the ranks'
         share = args.batch_size // world
         batch = batch[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
-        input_ids, attention_mask, _ = (t.to(device) for t in concat_pairs(batch, tokenizer.pad_token_id))
+        tensors = [t.to(device) for t in concat_pairs(batch, tokenizer.pad_token_id)]
         with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-            rewards = score_last_token(ddp_model, input_ids, attention_mask)  # (2B,)
-        chosen_rewards, rejected_rewards = rewards[: len(batch)], rewards[len(batch) :]
+            rewards = score_last_token(ddp_model, *tensors).view(-1, 2)  # (B, 2): chosen, rejected
+        chosen_rewards, rejected_rewards = rewards[:, 0], rewards[:, 1]
 
         # 4. the Bradley–Terry loss
         loss, accuracy = bradley_terry_loss(
@@ -291,7 +294,7 @@ def main(args: Args) -> dict:
                     accuracy,
                     (chosen_rewards - rejected_rewards).detach().mean(),
                     rewards.detach().mean(),
-                    attention_mask.sum() * world,
+                    (tensors[1].sum() + tensors[3].sum()) * world,  # real tokens: prompts, completions
                 ]
             ).float()
             loss_, accuracy_, margin, reward_mean, tokens = (all_sum(per_rank.cpu()) / world).tolist()

@@ -11,7 +11,7 @@ Without --model this file builds the repository's default model, common/painter,
 word-level tokenizer over the colour names (so every name it samples is made of real words) and a
 small Llama. The built-in data mixes real names, their hexes jittered a little, with random colours
 named by their nearest xkcd colour, which teach which words mean which colours.
-Shapes: B batch, L prompt + completion tokens (right padded), V vocab.
+Shapes: B batch, P prompt tokens (left padded), T completion tokens (right padded), V vocab.
 Run: python sft.py                                   # a new painter, ~8 min on 2 CPU cores
      python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --learning-rate 1e-5
 """
@@ -27,10 +27,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import all_sum, autocast, cleanup_distributed, encode_examples, eval_prompts, evaluate
-from common import frozen_copy, get_judge, init_distributed, load_checkpoint, load_model_and_tokenizer, Logger
-from common import parse_args, read_jsonl, resolve_device_dtype, resumed_args, sample_colour_pairs
-from common import save_atomic, save_checkpoint, split_by_prompt, sync_gradients
+from common import all_sum, autocast, cleanup_distributed, completion_forward, encode_examples, eval_prompts
+from common import evaluate, frozen_copy, get_judge, init_distributed, load_checkpoint
+from common import load_model_and_tokenizer, Logger, parse_args, read_jsonl, resolve_device_dtype
+from common import resumed_args, sample_colour_pairs, save_atomic, save_checkpoint, split_by_prompt
+from common import sync_gradients
 from common.recipe import build_tokenizer, new_model, painter_texts, trainable_names
 
 
@@ -116,28 +117,30 @@ class Args:
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """(prompt_ids, completion_ids) pairs -> right-padded input_ids, attention_mask, completion_mask (B, L).
+    """(prompt_ids, completion_ids) pairs -> prompt_ids, prompt_mask (B, P), left padded, and completion_ids,
+    completion_mask (B, T), right padded: the prompt is context, the completion (EOS included) the target.
 
     NOTE: completion_mask is built from lengths, never by comparing with pad_id, so when pad == EOS the
     final EOS is still trained."""
-    width = max(len(p) + len(c) for p, c in examples)
-    input_ids = torch.full((len(examples), width), pad_id)
-    attention_mask = torch.zeros(len(examples), width, dtype=torch.long)
-    completion_mask = torch.zeros(len(examples), width)
+    P, T = max(len(p) for p, _ in examples), max(len(c) for _, c in examples)
+    prompt_ids, prompt_mask = (
+        torch.full((len(examples), P), pad_id),
+        torch.zeros(len(examples), P, dtype=torch.long),
+    )
+    completion_ids, completion_mask = torch.full((len(examples), T), pad_id), torch.zeros(len(examples), T)
     for i, (p, c) in enumerate(examples):
-        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        attention_mask[i, : len(p) + len(c)] = 1
-        completion_mask[i, len(p) : len(p) + len(c)] = 1
-    return input_ids, attention_mask, completion_mask
+        prompt_ids[i, P - len(p) :], prompt_mask[i, P - len(p) :] = torch.tensor(p), 1
+        completion_ids[i, : len(c)], completion_mask[i, : len(c)] = torch.tensor(c), 1
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
 
 
 LOGITS_PER_BLOCK = 1 << 24  # 64 MB of fp32 logits: the most token_logprobs copies at once
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token): (B, L, V), (B, L) -> (B, L) in fp32.
+    """log p(token): (B, T, V), (B, T) -> (B, T) in fp32.
     NOTE: a block of rows at a time, recomputed in backward (checkpoint): log_softmax (or cross_entropy)
-    over all of (B, L, V) in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20
+    over all of (B, T, V) in fp32 would copy the logits at 4 bytes each and keep the copy for backward, 20
     GB at B=64, L=512, V=151,936 (TRL selective_log_softmax, PR #2773). One block holds at most
     LOGITS_PER_BLOCK fp32 logits."""
 
@@ -152,12 +155,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 # ALGO: the completion-only negative log-likelihood (InstructGPT §3.5; the prompt is never a target)
 def completion_nll(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+    logits: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Sum over completion tokens (EOS included) of -log p(token | everything before it)."""
-    # NOTE: the one-token shift: logits at position t predict the token at t + 1
-    nll = -token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (B, L-1)
-    return (nll * completion_mask[:, 1:]).sum()
+    """Sum over completion tokens (EOS included) of -log p(token | everything before it), from the logits
+    (B, T, V) that predict each completion token (common.completion_forward makes the one-token shift)."""
+    return -(token_logprobs(logits, completion_ids) * completion_mask).sum()
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float) -> float:
@@ -220,10 +222,12 @@ def main(args: Args) -> dict:
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,
         betas=(0.9, 0.95),
+        fused=True,
     )
 
     def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from start_model, the starting policy
@@ -267,12 +271,14 @@ def main(args: Args) -> dict:
         loss_sum = 0.0
         for start in range(0, share, micro):
             micro_batch = collate(batch[start : start + micro], tokenizer.pad_token_id)
-            input_ids, attention_mask, completion_mask = (t.to(device) for t in micro_batch)
+            prompt_ids, prompt_mask, completion_ids, completion_mask = (t.to(device) for t in micro_batch)
             with sync_gradients(ddp_model, sync=start + micro >= share):  # DDP: all-reduce in the last one
                 with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                    # (B/k, L, V)
-                    logits = ddp_model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-                loss = completion_nll(logits, input_ids, completion_mask) / n_tokens
+                    # (B/k, T, V): the lm head only where a completion token is predicted
+                    logits = completion_forward(
+                        ddp_model, prompt_ids, prompt_mask, completion_ids, completion_mask
+                    )
+                loss = completion_nll(logits, completion_ids, completion_mask) / n_tokens
                 loss.backward()
             loss_sum += loss.detach()
         if not torch.isfinite(loss_sum):

@@ -323,7 +323,7 @@ def sample(
         for _ in range(T):
             probs = torch.softmax(logits / config.temperature, dim=-1)  # (N, V)
             # draw by the inverse CDF: u ~ U(0, 1), the first token whose cumulative probability exceeds u
-            # (sums in float64). NOTE: the same distribution as torch.multinomial, which is 15x slower on a CPU
+            # (sums in float64). NOTE: the distribution of torch.multinomial, which is 15x slower on a CPU
             cdf = probs.double().cumsum(-1)
             u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
             token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # (N,)

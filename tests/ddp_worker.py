@@ -17,16 +17,18 @@ import zlib
 
 import torch
 import tyro
-from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def fixed_generate(self, input_ids=None, attention_mask=None, generation_config=None, **_):
-    """(N, P) prompts -> (N, P + max_new_tokens): the k-th copy of a prompt always gets the same completion,
-    random words of random length (sometimes truncated), whatever batch or rank it is in."""
-    eos, pad = generation_config.eos_token_id, generation_config.pad_token_id
-    max_new_tokens = generation_config.max_new_tokens
+def fixed_sample(model, prompt_ids, prompt_mask, config, repeats: int = 1, **_):
+    """(b, P) prompts -> (b * repeats, P + max_new_tokens): the k-th copy of a prompt always gets the same
+    completion, random words of random length (sometimes truncated), whatever batch or rank it is in."""
+    input_ids, attention_mask = (
+        prompt_ids.repeat_interleave(repeats, 0),
+        prompt_mask.repeat_interleave(repeats, 0),
+    )
+    eos, pad, max_new_tokens = config.eos_token_id, config.pad_token_id, config.max_new_tokens
     eos = eos[0] if isinstance(eos, list) else eos
     seen, completions = collections.Counter(), []
     for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
@@ -35,7 +37,7 @@ def fixed_generate(self, input_ids=None, attention_mask=None, generation_config=
         g = torch.Generator().manual_seed(zlib.crc32(repr((prompt, seen[prompt])).encode()))
         length = int(torch.randint(1, max_new_tokens + 1, (1,), generator=g))
         # ids 0-3 are special
-        tokens = torch.randint(4, self.config.vocab_size, (max_new_tokens,), generator=g)
+        tokens = torch.randint(4, model.config.vocab_size, (max_new_tokens,), generator=g)
         if length < max_new_tokens:
             tokens[length], tokens[length + 1 :] = eos, pad
         completions.append(tokens)
@@ -47,7 +49,8 @@ def sgd(params, lr: float, weight_decay: float = 0.0, **_):
 
 
 if __name__ == "__main__":
-    LlamaForCausalLM.generate = fixed_generate
     torch.optim.AdamW = sgd
     module = importlib.import_module(sys.argv[1])
+    if hasattr(module, "sample"):
+        module.sample = fixed_sample
     module.main(tyro.cli(module.Args, args=sys.argv[2:]))

@@ -148,13 +148,12 @@ def test_unknown_loss_type_is_an_error():
 
 
 def test_sequence_logprobs_sum_only_completion_tokens():
-    # vocab 2; row = prompt [0], completion [1, 0], then a pad
-    # (1, 4, 2)
-    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0], [5.0, -5.0], [9.0, 0.0]]])
-    input_ids = torch.tensor([[0, 1, 0, 1]])
-    completion_mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
-    expected = math.log(3 / 4) + math.log(4 / 5)  # p(1 | 0) = 3/4, p(0 | 0 1) = 4/5; prompt and pad excluded
-    assert dpo.sequence_logprobs(logits, input_ids, completion_mask).item() == pytest.approx(
+    # vocab 2; the logits that predict each completion token: completion [1, 0], then a pad
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0], [9.0, 0.0]]])  # (1, 3, 2)
+    completion_ids = torch.tensor([[1, 0, 1]])
+    completion_mask = torch.tensor([[1.0, 1.0, 0.0]])
+    expected = math.log(3 / 4) + math.log(4 / 5)  # p(1) = 3/4, then p(0) = 4/5; the pad excluded
+    assert dpo.sequence_logprobs(logits, completion_ids, completion_mask).item() == pytest.approx(
         expected, abs=1e-6
     )
 
@@ -173,15 +172,12 @@ def test_padding_and_batch_neighbours_do_not_change_log_probs(painter):
         ],
         64,
     )
-    together, lengths = dpo.batch_logprobs(model, pairs, tokenizer.pad_token_id)
-    # (c0, r0, c1, r1)
+    together, lengths = dpo.batch_logprobs(model, pairs, tokenizer.pad_token_id)  # (2, 2): chosen, rejected
     alone = torch.cat([dpo.batch_logprobs(model, [p], tokenizer.pad_token_id)[0] for p in pairs])
-    assert torch.allclose(together, alone[[0, 2, 1, 3]], atol=1e-5)
-    assert lengths.tolist() == [3, 5, 2, 2]  # words + EOS
-    # precomputed in big batches equals per-batch: (N, 2) columns chosen, rejected
-    assert torch.allclose(
-        dpo.all_logprobs(model, pairs, tokenizer.pad_token_id).T.flatten(), together, atol=1e-5
-    )
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert lengths.tolist() == [[3, 2], [5, 2]]  # words + EOS
+    # precomputed in big batches equals per-batch
+    assert torch.allclose(dpo.all_logprobs(model, pairs, tokenizer.pad_token_id), together, atol=1e-5)
 
 
 def test_concat_pairs_is_the_same_in_dpo_and_reward_model():

@@ -184,8 +184,12 @@ def test_values_are_read_at_the_state_before_each_token_whatever_the_padding():
     values = ppo.forward_values(value_model, input_ids, attention_mask, P)  # (2, T)
     for row, prompt in enumerate((short, long)):  # V(s_t) is the head on the prefix prompt + completion[:t]
         for t in range(len(completion)):
-            prefix = torch.tensor([prompt + completion[:t]])
-            expected = ppo.score_last_token(value_model, prefix, torch.ones_like(prefix))
+            # the prefix as a prompt of all but its last token, and a "completion" of the rest
+            head, tail = prompt[:-1], prompt[-1:] + completion[:t]
+            ones = torch.ones(1, len(head), dtype=torch.long), torch.ones(1, len(tail))
+            expected = ppo.score_last_token(
+                value_model, torch.tensor([head]), ones[0], torch.tensor([tail]), ones[1]
+            )
             assert values[row, t].item() == pytest.approx(expected.item(), abs=1e-4)
 
 

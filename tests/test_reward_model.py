@@ -10,7 +10,14 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import reward_model as rm
-from common import candidate_names, encode_completion, encode_pairs, encode_prompt, get_judge
+from common import (
+    candidate_names,
+    completion_forward,
+    encode_completion,
+    encode_pairs,
+    encode_prompt,
+    get_judge,
+)
 from common import load_model_and_tokenizer, pair_prompts, rank_pairs, read_preferences
 from common.preferences import split_shared_prefix
 from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
@@ -84,53 +91,47 @@ def test_the_loss_only_sees_differences_without_centering():
 # ---- the last real token -----------------------------------------------------------------------------------
 
 
-def sequences(tokenizer) -> list[list[int]]:
-    return [encode_prompt(tokenizer, p) + encode_completion(tokenizer, p, n) for p, n in zip(PROMPTS, NAMES)]
+def encoded(tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of the three names, the last after a shorter prompt (so prompts pad)."""
+    prompts = PROMPTS[:2] + ["Name a color:"]
+    return [(encode_prompt(tokenizer, p), encode_completion(tokenizer, p, n)) for p, n in zip(prompts, NAMES)]
 
 
-def pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    fill = [[pad_id] * (width - len(s)) for s in seqs]
-    ids = [f + s if side == "left" else s + f for s, f in zip(seqs, fill)]
-    mask = [
-        [0] * len(f) + [1] * len(s) if side == "left" else [1] * len(s) + [0] * len(f)
-        for s, f in zip(seqs, fill)
-    ]
-    return torch.tensor(ids), torch.tensor(mask)
+def score_alone(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    ones = torch.ones(1, len(prompt), dtype=torch.long), torch.ones(1, len(completion))
+    return rm.score_last_token(model, torch.tensor([prompt]), ones[0], torch.tensor([completion]), ones[1])[0]
 
 
-@pytest.mark.parametrize(
-    "side, pad_is_eos", [("right", False), ("left", False), ("right", True), ("left", True)]
-)
-def test_reward_is_read_at_the_last_real_token(reward_net, side, pad_is_eos):
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_reward_is_read_at_the_last_real_token(reward_net, pad_is_eos):
     model, tokenizer = reward_net
-    seqs = sequences(tokenizer)
-    alone = torch.stack(
-        [
-            rm.score_last_token(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
-            for s in seqs
-        ]
-    )
+    rows = encoded(tokenizer)
+    # pairs as training builds them: each prompt once (left padded), then two completions (right padded)
+    batch = [(p, c, rows[(i + 1) % 3][1]) for i, (p, c) in enumerate(rows)]
+    assert len({len(p) for p, _ in rows}) == 2 and len({len(c) for _, c in rows}) == 3  # padding happens
     pad_id = tokenizer.eos_token_id if pad_is_eos else tokenizer.pad_token_id
-    input_ids, attention_mask = pad(seqs, pad_id, side)
-    assert len(set(map(len, seqs))) == 3  # unequal lengths, so padding really happens
-    assert torch.allclose(rm.score_last_token(model, input_ids, attention_mask), alone, atol=1e-5)
+    scores = rm.score_last_token(model, *rm.concat_pairs(batch, pad_id)).view(-1, 2)
+    for column in (0, 1):  # chosen, rejected
+        alone = torch.stack([score_alone(model, pair[0], pair[1 + column]) for pair in batch])
+        assert torch.allclose(scores[:, column], alone, atol=1e-5)
 
 
 def test_reading_a_padding_position_would_give_another_reward(reward_net):
     model, tokenizer = reward_net  # guards the test above: the position read matters
-    input_ids, attention_mask = pad(sequences(tokenizer), tokenizer.pad_token_id, "right")
-    hidden = model.base_model(input_ids, attention_mask=attention_mask).last_hidden_state
+    tensors = rm.concat_pairs([(p, c, c) for p, c in encoded(tokenizer)], tokenizer.pad_token_id)
+    hidden = completion_forward(model, *tensors, hidden=True)
     wrong = model.score(hidden[:, -1]).squeeze(-1)
-    assert not torch.allclose(wrong, rm.score_last_token(model, input_ids, attention_mask), atol=1e-3)
+    assert not torch.allclose(wrong, rm.score_last_token(model, *tensors), atol=1e-3)
 
 
-def test_concat_pairs_puts_chosen_first_and_trains_eos_equal_to_pad():
-    eos = pad_id = 2
-    input_ids, attention_mask, completion_mask = rm.concat_pairs([([1, 7], [9, eos], [eos])], pad_id)
-    assert input_ids.tolist() == [[1, 7, 9, eos], [1, 7, eos, pad_id]]
-    assert attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    assert completion_mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
+def test_concat_pairs_puts_each_prompt_once_then_chosen_and_rejected_and_trains_eos_equal_to_pad():
+    eos = pad = 2
+    prompt_ids, prompt_mask, completion_ids, completion_mask = rm.concat_pairs(
+        [([1, 7], [9, eos], [eos]), ([1], [eos], [5, 6, eos])], pad
+    )
+    assert prompt_ids.tolist() == [[1, 7], [pad, 1]] and prompt_mask.tolist() == [[1, 1], [0, 1]]
+    assert completion_ids.tolist() == [[9, eos, pad], [eos, pad, pad], [eos, pad, pad], [5, 6, eos]]
+    assert completion_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]]
 
 
 # ---- preference pairs --------------------------------------------------------------------------------------
@@ -227,7 +228,16 @@ def test_main_writes_metrics_and_a_model_the_rm_judge_scores_identically(tmp_pat
         f"{run}/model", model_class=AutoModelForSequenceClassification
     )
     assert model.config.num_labels == 1
-    ours = rm.score_last_token(model, *pad(sequences(tokenizer), tokenizer.pad_token_id, "right"))
+    ours = torch.stack(
+        [score_alone(model, p, c) for p, c in encoded(tokenizer)[:2]]
+        + [
+            score_alone(
+                model,
+                encode_prompt(tokenizer, PROMPTS[2]),
+                encode_completion(tokenizer, PROMPTS[2], NAMES[2]),
+            )
+        ]
+    )
     assert judge(PROMPTS, NAMES) == pytest.approx(ours.tolist(), abs=1e-5)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sft
-from common import encode_completion, encode_prompt
+from common import completion_forward, encode_completion, encode_prompt
 from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
 
 
@@ -34,30 +34,49 @@ def tiny_args(tmp_path, **overrides) -> sft.Args:
 
 def test_collate_masks_the_prompt_trains_eos_and_ignores_padding():
     eos, pad = 2, 0
-    input_ids, attention_mask, completion_mask = sft.collate([([1, 7, 8], [9, eos]), ([1, 7], [eos])], pad)
-    assert input_ids.tolist() == [[1, 7, 8, 9, eos], [1, 7, eos, pad, pad]]
-    assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
-    assert completion_mask.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]]
+    prompt_ids, prompt_mask, completion_ids, completion_mask = sft.collate(
+        [([1, 7, 8], [9, eos]), ([1, 7], [eos])], pad
+    )
+    assert prompt_ids.tolist() == [[1, 7, 8], [pad, 1, 7]] and prompt_mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert completion_ids.tolist() == [[9, eos], [eos, pad]]
+    assert completion_mask.tolist() == [[1, 1], [1, 0]]
 
 
 def test_eos_is_trained_when_pad_equals_eos():
     eos = pad = 2
-    _, _, completion_mask = sft.collate([([1, 7], [9, eos]), ([1], [eos])], pad)
-    assert completion_mask.tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]  # both EOS tokens count
+    *_, completion_mask = sft.collate([([1, 7], [9, eos]), ([1], [eos])], pad)
+    assert completion_mask.tolist() == [[1, 1], [1, 0]]  # both EOS tokens count
 
 
 def test_completion_nll_by_hand():
-    # vocab 2, one sequence [0, 1, 0]: prompt = token 0, completion = tokens 1, 0
-    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0], [5.0, -5.0]]])  # (1, 3, 2)
-    input_ids = torch.tensor([[0, 1, 0]])
-    completion_mask = torch.tensor([[0.0, 1.0, 1.0]])
-    # p(1 | 0) = 3/4, p(0 | 0 1) = 4/5; the logits of the last position predict nothing
+    # vocab 2, the logits that predict a completion [1, 0] after its prompt
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0]]])  # (1, 2, 2)
+    completion_ids = torch.tensor([[1, 0]])
+    # p(1) = 3/4, then p(0) = 4/5
     expected = -(math.log(3 / 4) + math.log(4 / 5))
-    assert sft.completion_nll(logits, input_ids, completion_mask).item() == pytest.approx(expected, abs=1e-6)
-    # the prompt token is never predicted: masking only the last completion token leaves log(3/4)
-    assert sft.completion_nll(logits, input_ids, torch.tensor([[0.0, 1.0, 0.0]])).item() == pytest.approx(
+    assert sft.completion_nll(logits, completion_ids, torch.ones(1, 2)).item() == pytest.approx(
+        expected, abs=1e-6
+    )
+    # a masked token is not counted: masking the last completion token leaves log(3/4)
+    assert sft.completion_nll(logits, completion_ids, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(
         -math.log(3 / 4)
     )
+
+
+def test_the_loss_is_the_nll_of_each_completion_token_after_everything_before_it(painter):
+    """completion_forward's logits at t predict completion token t: the loss equals log-softmax over a plain
+    forward of prompt + completion, read one position earlier."""
+    model, tokenizer = painter
+    examples = [([1, 5, 9, 13], [40, 41, 2]), ([1, 5], [42, 2])]
+    prompt_ids, prompt_mask, completion_ids, completion_mask = sft.collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        expected = 0.0
+        for p, c in examples:
+            logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
+            expected -= sum(float(logp[len(p) - 1 + t, c[t]]) for t in range(len(c)))
+    loss = sft.completion_nll(logits, completion_ids, completion_mask)
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -77,9 +96,11 @@ def test_gradient_accumulation_equals_one_big_batch():
     def gradient(micro: int) -> torch.Tensor:
         model.zero_grad()
         for start in range(0, len(batch), micro):
-            input_ids, attention_mask, completion_mask = sft.collate(batch[start : start + micro], 0)
-            logits = model(input_ids, attention_mask=attention_mask).logits
-            (sft.completion_nll(logits, input_ids, completion_mask) / n_tokens).backward()
+            prompt_ids, prompt_mask, completion_ids, completion_mask = sft.collate(
+                batch[start : start + micro], 0
+            )
+            logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+            (sft.completion_nll(logits, completion_ids, completion_mask) / n_tokens).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     whole = gradient(6)

@@ -5,6 +5,7 @@
     OMP_NUM_THREADS=1 /tmp/trl-venv/bin/python tests/bench/compare_trl.py --threads 1            # all six
     OMP_NUM_THREADS=1 /tmp/trl-venv/bin/python tests/bench/compare_trl.py grpo --trl-set learning_rate=1e-4  # refuses
     OMP_NUM_THREADS=1 /tmp/trl-venv/bin/python tests/bench/compare_trl.py --profile              # where our time goes
+    OMP_NUM_THREADS=1 /tmp/trl-venv/bin/python tests/bench/compare_trl.py --scaling --steps 10 --rounds 1  # cost vs G, batch
 
 For each method, one canonical settings dict (SETTINGS) is the single source: plan_<method>() maps it to our
 CLI flags and to the TRL config. Each run is a fresh subprocess, interleaved ours, TRL, ours, TRL (--rounds).
@@ -68,20 +69,24 @@ SETTINGS = {
             "whiten_rewards": False, "truncated": "none", "stop": "eos"},
 }
 # implementation details that have no setting on one side: reported, not matched
+SHARED = "each prompt runs once for its {} (its keys and values copied), TRL runs it once per {} (same log-probs and gradient)"
+SAMPLER = ("sampler: ours a loop of its own (inverse-CDF draws, the prompt prefilled once per group), TRL's model.generate "
+           "(torch.multinomial): the same distribution, other draws")
 UNMATCHED = {
     "sft": ["data order: each side shuffles with its own RNG (same seed, different generators)",
-            "AdamW kernel: TRL's default optim is adamw_torch_fused, ours torch.optim.AdamW (same update rule)"],
-    "rm": ["data order (own RNG each side)", "AdamW kernel: fused (TRL) vs default (ours)",
+            "the lm head: ours only where a completion token is predicted (logits_to_keep), TRL on every position"],
+    "rm": ["data order (own RNG each side)", SHARED.format("chosen and rejected", "sequence"),
            "TRL reads the score at the last non-pad token via pad_token_id, ours from the attention mask (same token here: pad != EOS)"],
-    "dpo": ["data order (own RNG each side)", "AdamW kernel: fused (TRL) vs default (ours)"],
-    "grpo": ["prompt order and sampling (own RNG each side)", "AdamW kernel: fused (TRL) vs default (ours)"],
-    "rloo": ["prompt order and sampling (own RNG each side)", "AdamW kernel: fused (TRL) vs default (ours)",
+    "dpo": ["data order (own RNG each side)", SHARED.format("chosen and rejected", "sequence")],
+    "grpo": ["prompt order and sampling (own RNG each side)", SAMPLER, SHARED.format("group", "completion")],
+    "rloo": ["prompt order and sampling (own RNG each side)", SAMPLER, SHARED.format("group", "completion"),
              "TRL computes a ratio exp(sum logp - old) and clips it at 1 +- epsilon; with one iteration the ratio is 1 and "
              "the gradient equals reinforce.py's (which has no ratio)"],
     "ppo": ["score position: TRL adds the RM score at the first pad AFTER EOS (padding_mask_p1), ours on EOS "
             "(ppo_rlhf.py docstring, TRL #1893); no setting on either side",
             "TRL 1.12 PPO never clips the gradient norm (no clip_grad_norm_ in its loop): ours gets --max-grad-norm inf",
-            "temperature: TRL divides by T + 1e-7", "AdamW kernel: fused (TRL) vs Adam (ours; equal with weight decay 0)"],
+            "temperature: TRL divides by T + 1e-7", SAMPLER,
+            "optimiser: TRL's fused AdamW, ours fused Adam (equal with weight decay 0)"],
 }
 
 
@@ -177,7 +182,7 @@ def rl_trl(s):
 
 def rl_ours(a):
     return {**ours_optim(a), "batch_prompts": a["batch_size"], "num_generations": a["group_size"],
-            "max_completion_length": a["max_new_tokens"], "temperature": a["temperature"], "top_k": 0, "top_p": 1.0,  # generate(top_k=0, top_p=1.0)
+            "max_completion_length": a["max_new_tokens"], "temperature": a["temperature"], "top_k": 0, "top_p": 1.0,  # common.sample: softmax(logits / T) only
             "mask_truncated": a["mask_truncated"], "micro_batch": a["micro_batch_size"], "judge": a["judge"],
             "beta": a["beta"]}
 
@@ -445,8 +450,8 @@ def summarise(runs, skip):
             **{k: statistics.mean(r["eval"][k] for r in runs) for k in runs[0]["eval"]}}
 
 
-def bench(method, a, d):
-    s = SETTINGS[method]
+def bench(method, a, d, overrides=None, write=True):
+    s = {**SETTINGS[method], **(overrides or {})}
     if a.steps:  # a quick run: the same settings with fewer steps (both sides get it)
         s = {**s, "steps": a.steps}
     out = os.path.join(a.out, method)
@@ -497,7 +502,7 @@ def bench(method, a, d):
                 sys.exit(2)
             print(f"[{method}] settings read back from both sides agree ({len(s)} fields)", flush=True)
     for r in ours_runs + trl_runs:
-        r["eval"] = evaluate_model(method, r["model"], d, a.eval_seeds)
+        r["eval"] = evaluate_model(method, r["model"], d, a.eval_seeds) if write else {}
     ours, theirs = summarise(ours_runs, a.skip), summarise(trl_runs, a.skip)
     result = {"method": method, "settings": s, "unmatched": UNMATCHED[method], "threads": a.threads,
               "rounds": a.rounds, "skip_first_steps": a.skip, "eval_seeds": a.eval_seeds,
@@ -509,6 +514,8 @@ def bench(method, a, d):
               "trl_version": trl_runs[0]["trl_version"], "machine": machine(),
               "runs": {"ours": [{k: v for k, v in r.items() if k not in ("args", "cmd")} for r in ours_runs],
                        "trl": [{k: v for k, v in r.items() if k not in ("config", "facts", "explicit", "cmd")} for r in trl_runs]}}
+    if not write:
+        return result
     os.makedirs(a.results, exist_ok=True)
     rounded = lambda x: ({k: rounded(v) for k, v in x.items()} if isinstance(x, dict) else [rounded(v) for v in x]
                          if isinstance(x, list) else float(f"{x:.4g}") if isinstance(x, float) else x)
@@ -539,20 +546,63 @@ def profile(method, a, d):
             return sum(ct for fn, (_, _, _, _, callers) in stats.items() if match_fn(fn)
                        for caller, (_, _, _, ct) in callers.items() if match_caller(caller))
         from_script = lambda c: c[0].endswith(script)
+        forward_caller = lambda c: from_script(c) or c[2] == "completion_forward"  # not the sampler's own forwards
         totals.append((steps, sum(run["step_s"]), {
-            "generate": seconds(lambda f: f[2] == "generate" and os.path.join("transformers", "generation") in f[0]),
+            "sampling (common.sample)": seconds(lambda f: f[2] == "sample" and f[0].endswith(os.path.join("common", "models.py"))),
             "judge": seconds(lambda f: f[0].endswith(os.path.join("common", "judges.py")), from_script),
-            "model forward (outside generate)": seconds(lambda f: f[2] == "_wrapped_call_impl", from_script),
+            "model forwards (outside sampling)": seconds(lambda f: f[2] == "_wrapped_call_impl", forward_caller),
             "backward": seconds(lambda f: f[2] == "backward" and f[0].endswith("_tensor.py")),
             "optimizer step": seconds(lambda f: f[2] == "wrapper" and f[0].endswith("optimizer.py"), from_script)}))
     (n1, t1, p1), (n2, t2, p2) = totals
     phases = {k: (p2[k] - p1[k]) / (n2 - n1) for k in p1}
     total = (t2 - t1) / (n2 - n1)
-    phases["rest (log-softmax, losses, masks, data, Python)"] = total - sum(phases.values())
+    parts = sum(phases.values())
+    phases["rest (log-softmax, losses, masks, data, Python)"] = total - parts
     print(f"\n{script}: {total:.3f} s per step under cProfile; by phase (runs of {n2} minus {n1} steps):")
     for name, sec in phases.items():
         print(f"  {name:<48} {sec:.3f}  ({100 * sec / total:.0f}%)")
-    return phases
+    print(f"  step / sum of the parts above the rest: {total / parts:.2f}")
+    return {**phases, "total": total, "step_over_parts": total / parts}
+
+
+SCALING = {"grpo": ("num_generations", [2, 4, 8, 16, 32]), "rloo": ("num_generations", [2, 4, 8, 16, 32]),
+           "dpo": ("batch_size", [4, 8, 16, 32, 64]), "rm": ("batch_size", [4, 8, 16, 32, 64])}
+
+
+def scaling(a, d):
+    """Step time against the group size G (grpo, rloo) and the batch size (dpo, rm), ours and TRL's in the same
+    run: one pair of runs per point (ours, then TRL), the same settings read back as in the benchmark."""
+    results = {}
+    for method in [m for m in a.methods if m in SCALING]:
+        key, values = SCALING[method]
+        for value in values:
+            over = {key: value}
+            if key == "num_generations":  # one micro-batch on both sides, as in the benchmark
+                over["micro_batch"] = SETTINGS[method]["batch_prompts"] * value
+            print(f"[scaling] {method} {key}={value}", flush=True)
+            r = bench(method, a, d, overrides=over, write=False)
+            results.setdefault(method, []).append({key: value, "ours_step_s": r["ours"]["step_s_median"],
+                                                   "trl_step_s": r["trl"]["step_s_median"]})
+            print(f"  ours {r['ours']['step_s_median']:.3f} s, TRL {r['trl']['step_s_median']:.3f} s per step", flush=True)
+    with open(os.path.join(a.results, "scaling.json"), "w") as f:
+        json.dump({"steps": a.steps, "rounds": a.rounds, "threads": a.threads, "machine": machine(), "results": results}, f, indent=1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.4))
+    for ax, (method, rows) in zip(np.atleast_1d(axes), results.items()):
+        key = SCALING[method][0]
+        x = [r[key] for r in rows]
+        ax.plot(x, [r["ours_step_s"] for r in rows], "o-", label="ours")
+        ax.plot(x, [r["trl_step_s"] for r in rows], "s--", label="TRL")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("G (completions per prompt)" if key == "num_generations" else "pairs per step")
+        ax.set_ylabel("s per step")
+        ax.set_title(f"{method}: TRL / ours = " + ", ".join(f"{r['trl_step_s'] / r['ours_step_s']:.1f}" for r in rows), fontsize=8)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.results, "scaling.png"), dpi=120)
+    return results
 
 
 def machine():
@@ -575,6 +625,7 @@ def main():
     p.add_argument("--trl-set", action="append", default=[], metavar="FIELD=VALUE", help="override a TRL config field")
     p.add_argument("--ours-set", action="append", default=[], metavar="FIELD=VALUE", help="override one of our flags")
     p.add_argument("--profile", action="store_true", help="instead: profile our script (cProfile) with the same flags")
+    p.add_argument("--scaling", action="store_true", help="instead: step time against G (grpo, rloo) and batch size (dpo, rm)")
     p.add_argument("--out", default="/tmp/bench_trl", help="run folders, data and models")
     p.add_argument("--results", default=os.path.join(ROOT, "tests", "bench", "results"))
     p.add_argument("--ppo-python", default="/tmp/trl112-venv/bin/python", help="python of the trl 1.12 environment")
@@ -587,8 +638,12 @@ def main():
     d = build_data(os.path.join(a.out, "data"), n_sft=max(SETTINGS["sft"]["steps"], a.steps or 0) * SETTINGS["sft"]["batch_size"],
                    n_pairs=max(SETTINGS["rm"]["steps"], a.steps or 0) * SETTINGS["rm"]["batch_size"])
     if a.profile:
-        for method in a.methods:
-            profile(method, a, d)
+        profiles = {method: profile(method, a, d) for method in a.methods}
+        with open(os.path.join(a.results, "profile.json"), "w") as f:
+            json.dump({"steps": a.steps, "threads": a.threads, "machine": machine(), "profiles": profiles}, f, indent=1)
+        return
+    if a.scaling:
+        scaling(a, d)
         return
     rows = []
     for method in a.methods:
