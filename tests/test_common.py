@@ -395,6 +395,14 @@ def test_the_shared_prompt_gives_the_log_probs_and_gradient_of_separate_forwards
     assert (shared - separate).abs().max() < tolerance / 10 * separate.abs().max()
     for name, grad in separate_grads.items():
         assert (shared_grads[name] - grad).abs().max() <= tolerance * grad.abs().max(), name
+    # one-token completions (every completion stopped at once): the prompt's last logits, nothing more
+    with torch.no_grad():
+        one = completion_forward(
+            model, prompt_ids, prompt_mask, completion_ids[:, :1], completion_mask[:, :1]
+        )
+        alone = completion_forward(model, prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0),
+                                   completion_ids[:, :1], completion_mask[:, :1])  # fmt: skip
+    assert one.shape == (2 * G, 1, model.config.vocab_size) and torch.allclose(one, alone, atol=1e-5)
     # a completion that could not see its prompt would give other log-probs: the check can fail
     blind = run(
         prompt_ids, torch.zeros_like(prompt_mask).index_fill_(1, torch.tensor([prompt_ids.shape[1] - 1]), 1)

@@ -639,6 +639,7 @@ def main():
                    n_pairs=max(SETTINGS["rm"]["steps"], a.steps or 0) * SETTINGS["rm"]["batch_size"])
     if a.profile:
         profiles = {method: profile(method, a, d) for method in a.methods}
+        os.makedirs(a.results, exist_ok=True)
         with open(os.path.join(a.results, "profile.json"), "w") as f:
             json.dump({"steps": a.steps, "threads": a.threads, "machine": machine(), "profiles": profiles}, f, indent=1)
         return
