@@ -295,8 +295,8 @@ def main(args: Args) -> dict:
         with autocast(device, dtype):
             logps = all_logprobs(model, heldout, pad_id)  # (N_eval, 2)
         margins = (logps - heldout_ref) @ torch.tensor([1.0, -1.0])
-        # held-out pairs the implicit reward gets right; NOTE: a margin under 1e-4 nats is a tie (wrong): two
-        # forwards of the same weights can differ by float rounding (~4e-6), which would decide a tie at random
+        # held-out pairs the implicit reward gets right; NOTE: a margin under 1e-4 nats is a tie (wrong):
+        # two forwards of the same weights can differ by float rounding (~4e-6), deciding ties at random
         metrics["eval/accuracy"] = float((margins > 1e-4).float().mean())
         return metrics, samples
 

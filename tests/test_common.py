@@ -400,8 +400,8 @@ def test_the_shared_prompt_gives_the_log_probs_and_gradient_of_separate_forwards
         one = completion_forward(
             model, prompt_ids, prompt_mask, completion_ids[:, :1], completion_mask[:, :1]
         )
-        alone = completion_forward(model, prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0),
-                                   completion_ids[:, :1], completion_mask[:, :1])  # fmt: skip
+        repeated = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+        alone = completion_forward(model, *repeated, completion_ids[:, :1], completion_mask[:, :1])
     assert one.shape == (2 * G, 1, model.config.vocab_size) and torch.allclose(one, alone, atol=1e-5)
     # a completion that could not see its prompt would give other log-probs: the check can fail
     blind = run(
