@@ -118,11 +118,10 @@ def concat_pairs(
     NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still
     counts."""
     P, T = max(len(p) for p, _, _ in batch), max(len(y) for _, c, r in batch for y in (c, r))
-    prompt_ids, prompt_mask = (
-        torch.full((len(batch), P), pad_id),
-        torch.zeros(len(batch), P, dtype=torch.long),
-    )
-    completion_ids, completion_mask = torch.full((2 * len(batch), T), pad_id), torch.zeros(2 * len(batch), T)
+    prompt_ids = torch.full((len(batch), P), pad_id)
+    prompt_mask = torch.zeros(len(batch), P, dtype=torch.long)
+    completion_ids = torch.full((2 * len(batch), T), pad_id)
+    completion_mask = torch.zeros(2 * len(batch), T)
     for i, (p, c, r) in enumerate(batch):
         prompt_ids[i, P - len(p) :], prompt_mask[i, P - len(p) :] = torch.tensor(p), 1
         for row, y in ((2 * i, c), (2 * i + 1, r)):

@@ -123,11 +123,10 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
     NOTE: completion_mask is built from lengths, never by comparing with pad_id, so when pad == EOS the
     final EOS is still trained."""
     P, T = max(len(p) for p, _ in examples), max(len(c) for _, c in examples)
-    prompt_ids, prompt_mask = (
-        torch.full((len(examples), P), pad_id),
-        torch.zeros(len(examples), P, dtype=torch.long),
-    )
-    completion_ids, completion_mask = torch.full((len(examples), T), pad_id), torch.zeros(len(examples), T)
+    prompt_ids = torch.full((len(examples), P), pad_id)
+    prompt_mask = torch.zeros(len(examples), P, dtype=torch.long)
+    completion_ids = torch.full((len(examples), T), pad_id)
+    completion_mask = torch.zeros(len(examples), T)
     for i, (p, c) in enumerate(examples):
         prompt_ids[i, P - len(p) :], prompt_mask[i, P - len(p) :] = torch.tensor(p), 1
         completion_ids[i, : len(c)], completion_mask[i, : len(c)] = torch.tensor(c), 1
