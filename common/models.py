@@ -283,6 +283,15 @@ def completion_forward(
     return torch.cat([first, out.logits], dim=1)
 
 
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs (N, V), by the inverse CDF: u ~ U(0, 1), the first token whose cumulative
+    probability exceeds u (sums in float64). NOTE: the distribution of torch.multinomial, which is 3x slower
+    on a CPU (tests/bench/levers.py)."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -325,12 +334,7 @@ def sample(
         stopped = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
         tokens, logprobs = [], []
         for _ in range(T):
-            probs = torch.softmax(logits / config.temperature, dim=-1)  # (N, V)
-            # draw by the inverse CDF: u ~ U(0, 1), the first token whose cumulative probability exceeds u
-            # (sums in float64). NOTE: the distribution of torch.multinomial, which is 15x slower on a CPU
-            cdf = probs.double().cumsum(-1)
-            u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-            token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # (N,)
+            token = draw(torch.softmax(logits / config.temperature, dim=-1))  # (N,)
             if return_logprobs:
                 logprobs.append(torch.log_softmax(logits / config.temperature, -1).gather(1, token[:, None]))
             token = torch.where(stopped, config.pad_token_id, token)

@@ -91,9 +91,9 @@ def test_the_loss_only_sees_differences_without_centering():
 # ---- the last real token -----------------------------------------------------------------------------------
 
 
-def encoded(tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) of the three names, the last after a shorter prompt (so prompts pad)."""
-    prompts = PROMPTS[:2] + ["Name a color:"]
+def encoded(tokenizer, prompts=(*PROMPTS[:2], "Name a color:")) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of the three names; by default the last after a shorter prompt (so
+    prompts pad)."""
     return [(encode_prompt(tokenizer, p), encode_completion(tokenizer, p, n)) for p, n in zip(prompts, NAMES)]
 
 
@@ -222,22 +222,14 @@ def test_main_writes_metrics_and_a_model_the_rm_judge_scores_identically(tmp_pat
     assert [m["step"] for m in lines if "eval/accuracy" in m] == [0, 3, 6]
     assert all(math.isfinite(m[k]) for m in train for k in ("train/loss", "train/accuracy", "train/margin"))
     assert 0 <= metrics["eval/accuracy"] <= 1
-    # the rm: judge loads the saved model and scores exactly as training does (it left-pads, we right-pad)
+    # the rm: judge loads the saved model and scores each name as score_last_token does (and the pairs'
+    # shared-prompt scores equal these: test_reward_is_read_at_the_last_real_token)
     judge = get_judge(f"rm:{run}/model")
     model, tokenizer = load_model_and_tokenizer(
         f"{run}/model", model_class=AutoModelForSequenceClassification
     )
     assert model.config.num_labels == 1
-    ours = torch.stack(
-        [score_alone(model, p, c) for p, c in encoded(tokenizer)[:2]]
-        + [
-            score_alone(
-                model,
-                encode_prompt(tokenizer, PROMPTS[2]),
-                encode_completion(tokenizer, PROMPTS[2], NAMES[2]),
-            )
-        ]
-    )
+    ours = torch.stack([score_alone(model, p, c) for p, c in encoded(tokenizer, PROMPTS)])
     assert judge(PROMPTS, NAMES) == pytest.approx(ours.tolist(), abs=1e-5)
 
 

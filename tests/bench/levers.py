@@ -4,7 +4,7 @@ of the new, on a GRPO step's shapes (8 prompts x 8 completions, up to 16 new tok
     OMP_NUM_THREADS=1 python tests/bench/levers.py          # ~1 min; writes tests/bench/results/levers.json
 
 - sampler: model.generate vs common.sample without sharing (repeats=1 on the repeated prompts) vs with it;
-- the draw: torch.multinomial vs the inverse CDF of common.sample, on (64, V) probabilities;
+- the draw: torch.multinomial vs the inverse CDF of common.models.draw, on (64, V) probabilities;
 - training forward + backward of the completions' log-probs: prompt repeated per completion vs once per group;
 - the judge's embedder on 64 names: all new vs all seen before (memoised);
 - one AdamW step on the painter's parameters: the for-loop kernel vs the fused one.
@@ -26,6 +26,7 @@ from common import completion_forward, encode_prompt, eval_prompts, load_model_a
 from common import sample, sampling_config  # noqa: E402
 from common import judges  # noqa: E402
 from common.data import color_names  # noqa: E402
+from common.models import draw  # noqa: E402
 
 
 def timed(fn, repeats: int = 7) -> float:
@@ -44,8 +45,11 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer()
     B, G, T = 8, 8, 16
-    encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in eval_prompts(B)]},
-                            padding=True, return_tensors="pt")
+    encoded = tokenizer.pad(
+        {"input_ids": [encode_prompt(tokenizer, p) for p in eval_prompts(B)]},
+        padding=True,
+        return_tensors="pt",
+    )
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
     repeated_ids, repeated_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
     config = sampling_config(tokenizer, model, 1.0, T)
@@ -60,20 +64,19 @@ def main() -> None:
     result["sampler_s"] = {
         "generate": timed(generate),
         "loop, prompt per completion": timed(lambda: sample(model, repeated_ids, repeated_mask, config)),
-        "loop, prompt once per group": timed(lambda: sample(model, prompt_ids, prompt_mask, config, repeats=G)),
+        "loop, prompt once per group": timed(
+            lambda: sample(model, prompt_ids, prompt_mask, config, repeats=G)
+        ),
     }
 
     probs = torch.softmax(torch.randn(B * G, model.config.vocab_size) * 3, -1)
 
-    def inverse_cdf():
-        cdf = probs.double().cumsum(-1)
-        u = torch.rand(len(cdf), 1, dtype=cdf.dtype) * cdf[:, -1:]
-        return torch.searchsorted(cdf, u, right=True)
+    result["draw_s"] = {
+        "torch.multinomial": timed(lambda: torch.multinomial(probs, 1)),
+        "inverse CDF (common.models.draw)": timed(lambda: draw(probs)),
+    }
 
-    result["draw_s"] = {"torch.multinomial": timed(lambda: torch.multinomial(probs, 1)),
-                        "inverse CDF": timed(inverse_cdf)}
-
-    completions = sample(model, prompt_ids, prompt_mask, config, repeats=G)[:, prompt_ids.shape[1]:]
+    completions = sample(model, prompt_ids, prompt_mask, config, repeats=G)[:, prompt_ids.shape[1] :]
     mask = torch.ones_like(completions, dtype=torch.float)
     model.train()
 
@@ -82,14 +85,18 @@ def main() -> None:
         torch.log_softmax(logits, -1).gather(-1, completions[..., None]).sum().backward()
         model.zero_grad(set_to_none=True)
 
-    result["forward_backward_s"] = {"prompt per completion": timed(lambda: train_pass(repeated_ids, repeated_mask)),
-                                    "prompt once per group": timed(lambda: train_pass(prompt_ids, prompt_mask))}
+    result["forward_backward_s"] = {
+        "prompt per completion": timed(lambda: train_pass(repeated_ids, repeated_mask)),
+        "prompt once per group": timed(lambda: train_pass(prompt_ids, prompt_mask)),
+    }
 
     names = [name for name, _ in color_names("train")]
     batches = iter([names[i : i + 64] for i in range(0, 64 * 20, 64)])
     judges.embed(names[-64:])  # loads MiniLM
-    result["embed_64_names_s"] = {"all new": timed(lambda: judges.embed(next(batches))),
-                                  "all seen (memoised)": timed(lambda: judges.embed(names[-64:]))}
+    result["embed_64_names_s"] = {
+        "all new": timed(lambda: judges.embed(next(batches))),
+        "all seen (memoised)": timed(lambda: judges.embed(names[-64:])),
+    }
 
     for p in model.parameters():
         p.grad = torch.randn_like(p)
