@@ -6,7 +6,7 @@
     the step, and per colour region (the hex's nearest basic colour term) the commonest final name.
     --eval-every only adds eval points: the eval forks the random stream, so the training is the same.
 (b) painters.png and the 3x3 matrix: grpo.py --judge poet+correct / architect+correct / unhinged+correct
-    (defaults: 400 steps) for seeds 1, 2, 3. Each painter's final eval names (the 64 held-out hexes, T = 1,
+    with PAINTER_RECIPE (below) for seeds 1, 2, 3. Each painter's final eval names (the 64 held-out hexes, T = 1,
     eval seed 0) are scored by poet, architect, unhinged and correct, with the share of distinct names and of
     names that repeat a word; means (and sd) over the seeds. The base row is the shipped painter's step-0
     eval. The figure shows seed 1's names for the first ten hexes, and the matrix beside them.
@@ -40,6 +40,8 @@ HACK_RUNS = {
     "unhinged+correct, β 0": ["--judge", "unhinged+correct", "--beta", "0", *HACK_BASE],
 }
 PAINTERS = ["poet+correct", "architect+correct", "unhinged+correct"]
+# the painters' recipe, the same for every judge: Dr. GRPO's advantages (no std) with a KL penalty that binds
+PAINTER_RECIPE = ["--scale-rewards", "none", "--beta", "0.1", "--learning-rate", "1e-3", "--total-steps", "600"]
 SEEDS = [1, 2, 3]
 MATRIX_JUDGES = ["poet", "architect", "unhinged", "correct"]
 
@@ -239,8 +241,8 @@ def painters_figure(runs: dict[str, str], m: dict, path: str, n_hexes: int = 10)
         table[best + 1, j].set_text_props(weight="bold")
     mx.axis("off")
     mx.set_title(f"scored by each judge (64 held-out hexes, mean of seeds {', '.join(map(str, SEEDS))})", fontsize=8.5)
-    fig.suptitle("Three painters: grpo.py with three judges (400 steps); names sampled at T = 1 for held-out hexes "
-                 "(seed 1)", fontsize=9.5)
+    fig.suptitle(f"Three painters: grpo.py --judge X+correct {' '.join(PAINTER_RECIPE)}; names sampled at T = 1 for "
+                 "held-out hexes (seed 1)", fontsize=9.5)
     fig.tight_layout()
     save_small(fig, path)
     plt.close(fig)
@@ -267,7 +269,7 @@ def main() -> None:
         for j in PAINTERS:
             for seed in SEEDS:
                 out = os.path.join(a.output_dir, "painters", f"{j.replace('+', '_')}_seed{seed}")
-                wanted["painters", (j, seed)] = (out, ["--judge", j, "--seed", str(seed)])
+                wanted["painters", (j, seed)] = (out, ["--judge", j, *PAINTER_RECIPE, "--seed", str(seed)])
     with ThreadPoolExecutor(a.jobs) as pool:
         futures = {key: pool.submit(get_run, out, args, a.python, a.threads) for key, (out, args) in wanted.items()}
         done = {key: f.result() for key, f in futures.items()}
