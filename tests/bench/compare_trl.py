@@ -48,8 +48,9 @@ SETTINGS = {
     "sft": {**OPTIM, "batch_size": 32, "steps": 40, "learning_rate": 5e-4, "weight_decay": 0.1,
             "weight_decay_on": "matrices", "adam_betas": [0.9, 0.95], "loss": "completion+EOS, token-mean",
             "max_length": 64, "packing": False, "eval_judge": "correct"},
-    # Bradley-Terry RM, centering 0.01, head N(0, 1/sqrt(d+1)), 640 poet-ranked pairs, one epoch
-    "rm": {**OPTIM, "batch_size": 16, "steps": 40, "learning_rate": 1e-3, "lr_schedule": "linear", "margin": 0.0,
+    # Bradley-Terry RM, centering 0.01, head N(0, 1/sqrt(d+1)), 2560 poet-ranked pairs, one epoch; 64 pairs per
+    # step, reward_model.py's default (--scaling measures 4 to 64)
+    "rm": {**OPTIM, "batch_size": 64, "steps": 40, "learning_rate": 1e-3, "lr_schedule": "linear", "margin": 0.0,
            "center_coef": 0.01, "head_init_std": round(1 / np.sqrt(129), 6), "max_length": 64},
     # DPO sigmoid, beta 0.1, reference = frozen copy, computed per batch
     "dpo": {**OPTIM, "batch_size": 16, "steps": 40, "learning_rate": 5e-4, "lr_schedule": "linear", "beta": 0.1,
@@ -266,7 +267,8 @@ def build_data(out, n_sft, n_pairs):
     from common.preferences import candidate_names, pair_prompts, rank_pairs
     os.makedirs(out, exist_ok=True)
     d = {k: os.path.join(out, f"{k}.jsonl") for k in ("prompts", "sft", "pairs", "heldout")}
-    if all(os.path.exists(d[k]) for k in ("prompts", "sft", "pairs", "heldout")):
+    if all(os.path.exists(d[k]) for k in ("prompts", "sft", "pairs", "heldout")) and \
+            len(open(d["pairs"]).readlines()) >= n_pairs and len(open(d["sft"]).readlines()) >= n_sft:
         return d
     # RL prompts: the training-split hexes, as grpo.py / reinforce.py / ppo_rlhf.py use by default
     write_jsonl(d["prompts"], [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})])
