@@ -12,7 +12,7 @@ word-level tokenizer over the colour names (so every name it samples is made of 
 small Llama. The built-in data mixes real names, their hexes jittered a little, with random colours
 named by their nearest xkcd colour, which teach which words mean which colours.
 Shapes: B batch, P prompt tokens (left padded), T completion tokens (right padded), V vocab.
-Run: python sft.py                                   # a new painter, ~8 min on 2 CPU cores
+Run: python sft.py                                   # a new painter, ~16 min on 2 CPU cores
      python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --learning-rate 1e-5
 """
 
@@ -85,8 +85,8 @@ class Args:
     jitter: int = 8
     """built-in data: each name's hex moves by up to +-jitter per RGB channel"""
     # optimisation
-    total_steps: int = 4000
-    """optimiser steps"""
+    total_steps: int = 8000
+    """optimiser steps (8000: every seed of the painter's recipe reaches its plateau, tests/bench)"""
     batch_size: int = 64
     """sequences per optimiser step"""
     grad_accum_steps: int = 1
