@@ -267,9 +267,9 @@ def build_data(out, n_sft, n_pairs):
     from common.preferences import candidate_names, pair_prompts, rank_pairs
     os.makedirs(out, exist_ok=True)
     d = {k: os.path.join(out, f"{k}.jsonl") for k in ("prompts", "sft", "pairs", "heldout")}
-    if all(os.path.exists(d[k]) for k in ("prompts", "sft", "pairs", "heldout")) and \
-            len(open(d["pairs"]).readlines()) >= n_pairs and len(open(d["sft"]).readlines()) >= n_sft:
-        return d
+    rows = lambda path: sum(1 for _ in open(path)) if os.path.exists(path) else -1
+    if all(rows(d[k]) >= 0 for k in ("prompts", "heldout")) and rows(d["pairs"]) >= n_pairs and rows(d["sft"]) >= n_sft:
+        return d  # written before, with enough rows for these settings
     # RL prompts: the training-split hexes, as grpo.py / reinforce.py / ppo_rlhf.py use by default
     write_jsonl(d["prompts"], [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})])
     model, tokenizer = load_model_and_tokenizer(PAINTER, "cpu")
