@@ -232,6 +232,37 @@ def sampling_config(tokenizer, model, temperature: float, max_new_tokens: int) -
     )
 
 
+# NOTE: one more call of the model costs about what 60-100 token positions of the painter cost on a CPU core;
+# below 256 saved positions sharing the prompts' common columns does not pay (tests/bench/README.md)
+SHARE_FROM = 256
+
+
+def shared_prefix(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
+    """How many leading columns every prompt of the batch shares (ids and padding alike), at most P - 1:
+    the painter's "<bos> Name this paint color: #", half of each prompt; 0 when sharing them would not pay."""
+    if len(prompt_ids) == 1:
+        return 0
+    same = (prompt_ids == prompt_ids[:1]).all(0) & (prompt_mask == prompt_mask[:1]).all(0)
+    k = min(int(same.long().cumprod(0).sum()), prompt_ids.shape[1] - 1)
+    return k if (len(prompt_ids) - 1) * k >= SHARE_FROM else 0
+
+
+def shared_cache(model, prompt_ids, prompt_mask, positions, **keep):
+    """(k, the KV cache of the prompts' first k columns for each of the b prompts): the columns that every
+    prompt shares run once for the batch, and their keys and values are copied b times; (0, None) when they
+    share none. NOTE: the copies are made in autograd: in backward the gradients of the b rows are summed into
+    the one computation."""
+    k = shared_prefix(prompt_ids, prompt_mask)
+    if not k:
+        return 0, None
+    out = model(
+        prompt_ids[:1, :k], attention_mask=prompt_mask[:1, :k], position_ids=positions[:1, :k],
+        use_cache=True, **keep,
+    )  # fmt: skip
+    out.past_key_values.batch_repeat_interleave(len(prompt_ids))
+    return k, out.past_key_values
+
+
 def completion_forward(
     model,
     prompt_ids: torch.Tensor,
@@ -244,32 +275,37 @@ def completion_forward(
     i*r+r-1 follow prompt i (a GRPO group, a preference pair). Returns the logits (b*r, T, V) that predict
     each completion token, or with hidden=True the final hidden states (b*r, T, D) at each completion token
     (a reward model's head reads the last real one).
-    NOTE: the prompt runs once for its r completions: its keys and values are computed for the b prompts and
-    copied r times, and the completions attend to the copies (in backward the gradient flows through them
-    to the prompt's activations: the same gradient as r separate forwards, tests/test_common.py). On the
-    painter the prompt is longer than a name: a GRPO step's forward and backward take 2.4x less time. The
-    lm head runs only where a completion token is predicted (logits_to_keep). With r = 1, or when the layers
-    recompute their activations (gradient checkpointing drops the cache), one forward over prompt +
-    completion."""
+    NOTE: nothing runs twice. The columns that all prompts share (the painter's "<bos> Name this paint
+    color: #") run once for the batch, each prompt's rest once for its r completions, and the completions
+    attend to copies of the prompts' keys and values; in backward the gradient flows through the copies: the
+    same log-probs and gradient as b*r forwards over prompt + completion (tests/test_common.py). On the
+    painter a GRPO step's forward and backward take 2.4x less time. The lm head runs only where a completion
+    token is predicted (logits_to_keep). When the layers recompute their activations (gradient checkpointing
+    drops the cache), one forward over prompt + completion."""
     b, P = prompt_ids.shape
     r = len(completion_ids) // b  # completions per prompt
     attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
     inputs = completion_ids if hidden else completion_ids[:, :-1]  # the last token predicts nothing
     L = P + inputs.shape[1]
-    keep = {} if hidden else {"logits_to_keep": completion_ids.shape[1]}
-    if r == 1 or getattr(getattr(model, "module", model), "is_activation_checkpointing", False):
-        ids = torch.cat([prompt_ids.repeat_interleave(r, 0), inputs], dim=1)
-        out = model(
-            ids, attention_mask=attention_mask[:, :L], position_ids=positions[:, :L], use_cache=False,
-            output_hidden_states=hidden, **keep,
-        )  # fmt: skip
-        return out.hidden_states[-1][:, P:] if hidden else out.logits
-    keep = {} if hidden else {"logits_to_keep": 1}
-    prompt_out = model(
-        prompt_ids, attention_mask=prompt_mask, position_ids=positions[::r, :P], use_cache=True, **keep
+    last = {} if hidden else {"logits_to_keep": 1}
+    checkpointing = getattr(getattr(model, "module", model), "is_activation_checkpointing", False)
+    k, cache = (
+        (0, None) if checkpointing else shared_cache(model, prompt_ids, prompt_mask, positions[::r], **last)
     )
-    first = prompt_out.logits[:, -1:].repeat_interleave(r, 0)  # predicts each completion's first token
+    if r == 1 or checkpointing:  # the rest of each prompt and its completion in one forward
+        keep = {} if hidden else {"logits_to_keep": completion_ids.shape[1]}
+        ids = torch.cat([prompt_ids[:, k:].repeat_interleave(r, 0), inputs], dim=1)
+        out = model(
+            ids, attention_mask=attention_mask[:, :L], position_ids=positions[:, k:L], past_key_values=cache,
+            use_cache=cache is not None, output_hidden_states=hidden, **keep,
+        )  # fmt: skip
+        return out.hidden_states[-1][:, P - k :] if hidden else out.logits
+    prompt_out = model(
+        prompt_ids[:, k:], attention_mask=prompt_mask, position_ids=positions[::r, k:P],
+        past_key_values=cache, use_cache=True, **last,
+    )  # fmt: skip
+    first = None if hidden else prompt_out.logits[:, -1:].repeat_interleave(r, 0)  # each first token's
     if inputs.shape[1] == 0:  # one-token completions (every one stopped at once): nothing more to run
         return first
     cache = prompt_out.past_key_values

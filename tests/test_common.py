@@ -349,27 +349,44 @@ def test_every_policy_script_runs_one_eval_with_its_kl_to_the_start(script, over
 # ---- the shared prompt and the sampler -----------------------------------------------------------------
 
 
-def prompts_and_completions(tokenizer, G: int = 4, T: int = 6):
-    """Two left-padded prompts (one shorter) and G random completions of each, right-padded by a mask."""
-    encoded = tokenizer.pad(
-        {"input_ids": [encode_prompt(tokenizer, "Name this paint color: #d48475"), [1, 5, 9]]},
-        padding=True,
-        return_tensors="pt",
-    )
+def prompts_and_completions(tokenizer, hexes: list[str], r: int, T: int = 6):
+    """Left-padded painter prompts, one per hex (a shorter one for None), and r random completions of each,
+    right-padded by a mask."""
+    prompts = [encode_prompt(tokenizer, f"Name this paint color: {h}") if h else [1, 5, 9] for h in hexes]
+    encoded = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
     g = torch.Generator().manual_seed(0)
-    completion_ids = torch.randint(10, 5000, (2 * G, T), generator=g)
-    completion_mask = torch.ones(2 * G, T)
+    completion_ids = torch.randint(10, 5000, (len(hexes) * r, T), generator=g)
+    completion_mask = torch.ones(len(hexes) * r, T)
     completion_mask[::3, 4:] = 0  # some completions end early
     return encoded["input_ids"], encoded["attention_mask"], completion_ids, completion_mask
 
 
+def plain_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """The reference: one forward over each prompt + completion, nothing shared."""
+    r = len(completion_ids) // len(prompt_ids)
+    ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids[:, :-1]], dim=1)
+    mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask[:, :-1].long()], dim=1)
+    logits = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    return logits[:, prompt_ids.shape[1] - 1 :]
+
+
+@pytest.mark.parametrize(
+    "hexes, r, shared_columns",
+    [
+        (["#d48475", None], 4, 0),  # a GRPO group per prompt; prompts of two lengths share no column
+        (["#d48475", "#0a0b0c", "#ffffff"], 4, 6),  # "<bos> Name this paint color: #" runs once
+        (["#d48475", "#0a0b0c", "#ffffff"], 1, 6),  # one completion per prompt (SFT, PPO)
+    ],
+)
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
 def test_the_shared_prompt_gives_the_log_probs_and_gradient_of_separate_forwards(
-    painter, dtype, tolerance, monkeypatch
+    painter, dtype, tolerance, hexes, r, shared_columns, monkeypatch
 ):
     """Exact in float64 (1e-14 of each tensor's largest entry); in fp32 the two paths' kernels round
     differently, log-probs to ~4e-6 and gradients to ~1e-5 of each tensor's largest entry."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    import common.models
 
     def norm_in_its_dtype(self, hidden):  # HF's norm computes in fp32 whatever the model's dtype
         return (
@@ -377,21 +394,22 @@ def test_the_shared_prompt_gives_the_log_probs_and_gradient_of_separate_forwards
         )
 
     monkeypatch.setattr(LlamaRMSNorm, "forward", norm_in_its_dtype)
+    monkeypatch.setattr(common.models, "SHARE_FROM", 1)  # share the common columns of a batch of 3 too
     model, tokenizer = painter
     model = copy.deepcopy(model).to(dtype)
-    G = 4
-    prompt_ids, prompt_mask, completion_ids, completion_mask = prompts_and_completions(tokenizer, G)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = prompts_and_completions(tokenizer, hexes, r)
+    assert common.models.shared_prefix(prompt_ids, prompt_mask) == shared_columns
     weights = torch.randn(len(completion_ids), 1, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
-    def run(prompt_ids, prompt_mask):  # the completions' log-probs, and the gradient of a weighted sum
+    def run(forward, prompt_mask=prompt_mask):  # the log-probs, and the gradient of a weighted sum
         model.zero_grad()
-        logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        logits = forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         logprobs = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
         (weights * logprobs * completion_mask).sum().backward()
         return logprobs.detach() * completion_mask, {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    shared, shared_grads = run(prompt_ids, prompt_mask)  # each prompt once, for its G completions
-    separate, separate_grads = run(prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0))
+    shared, shared_grads = run(completion_forward)
+    separate, separate_grads = run(plain_forward)
     assert (shared - separate).abs().max() < tolerance / 10 * separate.abs().max()
     for name, grad in separate_grads.items():
         assert (shared_grads[name] - grad).abs().max() <= tolerance * grad.abs().max(), name
@@ -400,14 +418,25 @@ def test_the_shared_prompt_gives_the_log_probs_and_gradient_of_separate_forwards
         one = completion_forward(
             model, prompt_ids, prompt_mask, completion_ids[:, :1], completion_mask[:, :1]
         )
-        repeated = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-        alone = completion_forward(model, *repeated, completion_ids[:, :1], completion_mask[:, :1])
-    assert one.shape == (2 * G, 1, model.config.vocab_size) and torch.allclose(one, alone, atol=1e-5)
+        alone = plain_forward(model, prompt_ids, prompt_mask, completion_ids[:, :1], completion_mask[:, :1])
+    assert one.shape == (len(completion_ids), 1, model.config.vocab_size)
+    assert torch.allclose(one, alone, atol=1e-5)
     # a completion that could not see its prompt would give other log-probs: the check can fail
-    blind = run(
-        prompt_ids, torch.zeros_like(prompt_mask).index_fill_(1, torch.tensor([prompt_ids.shape[1] - 1]), 1)
-    )
-    assert (blind[0] - separate).abs().max() > 0.1
+    blind = torch.zeros_like(prompt_mask).index_fill_(1, torch.tensor([prompt_ids.shape[1] - 1]), 1)
+    assert (run(completion_forward, blind)[0] - separate).abs().max() > 0.1
+
+
+def test_the_common_columns_run_once_only_where_that_pays(painter):
+    """Sharing "<bos> Name this paint color: #" costs one more call of the model: it is taken when the
+    batch saves at least SHARE_FROM token positions, (b - 1) * 6 on the painter."""
+    from common.models import SHARE_FROM, shared_prefix
+
+    _, tokenizer = painter
+    for b in (2, 8, SHARE_FROM // 6, SHARE_FROM // 6 + 1, SHARE_FROM // 6 + 2):
+        prompt_ids, prompt_mask, *_ = prompts_and_completions(
+            tokenizer, [f"#{i % 16:x}{i:05x}" for i in range(b)], 1
+        )
+        assert shared_prefix(prompt_ids, prompt_mask) == (6 if (b - 1) * 6 >= SHARE_FROM else 0), b
 
 
 def test_the_sampler_draws_from_softmax_of_logits_over_temperature(painter):
