@@ -6,6 +6,8 @@ of the new, on a GRPO step's shapes (8 prompts x 8 completions, up to 16 new tok
 - sampler: model.generate vs common.sample without sharing (repeats=1 on the repeated prompts) vs with it;
 - the draw: torch.multinomial vs the inverse CDF of common.models.draw, on (64, V) probabilities;
 - training forward + backward of the completions' log-probs: prompt repeated per completion vs once per group;
+- a reward model's forward + backward on 64 pairs (reward_model.py's batch): each prompt once per pair vs also
+  the columns every prompt shares ("<bos> Name this paint color: #") once per batch;
 - the judge's embedder on 64 names: all new vs all seen before (memoised);
 - one AdamW step on the painter's parameters: the for-loop kernel vs the fused one.
 Each is the median of 7 repeats after a warm-up.
@@ -18,6 +20,7 @@ import sys
 import time
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -26,6 +29,7 @@ from common import completion_forward, encode_prompt, eval_prompts, load_model_a
 from common import sample, sampling_config  # noqa: E402
 from common import judges  # noqa: E402
 from common.data import color_names  # noqa: E402
+from common import models  # noqa: E402
 from common.models import draw  # noqa: E402
 
 
@@ -38,6 +42,19 @@ def timed(fn, repeats: int = 7) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def nothing_shared_across_prompts(fn):
+    """fn with common.completion_forward sharing no columns between prompts (each prompt runs whole)."""
+
+    def run():
+        threshold, models.SHARE_FROM = models.SHARE_FROM, float("inf")
+        try:
+            fn()
+        finally:
+            models.SHARE_FROM = threshold
+
+    return run
 
 
 def main() -> None:
@@ -86,8 +103,29 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
 
     result["forward_backward_s"] = {
-        "prompt per completion": timed(lambda: train_pass(repeated_ids, repeated_mask)),
+        "prompt per completion": timed(
+            nothing_shared_across_prompts(lambda: train_pass(repeated_ids, repeated_mask))
+        ),
         "prompt once per group": timed(lambda: train_pass(prompt_ids, prompt_mask)),
+    }
+
+    reward_model, _ = load_model_and_tokenizer(model_class=AutoModelForSequenceClassification, num_labels=1)
+    reward_model.train()
+    pairs = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in eval_prompts(64)]},
+                          padding=True, return_tensors="pt")  # fmt: skip
+    names = torch.randint(10, 5000, (128, 5))  # chosen and rejected, 4 tokens and EOS each
+    names_mask = torch.ones_like(names, dtype=torch.float)
+
+    def reward_pass():
+        hidden = completion_forward(
+            reward_model, pairs["input_ids"], pairs["attention_mask"], names, names_mask, hidden=True
+        )
+        reward_model.score(hidden[:, -1]).sum().backward()
+        reward_model.zero_grad(set_to_none=True)
+
+    result["reward_model_64_pairs_s"] = {
+        "prompt once per pair": timed(nothing_shared_across_prompts(reward_pass)),
+        "and the common columns once per batch": timed(reward_pass),
     }
 
     names = [name for name, _ in color_names("train")]
