@@ -548,7 +548,8 @@ def profile(method, a, d):
             return sum(ct for fn, (_, _, _, _, callers) in stats.items() if match_fn(fn)
                        for caller, (_, _, _, ct) in callers.items() if match_caller(caller))
         from_script = lambda c: c[0].endswith(script)
-        forward_caller = lambda c: from_script(c) or c[2] == "completion_forward"  # not the sampler's own forwards
+        # not the sampler's own forwards
+        forward_caller = lambda c: from_script(c) or c[2] in ("completion_forward", "shared_cache")
         totals.append((steps, sum(run["step_s"]), {
             "sampling (common.sample)": seconds(lambda f: f[2] == "sample" and f[0].endswith(os.path.join("common", "models.py"))),
             "judge": seconds(lambda f: f[0].endswith(os.path.join("common", "judges.py")), from_script),
