@@ -10,7 +10,7 @@ of the new, on a GRPO step's shapes (8 prompts x 8 completions, up to 16 new tok
   the columns every prompt shares ("<bos> Name this paint color: #") once per batch;
 - the judge's embedder on 64 names: all new vs all seen before (memoised);
 - one AdamW step on the painter's parameters: the for-loop kernel vs the fused one.
-Each is the median of 7 repeats after a warm-up.
+The variants of a lever take turns (a, b, a, b, ...); each is the median of 11 after a warm-up.
 """
 
 import json
@@ -33,15 +33,18 @@ from common import models  # noqa: E402
 from common.models import draw  # noqa: E402
 
 
-def timed(fn, repeats: int = 7) -> float:
-    """Median seconds of fn() over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed(variants: dict, repeats: int = 11) -> dict:
+    """{name: median seconds of fn() over `repeats` calls}, after one warm-up call each. The variants
+    take turns (a, b, a, b, ...), so that a slow spell of this shared machine hits all of them alike."""
+    times = {name: [] for name in variants}
+    for fn in variants.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def nothing_shared_across_prompts(fn):
@@ -78,20 +81,22 @@ def main() -> None:
             model.generate(input_ids=repeated_ids, attention_mask=repeated_mask, generation_config=config)
         model.generation_config = own
 
-    result["sampler_s"] = {
-        "generate": timed(generate),
-        "loop, prompt per completion": timed(lambda: sample(model, repeated_ids, repeated_mask, config)),
-        "loop, prompt once per group": timed(
-            lambda: sample(model, prompt_ids, prompt_mask, config, repeats=G)
-        ),
-    }
+    result["sampler_s"] = timed(
+        {
+            "generate": generate,
+            "loop, prompt per completion": lambda: sample(model, repeated_ids, repeated_mask, config),
+            "loop, prompt once per group": lambda: sample(model, prompt_ids, prompt_mask, config, repeats=G),
+        }
+    )
 
     probs = torch.softmax(torch.randn(B * G, model.config.vocab_size) * 3, -1)
 
-    result["draw_s"] = {
-        "torch.multinomial": timed(lambda: torch.multinomial(probs, 1)),
-        "inverse CDF (common.models.draw)": timed(lambda: draw(probs)),
-    }
+    result["draw_s"] = timed(
+        {
+            "torch.multinomial": lambda: torch.multinomial(probs, 1),
+            "inverse CDF (common.models.draw)": lambda: draw(probs),
+        }
+    )
 
     completions = sample(model, prompt_ids, prompt_mask, config, repeats=G)[:, prompt_ids.shape[1] :]
     mask = torch.ones_like(completions, dtype=torch.float)
@@ -102,12 +107,14 @@ def main() -> None:
         torch.log_softmax(logits, -1).gather(-1, completions[..., None]).sum().backward()
         model.zero_grad(set_to_none=True)
 
-    result["forward_backward_s"] = {
-        "prompt per completion": timed(
-            nothing_shared_across_prompts(lambda: train_pass(repeated_ids, repeated_mask))
-        ),
-        "prompt once per group": timed(lambda: train_pass(prompt_ids, prompt_mask)),
-    }
+    result["forward_backward_s"] = timed(
+        {
+            "prompt per completion": nothing_shared_across_prompts(
+                lambda: train_pass(repeated_ids, repeated_mask)
+            ),
+            "prompt once per group": lambda: train_pass(prompt_ids, prompt_mask),
+        }
+    )
 
     reward_model, _ = load_model_and_tokenizer(model_class=AutoModelForSequenceClassification, num_labels=1)
     reward_model.train()
@@ -123,24 +130,28 @@ def main() -> None:
         reward_model.score(hidden[:, -1]).sum().backward()
         reward_model.zero_grad(set_to_none=True)
 
-    result["reward_model_64_pairs_s"] = {
-        "prompt once per pair": timed(nothing_shared_across_prompts(reward_pass)),
-        "and the common columns once per batch": timed(reward_pass),
-    }
+    result["reward_model_64_pairs_s"] = timed(
+        {
+            "prompt once per pair": nothing_shared_across_prompts(reward_pass),
+            "and the common columns once per batch": reward_pass,
+        }
+    )
 
     names = [name for name, _ in color_names("train")]
     batches = iter([names[i : i + 64] for i in range(0, 64 * 20, 64)])
     judges.embed(names[-64:])  # loads MiniLM
-    result["embed_64_names_s"] = {
-        "all new": timed(lambda: judges.embed(next(batches))),
-        "all seen (memoised)": timed(lambda: judges.embed(names[-64:])),
-    }
+    result["embed_64_names_s"] = timed(
+        {
+            "all new": lambda: judges.embed(next(batches)),
+            "all seen (memoised)": lambda: judges.embed(names[-64:]),
+        }
+    )
 
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     loop = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
     fused = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
-    result["adamw_step_s"] = {"for-loop": timed(loop.step), "fused": timed(fused.step)}
+    result["adamw_step_s"] = timed({"for-loop": loop.step, "fused": fused.step})
 
     for lever, times in result.items():
         print(lever + ": " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in times.items()))
