@@ -305,7 +305,8 @@ def completion_forward(
         prompt_ids[:, k:], attention_mask=prompt_mask, position_ids=positions[::r, k:P],
         past_key_values=cache, use_cache=True, **last,
     )  # fmt: skip
-    first = None if hidden else prompt_out.logits[:, -1:].repeat_interleave(r, 0)  # each first token's
+    # the logits that predict each completion's first token (a reward model reads only hidden states)
+    first = None if hidden else prompt_out.logits[:, -1:].repeat_interleave(r, 0)
     if inputs.shape[1] == 0:  # one-token completions (every one stopped at once): nothing more to run
         return first
     cache = prompt_out.past_key_values
