@@ -240,8 +240,8 @@ SHARE_FROM = 256
 def shared_prefix(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
     """How many leading columns every prompt of the batch shares (ids and padding alike), at most P - 1:
     the painter's "<bos> Name this paint color: #", half of each prompt; 0 when sharing them would not pay."""
-    if len(prompt_ids) == 1:
-        return 0
+    if (len(prompt_ids) - 1) * (prompt_ids.shape[1] - 1) < SHARE_FROM:  # cannot pay, whatever is shared:
+        return 0  # no comparison (and no GPU sync) for GRPO's 8 prompts or PPO's minibatches
     same = (prompt_ids == prompt_ids[:1]).all(0) & (prompt_mask == prompt_mask[:1]).all(0)
     k = min(int(same.long().cumprod(0).sum()), prompt_ids.shape[1] - 1)
     return k if (len(prompt_ids) - 1) * k >= SHARE_FROM else 0

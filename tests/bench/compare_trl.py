@@ -267,7 +267,11 @@ def build_data(out, n_sft, n_pairs):
     from common.preferences import candidate_names, pair_prompts, rank_pairs
     os.makedirs(out, exist_ok=True)
     d = {k: os.path.join(out, f"{k}.jsonl") for k in ("prompts", "sft", "pairs", "heldout")}
-    rows = lambda path: sum(1 for _ in open(path)) if os.path.exists(path) else -1
+    def rows(path):  # -1 when missing
+        if not os.path.exists(path):
+            return -1
+        with open(path) as f:
+            return sum(1 for _ in f)
     if all(rows(d[k]) >= 0 for k in ("prompts", "heldout")) and rows(d["pairs"]) >= n_pairs and rows(d["sft"]) >= n_sft:
         return d  # written before, with enough rows for these settings
     # RL prompts: the training-split hexes, as grpo.py / reinforce.py / ppo_rlhf.py use by default
