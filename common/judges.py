@@ -147,12 +147,13 @@ def word_colours() -> tuple[dict, dict]:
     return words, exact
 
 
-def name_to_lab(name: str) -> np.ndarray | None:
-    """The colour a name denotes: its own colour if it is a known name (as written, or read once per word),
-    else the weighted mean of its known words' colours, each word counted once; None if no word is known."""
+def name_to_lab(name: str, look_up: bool = True) -> np.ndarray | None:
+    """The colour a name denotes: its own colour if it is a known name (as written, or read once per word;
+    look_up=False skips this), else the weighted mean of its known words' colours, each word counted once;
+    None if no word is known."""
     words, exact = word_colours()
     unique, _ = read_name(name)
-    for key in (name.strip().lower(), " ".join(unique)):
+    for key in (name.strip().lower(), " ".join(unique)) if look_up else ():
         if key in exact:
             return exact[key]
     known = [words[w] for w in unique if w in words]

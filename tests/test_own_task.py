@@ -1,5 +1,6 @@
 """Bring your own task: the `answer` judge, judges by import path, every column to the judge, the start-up
-colour check, held-out rows split by prompt, eval/accuracy, and the basic-colours RLVR task."""
+colour check, held-out rows split by prompt, eval/accuracy, the basic-colours RLVR task and the top-names
+warm-up set."""
 
 import json
 import os
@@ -9,8 +10,10 @@ import torch
 
 import grpo
 from common import get_judge, split_by_prompt
+from common.data import eval_prompts, is_heldout
 from common.judges import answer
-from common.tasks import basic_colour, basic_colour_rows
+from common.recipe import trainable_names
+from common.tasks import basic_colour, basic_colour_rows, described, top_names
 from conftest import assert_one_line_error, run_script
 
 
@@ -123,6 +126,53 @@ def test_the_basic_colours_task_and_its_accuracy_in_the_eval(tmp_path):
         )
     )
     assert metrics["eval/accuracy"] == metrics["eval/reward"] and 0.0 <= metrics["eval/accuracy"] <= 1.0
+
+
+def test_top_names_keeps_the_judges_top_share_by_hand():
+    names = [("Red", "#aa0000"), ("Ochre", "#cc7722"), ("Slate", "#708090"), ("Sunset Dust", "#d48475")]
+
+    def shortest(prompts, completions, **kwargs):  # -3, -5, -5, -11
+        assert prompts == ["Name this paint color: " + h for _, h in names]  # each name with its own colour
+        return [-float(len(c)) for c in completions]
+
+    assert top_names(shortest, names, 0.25) == names[:1]
+    assert top_names(shortest, names, 0.5) == names[:3]  # the cut is -5, and both names at -5 stay
+    assert top_names(shortest, names, 1.0) == names
+
+
+def test_described_reads_the_words_alone():
+    # "Navy Blue" is a training name of #000080: looked up, its colour is exact (ΔE 0); read from its words
+    # (the mean colours of the training names with "navy" and with "blue"), it lies ΔE 29.6 away
+    names = [("Navy Blue", "#000080"), ("Qwzx Plonk", "#000080")]  # the second has no known word
+    assert described(names, 29.7) == names[:1]
+    assert described(names, 29.5) == []
+
+
+def test_the_top_names_task_writes_a_warm_up_set(tmp_path, painter):
+    (tmp_path / "my_rewards.py").write_text(
+        "def shortest(prompts, completions, **kwargs):\n    return [-float(len(c)) for c in completions]\n"
+    )
+    judge = f"{tmp_path}/my_rewards.py:shortest"
+    result = run_script(
+        "-m", "common.tasks", "top-names", str(tmp_path / "short"), "--judge", judge, "--top", "0.05"
+    )
+    assert result.returncode == 0, result.stderr
+    train = [json.loads(line) for line in open(tmp_path / "short" / "train.jsonl")]
+    held = [json.loads(line) for line in open(tmp_path / "short" / "eval.jsonl")]
+    model, tokenizer = painter
+    spelt = trainable_names(tokenizer, model.config.max_position_embeddings)[0]  # (name, hex) pairs
+    cut = sorted(len(n) for n, _ in spelt)[round(0.05 * len(spelt)) - 1]
+    shortest = [(n, h) for n, h in spelt if len(n) <= cut]  # the judge's top twentieth, ties at the cut kept
+    kept = [(r["completion"], r["prompt"][-7:]) for r in train]
+    assert kept == described(shortest, 15.0) and 0.3 * len(shortest) < len(kept) < len(shortest)
+    assert not any(is_heldout(r["prompt"][-7:]) for r in train)
+    assert [r["prompt"] for r in held[:64]] == eval_prompts(64) and all(
+        is_heldout(r["prompt"][-7:]) for r in held
+    )
+    result = run_script(
+        "-m", "common.tasks", "top-names", str(tmp_path / "x"), "--judge", judge, "--top", "10"
+    )
+    assert_one_line_error(result, "--top 10.0 is not a share in (0, 1]")
 
 
 @pytest.mark.slow

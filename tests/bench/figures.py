@@ -5,11 +5,17 @@
     mitigation): the share of distinct names, the share of the three commonest names, and eval/reward against
     the step, and per colour region (the hex's nearest basic colour term) the commonest final name.
     --eval-every only adds eval points: the eval forks the random stream, so the training is the same.
-(b) painters.png and the 3x3 matrix: grpo.py --judge poet+correct / architect+correct / unhinged+correct
-    with PAINTER_RECIPE (below) for seeds 1, 2, 3. Each painter's final eval names (the 64 held-out hexes, T = 1,
-    eval seed 0) are scored by poet, architect, unhinged and correct, with the share of distinct names and of
-    names that repeat a word; means (and sd) over the seeds. The base row is the shipped painter's step-0
-    eval. The figure shows seed 1's names for the first ten hexes, and the matrix beside them.
+(b) painters.png and the 3x3 matrix: for each taste X (poet, architect, unhinged) the painters' recipe, the same
+    settings for the three, seeds 1, 2, 3 (the seed of both training steps):
+      python -m common.tasks top-names DIR --judge X   (the training names X scores in its top tenth, of which
+                                                        those whose words describe their colour)
+      python sft.py --model common/painter --data DIR/train.jsonl --eval-data DIR/eval.jsonl --judge X+correct WARM_UP
+      python grpo.py --model <the warm-up's model> --judge X+correct PAINTER_RECIPE
+    Each painter's final eval names (the 64 held-out hexes, T = 1, eval seed 0) are scored by poet, architect,
+    unhinged and correct, with the share of distinct names and of names that repeat a word; means (and sd) over
+    the seeds. The base row is the shipped painter's step-0 eval (the warm-ups' step 0), the warm-up rows each
+    warm-up's final eval (GRPO's step 0). The figure shows seed 1's names for the first ten hexes, and the
+    matrix beside them.
 
 A run is reused when its folder under --output-dir holds a finished run with the same arguments. Two runs go at a
 time, one thread each (--jobs, --threads): the training does not depend on the machine's load.
@@ -20,6 +26,7 @@ time, one thread each (--jobs, --threads): the training does not depend on the m
 import argparse
 import json
 import os
+import subprocess
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from curves import RESULTS, ROOT, eval_rows, find_run, run_script, save_small  # noqa: E402
+from curves import RESULTS, ROOT, child_env, eval_rows, find_run, run_script, save_small  # noqa: E402
 
 sys.path.insert(0, ROOT)
 from common.judges import WORD_RE, get_judge  # noqa: E402
@@ -40,7 +47,9 @@ HACK_RUNS = {
     "unhinged+correct, β 0": ["--judge", "unhinged+correct", "--beta", "0", *HACK_BASE],
 }
 PAINTERS = ["poet+correct", "architect+correct", "unhinged+correct"]
-# the painters' recipe, the same for every judge: Dr. GRPO's advantages (no std) with a KL penalty that binds
+# the painters' recipe, the same for every taste: a short SFT warm-up on the taste's own names (from the shipped
+# painter), then GRPO with Dr. GRPO's advantages (no std) and a KL penalty, to the warmed-up model, that binds
+WARM_UP = ["--total-steps", "150", "--warmup-steps", "10", "--learning-rate", "1e-3"]
 PAINTER_RECIPE = ["--scale-rewards", "none", "--beta", "0.1", "--learning-rate", "1e-3", "--total-steps", "600"]
 SEEDS = [1, 2, 3]
 MATRIX_JUDGES = ["poet", "architect", "unhinged", "correct"]
@@ -69,14 +78,27 @@ def _same_number(a, b) -> bool:
         return False
 
 
-def get_run(out_dir: str, args: list[str], python: str, threads: int) -> str:
+def get_run(out_dir: str, args: list[str], python: str, threads: int, script: str = "grpo.py") -> str:
     run_dir = finished(out_dir, args)
     if run_dir:
         print(f"reusing {run_dir}")
         return run_dir
-    res = run_script("grpo.py", args, out_dir, python, threads)
+    res = run_script(script, args, out_dir, python, threads)
     print(f"  done in {res['wall_s']:.0f} s: {res['run_dir']}", flush=True)
     return res["run_dir"]
+
+
+def get_names(out_dir: str, taste: str, python: str, threads: int) -> str:
+    """python -m common.tasks top-names out_dir --judge taste, unless out_dir holds its finished output."""
+    cmd = [python, "-m", "common.tasks", "top-names", out_dir, "--judge", taste]
+    done = os.path.join(out_dir, "command.json")
+    if os.path.exists(done) and json.load(open(done)) == cmd[1:]:
+        print(f"reusing {out_dir}")
+        return out_dir
+    print("$ OMP_NUM_THREADS=%d %s" % (threads, " ".join(cmd[1:])), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=child_env(threads), check=True, stdout=subprocess.DEVNULL)
+    json.dump(cmd[1:], open(done, "w"))
+    return out_dir
 
 
 def samples(run_dir: str) -> list[dict]:
@@ -158,19 +180,21 @@ def painter_scores(rows: list[dict], judges: dict) -> dict:
     return {**scores, "distinct": len(set(names)) / len(names), "repeated_word": float(np.mean([repeats_a_word(n) for n in names]))}
 
 
-def matrix(runs: dict[str, list[str]]) -> dict:
-    """Rows: the base painter (step 0) and each painter; columns: MATRIX_JUDGES, distinct, repeated_word;
-    mean and sd over the seeds' runs."""
+def matrix(runs: dict[str, list[str]], warm_ups: dict[str, list[str]]) -> dict:
+    """Rows: the base painter (the warm-ups' step 0), each warm-up (its final eval) and each painter (GRPO's
+    final eval); columns: MATRIX_JUDGES, distinct, repeated_word; mean and sd over the seeds' runs."""
     judges = {j: get_judge(j, "cpu") for j in MATRIX_JUDGES}
-    first = names_by_step(runs[PAINTERS[0]][0])
-    table = {"base": {k: [v] for k, v in painter_scores(first[0], judges).items()}}
-    for painter, run_dirs in runs.items():
-        per_seed = []
-        for run_dir in run_dirs:
-            by_step = names_by_step(run_dir)
-            assert [r["completion"] for r in by_step[0]] == [r["completion"] for r in first[0]]  # one base eval
-            per_seed.append(painter_scores(by_step[max(by_step)], judges))
-        table[painter] = {k: [s[k] for s in per_seed] for k in per_seed[0]}
+    base = names_by_step(warm_ups[PAINTERS[0]][0])[0]
+    table = {"base": {k: [v] for k, v in painter_scores(base, judges).items()}}
+    for painter in runs:
+        for row, run_dirs in ((f"{painter.split('+')[0]} warm-up", warm_ups[painter]), (painter, runs[painter])):
+            per_seed = []
+            for run_dir in run_dirs:
+                by_step = names_by_step(run_dir)
+                if run_dirs is warm_ups[painter]:  # one base eval: every warm-up starts from the shipped painter
+                    assert [r["completion"] for r in by_step[0]] == [r["completion"] for r in base]
+                per_seed.append(painter_scores(by_step[max(by_step)], judges))
+            table[row] = {k: [s[k] for s in per_seed] for k in per_seed[0]}
     return {row: {k: {"mean": float(np.mean(v)), "sd": float(np.std(v)), "values": v} for k, v in cols.items()}
             for row, cols in table.items()}
 
@@ -188,20 +212,19 @@ def matrix_markdown(m: dict) -> str:
     return "\n".join(lines)
 
 
-def painters_figure(runs: dict[str, str], m: dict, path: str, n_hexes: int = 10) -> dict:
+def painters_figure(runs: dict[str, str], base_run: str, m: dict, path: str, n_hexes: int = 10) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    first = samples(next(iter(runs.values())))
-    start = [s for s in first if s["step"] == 0][:n_hexes]
+    start = [s for s in samples(base_run) if s["step"] == 0][:n_hexes]
     columns = {"base painter (step 0)": [s["completion"] for s in start]}
     for judge, run_dir in runs.items():
         rows = samples(run_dir)
         last = max(s["step"] for s in rows)
         by_prompt = {s["prompt"]: s["completion"] for s in rows if s["step"] == last}
-        columns[f"GRPO {judge}"] = [by_prompt[s["prompt"]] for s in start]
+        columns[f"{judge.split('+')[0]} painter"] = [by_prompt[s["prompt"]] for s in start]
     hexes = [s["prompt"][-7:] for s in start]
 
     widths = [1.3] + [2.6] * len(columns)
@@ -236,13 +259,14 @@ def painters_figure(runs: dict[str, str], m: dict, path: str, n_hexes: int = 10)
     table.set_fontsize(8)
     table.scale(1.0, 1.5)
     rows = list(m)
-    for j, c in enumerate(MATRIX_JUDGES[:3]):
-        best = max(range(len(rows)), key=lambda i: m[rows[i]][c]["mean"])
+    for j, c in enumerate(MATRIX_JUDGES[:3]):  # the best of the base and the three painters
+        best = max((i for i, r in enumerate(rows) if r in ("base", *PAINTERS)), key=lambda i: m[rows[i]][c]["mean"])
         table[best + 1, j].set_text_props(weight="bold")
     mx.axis("off")
     mx.set_title(f"scored by each judge (64 held-out hexes, mean of seeds {', '.join(map(str, SEEDS))})", fontsize=8.5)
-    fig.suptitle(f"Three painters: grpo.py --judge X+correct {' '.join(PAINTER_RECIPE)}; names sampled at T = 1 for "
-                 "held-out hexes (seed 1)", fontsize=9.5)
+    fig.suptitle(f"Three painters: an SFT warm-up on the taste's top-tenth names ({' '.join(WARM_UP)}), then grpo.py "
+                 f"--judge X+correct {' '.join(PAINTER_RECIPE)}\nnames sampled at T = 1 for held-out hexes (seed 1)",
+                 fontsize=9.5)
     fig.tight_layout()
     save_small(fig, path)
     plt.close(fig)
@@ -265,14 +289,26 @@ def main() -> None:
     if a.only in (None, "hacking"):
         for label, args in HACK_RUNS.items():
             wanted["hacking", label] = (os.path.join(a.output_dir, "hacking", label.replace(" ", "").replace(",", "_")), args)
-    if a.only in (None, "painters"):
-        for j in PAINTERS:
-            for seed in SEEDS:
-                out = os.path.join(a.output_dir, "painters", f"{j.replace('+', '_')}_seed{seed}")
-                wanted["painters", (j, seed)] = (out, ["--judge", j, *PAINTER_RECIPE, "--seed", str(seed)])
     with ThreadPoolExecutor(a.jobs) as pool:
-        futures = {key: pool.submit(get_run, out, args, a.python, a.threads) for key, (out, args) in wanted.items()}
-        done = {key: f.result() for key, f in futures.items()}
+        done = {key: pool.submit(get_run, out, args, a.python, a.threads) for key, (out, args) in wanted.items()}
+        if a.only in (None, "painters"):  # the three steps of each painter's recipe, each step's runs in parallel
+            painters = os.path.join(a.output_dir, "painters")
+            names = {j: pool.submit(get_names, os.path.join(painters, "names_" + j.split("+")[0]), j.split("+")[0],
+                                    a.python, a.threads) for j in PAINTERS}
+            names = {j: f.result() for j, f in names.items()}
+            warm = {}
+            for j in PAINTERS:
+                for seed in SEEDS:
+                    args = ["--model", "common/painter", "--data", os.path.join(names[j], "train.jsonl"), "--eval-data",
+                            os.path.join(names[j], "eval.jsonl"), "--judge", j, *WARM_UP, "--seed", str(seed)]
+                    out = os.path.join(painters, f"{j.replace('+', '_')}_seed{seed}", "warm_up")
+                    warm[j, seed] = pool.submit(get_run, out, args, a.python, a.threads, "sft.py")
+            warm = {key: f.result() for key, f in warm.items()}
+            for (j, seed), warm_dir in warm.items():
+                args = ["--model", os.path.join(warm_dir, "model"), "--judge", j, *PAINTER_RECIPE, "--seed", str(seed)]
+                out = os.path.join(painters, f"{j.replace('+', '_')}_seed{seed}", "grpo")
+                done["painters", (j, seed)] = pool.submit(get_run, out, args, a.python, a.threads)
+        done = {key: f.result() for key, f in done.items()}
     if a.only in (None, "hacking"):
         runs = {label: done["hacking", label] for label in HACK_RUNS}
         summary["reward_hacking"] = hacking_figure(runs, os.path.join(a.results_dir, "reward_hacking.png"))
@@ -282,9 +318,10 @@ def main() -> None:
             print("   " + "; ".join(f"{r}: {v['name']} ({v['count']}/{v['hexes']})" for r, v in s["regions"].items()))
     if a.only in (None, "painters"):
         runs = {j: [done["painters", (j, seed)] for seed in SEEDS] for j in PAINTERS}
-        m = matrix(runs)
+        warm_ups = {j: [warm[j, seed] for seed in SEEDS] for j in PAINTERS}
+        m = matrix(runs, warm_ups)
         summary["painters_matrix"] = m
-        summary["painters"] = painters_figure({j: r[0] for j, r in runs.items()}, m,
+        summary["painters"] = painters_figure({j: r[0] for j, r in runs.items()}, warm_ups[PAINTERS[0]][0], m,
                                               os.path.join(a.results_dir, "painters.png"))
         for title, names in summary["painters"]["names"].items():
             print(f"{title:28s} " + " | ".join(names))
