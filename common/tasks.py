@@ -20,10 +20,10 @@ A taste's own names, for a short SFT warm-up before RL (the painters' recipe, RE
 train.jsonl holds the training names that the judge scores in its top tenth (--top), each with its own
 hex: the real names of paint colours in that taste ("Raw Umber", "Tuscan Stone" for the architect). Of
 those it keeps the ones whose words describe their colour: the `correct` judge, reading the words alone
-(without looking the name itself up), places them within ΔE 15 of it (--within; ~60% of them). A warm-up on
-names whose words say nothing of the colour ("Whispering Dawn" for a pale blue) costs the painter its
-`correct`. Names with a word the model's tokenizer lacks are left out first (they would teach it to say
-<unk>). eval.jsonl holds the held-out hexes, in the eval's order, each with its name.
+(without looking the name itself up), places them within ΔE 15 of it (--within; ~60% of them). A warm-up
+on names whose words say nothing of their colour ("Whispering Dawn") costs the painter its `correct`.
+Names with a word the model's tokenizer lacks are left out first (they would teach it to say <unk>).
+eval.jsonl holds the held-out hexes, in the eval's order, each with its name.
 """
 
 import argparse
@@ -75,8 +75,8 @@ def top_names(judge, names: list[tuple[str, str]], top: float) -> list[tuple[str
 
 
 def described(names: list[tuple[str, str]], within: float) -> list[tuple[str, str]]:
-    """The (name, hex) pairs whose words alone place them closer than `within` (CIEDE2000) to their own colour:
-    the `correct` judge's estimate of what the name denotes, without looking the name itself up."""
+    """The (name, hex) pairs whose words alone place them closer than `within` (CIEDE2000) to their own
+    colour: the `correct` judge's estimate of what the name denotes, without looking the name itself up."""
     from .judges import name_to_lab
 
     labs = [name_to_lab(name, look_up=False) for name, _ in names]
