@@ -92,7 +92,8 @@ def run_script(script: str, args: list[str], out_dir: str, python: str, threads:
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     cmd = [python, script, *args, "--output-dir", out_dir]
-    print("$ OMP_NUM_THREADS=%d %s" % (threads, " ".join(cmd[1:])), flush=True)
+    sys.stdout.write("$ OMP_NUM_THREADS=%d %s\n" % (threads, " ".join(cmd[1:])))  # one write: threads print whole lines
+    sys.stdout.flush()
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with open(os.path.join(out_dir, "stdout.log"), "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(threads), stdout=log, stderr=subprocess.STDOUT)

@@ -78,13 +78,19 @@ def _same_number(a, b) -> bool:
         return False
 
 
+def say(line: str) -> None:
+    """One write per line, so that the runs' threads never print into each other's lines."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def get_run(out_dir: str, args: list[str], python: str, threads: int, script: str = "grpo.py") -> str:
     run_dir = finished(out_dir, args)
     if run_dir:
-        print(f"reusing {run_dir}")
+        say(f"reusing {run_dir}")
         return run_dir
     res = run_script(script, args, out_dir, python, threads)
-    print(f"  done in {res['wall_s']:.0f} s: {res['run_dir']}", flush=True)
+    say(f"  done in {res['wall_s']:.0f} s: {res['run_dir']}")
     return res["run_dir"]
 
 
@@ -93,9 +99,9 @@ def get_names(out_dir: str, taste: str, python: str, threads: int) -> str:
     cmd = [python, "-m", "common.tasks", "top-names", out_dir, "--judge", taste]
     done = os.path.join(out_dir, "command.json")
     if os.path.exists(done) and json.load(open(done)) == cmd[1:]:
-        print(f"reusing {out_dir}")
+        say(f"reusing {out_dir}")
         return out_dir
-    print("$ OMP_NUM_THREADS=%d %s" % (threads, " ".join(cmd[1:])), flush=True)
+    say("$ OMP_NUM_THREADS=%d %s" % (threads, " ".join(cmd[1:])))
     subprocess.run(cmd, cwd=ROOT, env=child_env(threads), check=True, stdout=subprocess.DEVNULL)
     json.dump(cmd[1:], open(done, "w"))
     return out_dir
