@@ -163,10 +163,10 @@ def name_to_lab(name: str, look_up: bool = True) -> np.ndarray | None:
     return (np.stack([m for m, _ in known]) * weights[:, None]).sum(0) / weights.sum()
 
 
-def colour_distances(prompts: list[str], completions: list[str]) -> np.ndarray:
+def colour_distances(prompts: list[str], completions: list[str], look_up: bool = True) -> np.ndarray:
     """CIEDE2000 between each prompt's colour and its completion's estimated colour (nan if unknown)."""
     targets = srgb_to_lab(np.array([parse_hex(p) for p in prompts], dtype=np.float64).reshape(-1, 3))
-    estimates = [name_to_lab(completion_text(c)) for c in completions]
+    estimates = [name_to_lab(completion_text(c), look_up) for c in completions]
     known = np.array([e is not None for e in estimates])
     guess = (
         np.stack([e if e is not None else np.zeros(3) for e in estimates]) if estimates else np.zeros((0, 3))

@@ -77,15 +77,11 @@ def top_names(judge, names: list[tuple[str, str]], top: float) -> list[tuple[str
 def described(names: list[tuple[str, str]], within: float) -> list[tuple[str, str]]:
     """The (name, hex) pairs whose words alone place them closer than `within` (CIEDE2000) to their own
     colour: the `correct` judge's estimate of what the name denotes, without looking the name itself up."""
-    from .judges import name_to_lab
+    from .judges import colour_distances
 
-    labs = [name_to_lab(name, look_up=False) for name, _ in names]
-    known = [i for i, lab in enumerate(labs) if lab is not None]
-    if not known:
-        return []
-    targets = srgb_to_lab(np.array([hex_to_rgb(names[i][1]) for i in known]))
-    distances = ciede2000(targets, np.stack([labs[i] for i in known]))
-    return [names[i] for i, d in zip(known, distances) if d < within]
+    prompts = [PROMPT.format(hex=h) for _, h in names]
+    distances = colour_distances(prompts, [n for n, _ in names], look_up=False)  # nan: no known word
+    return [pair for pair, distance in zip(names, distances) if distance < within]
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:

@@ -35,6 +35,18 @@ def saved_weights(folder: str) -> dict:
     return load_file(path)
 
 
+def write_jsonl(path, rows: list) -> str:
+    """One JSON value per line; returns the path as a string, for a script's flags."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+def read_jsonl(path) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def run_script(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python <argv>` from the repository root, as a user would type it."""
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -12,7 +12,14 @@ import torch
 import dpo
 import reward_model
 from common import encode_pairs
-from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
+from conftest import (
+    assert_help_lists,
+    assert_one_line_error,
+    assert_run_console,
+    read_jsonl,
+    run_script,
+    write_jsonl,
+)
 
 LOG2 = math.log(2)
 
@@ -188,7 +195,7 @@ def test_concat_pairs_is_the_same_in_dpo_and_reward_model():
 
 
 def read_metrics(run: str) -> list[dict]:
-    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    return read_jsonl(os.path.join(run, "metrics.jsonl"))
 
 
 @pytest.mark.parametrize(
@@ -274,7 +281,7 @@ def test_main_on_jsonl_raises_the_margin(tmp_path):
 )
 def test_cli_bad_input_is_one_line(tmp_path, rows, flags, message):
     path = tmp_path / "bad.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     assert_one_line_error(
         run_script("dpo.py", "--data", str(path), "--output-dir", str(tmp_path), *flags), message
     )

@@ -14,7 +14,7 @@ from common.data import eval_prompts, is_heldout
 from common.judges import answer
 from common.recipe import trainable_names
 from common.tasks import basic_colour, basic_colour_rows, described, top_names
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, read_jsonl, run_script, write_jsonl
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_every_column_reaches_the_judge_and_the_split_holds_prompts_out(tmp_path
     monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
     rows = [{"prompt": f"Name this paint color: #{i:06x}", "answer": str(i), "tests": [i]} for i in range(40)]
     path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     grpo.main(
         grpo.Args(
             output_dir=str(tmp_path),
@@ -108,8 +108,8 @@ def test_the_basic_colours_task_and_its_accuracy_in_the_eval(tmp_path):
     ]
     result = run_script("-m", "common.tasks", "basic-colours", str(tmp_path / "basic"))
     assert result.returncode == 0, result.stderr
-    train = [json.loads(line) for line in open(tmp_path / "basic" / "train.jsonl")]
-    held = [json.loads(line) for line in open(tmp_path / "basic" / "eval.jsonl")]
+    train = read_jsonl(tmp_path / "basic" / "train.jsonl")
+    held = read_jsonl(tmp_path / "basic" / "eval.jsonl")
     assert len(train) > 30_000 and not {r["prompt"] for r in train} & {r["prompt"] for r in held}
     assert held[0] == basic_colour_rows(["#" + held[0]["prompt"].split("#")[1]])[0]
     metrics = grpo.main(
@@ -157,8 +157,8 @@ def test_the_top_names_task_writes_a_warm_up_set(tmp_path, painter):
         "-m", "common.tasks", "top-names", str(tmp_path / "short"), "--judge", judge, "--top", "0.05"
     )
     assert result.returncode == 0, result.stderr
-    train = [json.loads(line) for line in open(tmp_path / "short" / "train.jsonl")]
-    held = [json.loads(line) for line in open(tmp_path / "short" / "eval.jsonl")]
+    train = read_jsonl(tmp_path / "short" / "train.jsonl")
+    held = read_jsonl(tmp_path / "short" / "eval.jsonl")
     model, tokenizer = painter
     spelt = trainable_names(tokenizer, model.config.max_position_embeddings)[0]  # (name, hex) pairs
     cut = sorted(len(n) for n, _ in spelt)[round(0.05 * len(spelt)) - 1]
@@ -200,7 +200,7 @@ def test_preference_and_sft_files_hold_out_whole_prompts(tmp_path):
         for i in range(100)
     ]  # 25 prompts, 4 pairs each
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    write_jsonl(path, pairs)
     train, held_out = load_pairs(str(path), None)
     assert len(train) + len(held_out) == 100 and held_out and len(held_out) % 4 == 0
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in held_out}
@@ -211,7 +211,7 @@ def test_sft_evaluates_on_held_out_prompts_or_the_eval_file(tmp_path):
 
     rows = [{"prompt": f"Name this paint color: #{i:06x}", "completion": "Navy"} for i in range(30)]
     data, held = tmp_path / "data.jsonl", tmp_path / "held.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     held.write_text(json.dumps({"prompt": "Name this paint color: #123456", "completion": "Navy"}) + "\n")
     common = dict(
         model="common/painter",

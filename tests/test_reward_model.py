@@ -20,7 +20,14 @@ from common import (
 )
 from common import load_model_and_tokenizer, pair_prompts, rank_pairs, read_preferences
 from common.preferences import split_shared_prefix
-from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
+from conftest import (
+    assert_help_lists,
+    assert_one_line_error,
+    assert_run_console,
+    read_jsonl,
+    run_script,
+    write_jsonl,
+)
 
 PROMPTS = [
     "Name this paint color: #d48475",
@@ -217,7 +224,7 @@ def test_encode_pairs_skips_or_rejects_identical_and_truncates_long(painter):
 def test_main_writes_metrics_and_a_model_the_rm_judge_scores_identically(tmp_path):
     metrics = rm.main(tiny_args(tmp_path))
     run = metrics["run_dir"]
-    lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    lines = read_jsonl(os.path.join(run, "metrics.jsonl"))
     train = [m for m in lines if "train/loss" in m]
     assert [m["step"] for m in lines if "eval/accuracy" in m] == [0, 3, 6]
     assert all(math.isfinite(m[k]) for m in train for k in ("train/loss", "train/accuracy", "train/margin"))
@@ -270,7 +277,7 @@ def test_main_reads_jsonl_pairs_and_learns_them(tmp_path):
 )
 def test_cli_bad_input_is_one_line(tmp_path, rows, flags, message):
     path = tmp_path / "bad.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     assert_one_line_error(
         run_script("reward_model.py", "--data", str(path), "--output-dir", str(tmp_path), *flags), message
     )

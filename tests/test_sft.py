@@ -11,7 +11,7 @@ import torch
 
 import sft
 from common import completion_forward, encode_completion, encode_prompt
-from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
+from conftest import assert_help_lists, assert_one_line_error, assert_run_console, read_jsonl, run_script
 
 
 def tiny_args(tmp_path, **overrides) -> sft.Args:
@@ -131,7 +131,7 @@ def test_tokenizers_spell_the_hex_in_six_digits(kind):
 def test_main_from_scratch_writes_metrics_samples_and_model(tmp_path):
     metrics = sft.main(tiny_args(tmp_path))
     run = metrics["run_dir"]
-    lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    lines = read_jsonl(os.path.join(run, "metrics.jsonl"))
     evals = [m for m in lines if "eval/reward" in m]
     assert [m["step"] for m in evals] == [0, 2, 4] and all(
         math.isfinite(m["train/loss"]) for m in lines if "train/loss" in m
