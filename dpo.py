@@ -23,21 +23,18 @@ Run: python dpo.py
 """
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
+import tyro
 from torch.utils.checkpoint import checkpoint
 
-from common import all_sum, autocast, cleanup_distributed, completion_forward, encode_pairs, eval_prompts
-from common import evaluate, frozen_copy, get_judge, init_distributed, load_checkpoint
-from common import load_model_and_tokenizer, load_pairs, Logger, parse_args, resolve_device_dtype
-from common import resumed_args, save_checkpoint
+from common.models import forward_sharing_prompts, load_model_and_tokenizer  # the model
+from common.task import evaluate, get_judge, load_pairs  # the task: preference pairs, the judge, the eval
+from common.run import Run  # the run: process group, seeds, run folder, logging, checkpoints, resume
 
 
 @dataclass
@@ -125,7 +122,7 @@ def concat_pairs(
 ) -> tuple[torch.Tensor, ...]:
     """B (prompt, chosen, rejected) -> prompt_ids, prompt_mask (B, P), left padded, and completion_ids,
     completion_mask (2B, T), right padded: rows 2i and 2i+1 are pair i's chosen and rejected, which follow
-    its prompt, so one forward scores both and runs the prompt once (common.completion_forward).
+    its prompt, so one forward scores both and runs the prompt once (completion_logits).
 
     NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still
     counts."""
@@ -159,11 +156,25 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
 
 
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """The logits (2B, T, V) that predict each completion token, for B prompts (B, P), left padded, each
+    followed by its chosen and rejected completions (2B, T), right padded: rows 2i and 2i+1 follow prompt i."""
+    P, r = prompt_ids.shape[1], len(completion_ids) // len(prompt_ids)
+    input_ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids], dim=1)  # (2B, P+T)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is predicted
+    # at P-1+t, and the last token predicts nothing: it is not fed
+    inputs = (input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1])
+    # = model(*inputs).logits[:, P - 1 :], with each prompt run once for its pair (tested equal)
+    return forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r)
+
+
 def sequence_logprobs(
     logits: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
     """log pi(y | x) of each completion, (2B,): the SUM of its token log-probs (not padding), from the logits
-    (2B, T, V) that predict each completion token (common.completion_forward makes the one-token shift)."""
+    (2B, T, V) that predict each completion token (completion_logits makes the one-token shift)."""
     # NOTE: a sum, not a mean: averaging changes the objective (TRL #789; the mean is SimPO's)
     return (token_logprobs(logits, completion_ids) * completion_mask).sum(1)
 
@@ -209,7 +220,7 @@ def batch_logprobs(model, batch: list, pad_id: int) -> tuple[torch.Tensor, torch
     prompt_ids, prompt_mask, completion_ids, completion_mask = (
         t.to(model.device) for t in concat_pairs(batch, pad_id)
     )
-    logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (2B, T, V)
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (2B, T, V)
     logps = sequence_logprobs(logits, completion_ids, completion_mask)
     return logps.view(-1, 2), completion_mask.sum(1).view(-1, 2)
 
@@ -224,74 +235,57 @@ def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 64) -> torch
 
 
 def main(args: Args) -> dict:
-    args = resumed_args("dpo", args) if args.resume else args  # --resume: the run's own settings
-    rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
-    log = Logger("dpo", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     # DDP: the same seed on every rank: the same pairs and batch order, of which each rank takes its share
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    run = Run("dpo", args)
+    args = run.args  # --resume: the run's own settings
+    if args.batch_size % run.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {run.world} processes")
     if args.loss_type != "sigmoid" and args.label_smoothing:
         raise ValueError(
             f"--label-smoothing is cDPO's and applies to --loss-type sigmoid only, not {args.loss_type}"
         )
 
     # 1. the policy (fp32 master weights), its frozen reference (may be bf16; dropout off in both), the judge
-    device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
-    ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    ref_model = copy.deepcopy(model).to(run.dtype).eval().requires_grad_(False)
     judge = get_judge(args.judge, args.device)
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     pad_id = tokenizer.pad_token_id
 
-    # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids), both completions ending in EOS
-    train_pairs, eval_pairs = load_pairs(
-        args.data,
-        args.eval_data,
-        judge,
-        (model, tokenizer),
-        args.num_prompts,
-        args.eval_pairs,
-        args.names_per_prompt,
-        "policy",
-        args.flip_prob,
-        args.seed,
-        args.temperature,
-        args.max_new_tokens,
-        dtype,
-        warn=print if rank == 0 else lambda _: None,
-    )
-    train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
-    heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
-    with autocast(device, dtype):
+    # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids), both completions ending in EOS;
+    # without --data the paint task's: names sampled from the starting policy, ranked by the judge
+    paint = dict(judge=judge, sampler=(model, tokenizer), num_prompts=args.num_prompts, eval_pairs=args.eval_pairs,
+                 names_per_prompt=args.names_per_prompt, flip_prob=args.flip_prob, seed=args.seed,
+                 temperature=args.temperature, max_new_tokens=args.max_new_tokens, dtype=run.dtype)  # fmt: skip
+    train, heldout, eval_rows = load_pairs(
+        args.data, args.eval_data, tokenizer, context, args.identical_pairs, args.too_long, args.eval_size,
+        save_to=run.dir if run.active else None, quiet=not run.active, **paint,
+    )  # fmt: skip
+    with run.autocast():
         heldout_ref = all_logprobs(ref_model, heldout, pad_id)  # (N_eval, 2), once
     ref_logps = None
     # NOTE: the same numbers as per batch; saves a forward per step and pi_ref's memory
     start_model = ref_model  # eval/kl's starting policy
     if args.precompute_ref_logps:
-        with autocast(device, dtype):
+        with run.autocast():
             ref_logps, ref_model = all_logprobs(ref_model, train, pad_id), None  # (N, 2)
-        start_model = frozen_copy(start_model, dtype, "cpu") if log.active else None  # in host memory
+        start_model = start_model.to("cpu") if run.active else None  # in host memory
     steps_per_epoch = max(1, len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.num_epochs
-    if rank == 0:
+    if run.active:
         print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
-        with open(f"{log.dir}/pairs.jsonl", "w") as f:  # a look at what the policy learns from
-            f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
+    ddp_model = run.wrap(model)  # DDP: averages the gradients in backward
     # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
 
     def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from start_model, the starting policy
-        prompts = eval_prompts(args.eval_size)
+        T = args.temperature
         metrics, samples = evaluate(
-            model, tokenizer, judge, prompts, args.temperature, args.max_new_tokens, dtype, start_model
-        )
-        with autocast(device, dtype):
+            model, tokenizer, judge, eval_rows, T, args.max_new_tokens, run.dtype, start_model
+        )  # fmt: skip
+        with run.autocast():
             logps = all_logprobs(model, heldout, pad_id)  # (N_eval, 2)
         margins = (logps - heldout_ref) @ torch.tensor([1.0, -1.0])
         # held-out pairs the implicit reward gets right; NOTE: a margin under 1e-4 nats is a tie (wrong):
@@ -299,33 +293,31 @@ def main(args: Args) -> dict:
         metrics["eval/accuracy"] = float((margins > 1e-4).float().mean())
         return metrics, samples
 
-    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
-    start, state = load_checkpoint(log, {"model": model}, optimizer, rng) if args.resume else (1, {})
-    # rank 0: the starting model
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
-    order = np.array(state["order"]) if start > 1 else None  # this epoch's order of the pairs
+    # --resume: the last checkpoint's weights, optimizer, random states and step; else the eval of step 0
+    start, state = run.begin({"model": model}, optimizer, tokenizer, run_eval)
+    order = state.get("order")  # this epoch's order of the pairs
     model.train()
     for step in range(start, total_steps + 1):
         epoch, position = divmod(step - 1, steps_per_epoch)
         if position == 0:  # a new epoch, a new order
-            order = rng.permutation(len(train))
+            order = run.rng.permutation(len(train))
         t0 = time.perf_counter()
         indices = order[position * args.batch_size : (position + 1) * args.batch_size]
-        # DDP: this rank's share; equal shares, so the mean of the ranks'
-        share = args.batch_size // world
-        indices = indices[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
+        # DDP: this rank's share; equal shares, so the mean of the ranks' mean losses is the whole batch's
+        share = args.batch_size // run.world
+        indices = indices[run.rank * share : (run.rank + 1) * share]
         batch = [train[i] for i in indices]
 
         # 3. pi_ref's log-probs: looked up, or one no-grad forward (never recomputed within the step)
         if ref_logps is not None:
-            ref_chosen_logps, ref_rejected_logps = ref_logps[indices].to(device).T
+            ref_chosen_logps, ref_rejected_logps = ref_logps[indices].to(run.device).T
         else:
-            with torch.no_grad(), autocast(device, dtype):
+            with torch.no_grad(), run.autocast():
                 ref_both, _ = batch_logprobs(ref_model, batch, pad_id)  # (B, 2)
             ref_chosen_logps, ref_rejected_logps = ref_both.T
 
         # 4. the policy's log-probs: one forward over chosen and rejected together
-        with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
+        with run.autocast():  # the forward in bf16 (or fp32); the loss below in fp32
             logps, lengths = batch_logprobs(ddp_model, batch, pad_id)  # (B, 2), (B, 2)
 
         # 5. the preference loss (+ RPO's NLL on the chosen completion, per token)
@@ -343,11 +335,7 @@ def main(args: Args) -> dict:
         if args.rpo_alpha:
             # ALGO: RPO: the NLL of the chosen completion per token, which keeps log pi(y_c) from falling
             loss = loss + args.rpo_alpha * (-logps[:, 0] / lengths[:, 0]).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {float(loss)} at step {step}; the last good model is in "
-                f"{log.dir}/model: lower --learning-rate or check the data"
-            )
+        run.check_finite(loss, step, "loss", "lower --learning-rate or check the data")
 
         # 6. clip, schedule (warm-up, then linear decay to 0), step
         loss.backward()
@@ -359,49 +347,24 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
 
-        # 7. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
-        if step % args.log_every == 0:
-            accuracy = (chosen_rewards > rejected_rewards).float().mean()
-            per_rank = torch.stack(
-                [
-                    loss.detach(),
-                    chosen_rewards.mean(),
-                    rejected_rewards.mean(),
-                    accuracy,
-                    logps[:, 0].detach().mean(),
-                    logps[:, 1].detach().mean(),
-                ]
-            )
-            means = all_sum(per_rank.cpu()) / world
-            loss_, chosen, rejected, accuracy, logps_chosen, logps_rejected = means.tolist()
-            margins = float(means[1] - means[2])
-            tokens = float(all_sum(torch.tensor(float(sum(len(p) + len(c) + len(r) for p, c, r in batch)))))
-            log.log(
-                step,
-                {
-                    "epoch": epoch,
-                    "train/loss": loss_,
-                    "rewards/chosen": chosen,
-                    "rewards/rejected": rejected,
-                    "rewards/margins": margins,
-                    "rewards/accuracies": accuracy,
-                    "logps/chosen": logps_chosen,
-                    "logps/rejected": logps_rejected,
-                    "train/grad_norm": float(grad_norm),
-                    "train/lr": lr,
-                    "perf/step_s": step_s,
-                    "perf/tokens_per_s": tokens / step_s,
-                },
-            )
-        if step % args.eval_every == 0 or step == total_steps:
-            eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
-        if step % (args.save_every or args.eval_every) == 0 or step == total_steps:
-            save_checkpoint(log, step, {"model": model}, optimizer, rng, order=order.tolist())
-    del ddp_model  # DDP: free the wrapper before leaving the process group
-    cleanup_distributed()
-    log.close()
-    return {"train/loss": float(loss.detach()), **eval_metrics, "run_dir": log.dir}
+        # 7. log (averaged over the ranks), evaluate and save on schedule
+        metrics = {
+            "epoch": epoch,
+            "train/loss": loss.detach(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": chosen_rewards.mean() - rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": logps[:, 0].detach().mean(),
+            "logps/rejected": logps[:, 1].detach().mean(),
+            "train/grad_norm": float(grad_norm),
+            "train/lr": lr,
+            "perf/step_s": step_s,
+            "perf/tokens_per_s": sum(len(p) + len(c) + len(r) for p, c, r in batch) / step_s,
+        }
+        run.end_step(step, total_steps, metrics if step % args.log_every == 0 else None, order=order)
+    return {"train/loss": float(loss.detach()), **run.close()}
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, __doc__))
+    main(tyro.cli(Args, description=__doc__))

@@ -22,20 +22,17 @@ Run: python grpo.py --group-size 8     (several processes: torchrun --nproc_per_
 """
 
 import copy
-import random
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
+import tyro
 from torch.utils.checkpoint import checkpoint
 
-from common import all_gather, all_sum, autocast, cleanup_distributed, completion_forward, encode_prompt
-from common import evaluate, frozen_copy, get_judge, init_distributed, judge_columns, load_checkpoint
-from common import load_model_and_tokenizer, load_prompts, Logger, parse_args, resolve_device_dtype
-from common import resumed_args, sample, sampling_config, sampling_seed, save_checkpoint, sync_gradients
+from common.models import forward_sharing_prompts, load_model_and_tokenizer, sample, sampling_config  # model
+from common.task import evaluate, get_judge, load_prompts  # the task: prompts, the judge, the eval
+from common.run import Run  # the run: process group, seeds, run folder, logging, checkpoints, resume
 
 
 @dataclass
@@ -161,14 +158,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -
     return torch.exp(-log_ratio) + log_ratio - 1  # pi_ref/pi - log(pi_ref/pi) - 1
 
 
-def aggregate(
-    per_token: torch.Tensor,
-    mask: torch.Tensor,
-    mode: str,
-    n_sequences: int,
-    n_tokens: int,
-    max_new_tokens: int,
-) -> torch.Tensor:
+def aggregate(per_token, mask, mode: str, n_sequences: int, n_tokens: int, max_new_tokens: int) -> torch.Tensor:
     """Reduce a (n, T) per-token loss to a scalar, with normalisers counted over the WHOLE batch so that
     micro-batches of it add up to exactly the full-batch loss.
     seq-mean   1/N sum_i 1/|o_i| sum_t l_it   (GRPO: a long completion's tokens weigh less each)
@@ -217,10 +207,16 @@ def completion_mask_from(
 
 def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
     """Log-probs (n, T) of the completion tokens and the logits (n, T, V) that predict them, for b prompts
-    (b, P) each followed by n/b of the completions (n, T).
-    NOTE: the prompt runs once for all its completions, which attend to copies of its keys and values
-    (common.completion_forward): the same log-probs and gradient as n forwards over prompt + completion."""
-    logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    (b, P), left padded, each followed by r = n/b of the completions (n, T): rows i*r .. i*r+r-1 follow prompt i."""
+    P, r = prompt_ids.shape[1], len(completion_ids) // len(prompt_ids)
+    input_ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids], dim=1)  # (n, P+T)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is predicted
+    # at P-1+t, and the last token predicts nothing: it is not fed
+    inputs = (input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1])
+    # = model(*inputs).logits[:, P - 1 :], with each prompt run once for its r completions (tested equal)
+    logits = forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r)  # (n, T, V)
     return token_logprobs(logits, completion_ids, temperature), logits
 
 
@@ -243,185 +239,150 @@ def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
 
 
 def main(args: Args) -> dict:
-    args = resumed_args("grpo", args) if args.resume else args  # --resume: the run's own settings
-    rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
-    log = Logger("grpo", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(sampling_seed(args.seed, rank))  # DDP: each rank samples its own completions
-    rng = np.random.default_rng(args.seed)  # the same prompt order on every rank
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    B, G = args.batch_size // world, args.group_size  # B: this rank's prompts, each with its whole group
+    run = Run("grpo", args, seed_per_rank=True)  # DDP: each rank samples its own completions (common/run.py)
+    args = run.args  # --resume: the run's own settings
+    B, G = args.batch_size // run.world, args.group_size  # DDP: B: this rank's prompts, each with its group
     N = B * G  # this rank's completions
+    if args.batch_size % run.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {run.world} processes")
     if G < 2:
         raise ValueError(f"--group-size {G}: a group baseline needs at least 2 completions per prompt")
     m = args.micro_batch_size
     if N > m and (N % m or (m % G and G % m)):
         raise ValueError(
-            f"--micro-batch-size {args.micro_batch_size} must divide batch_size * group_size / processes = "
-            f"{N}, and hold whole groups of {G} or an equal part of one"
+            f"--micro-batch-size {m} must divide batch_size * group_size / processes = {N}, and hold whole "
+            f"groups of {G} or an equal part of one"
         )
 
     # the prompts, the judge, the policy (fp32 master weights) and its frozen reference (may be bf16)
-    rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size, args.eval_prompts)
-    eval_extra = judge_columns(eval_rows)  # the rows' other columns ("answer", ...) go to the judge
+    rows, eval_rows = load_prompts(args.prompts, args.eval_prompts, args.batch_size, args.eval_size)
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
-    device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     ref_model = None
     if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
-        ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        ref_model = copy.deepcopy(model).to(run.dtype).eval().requires_grad_(False)
     start_model = ref_model  # eval/kl's starting policy: the reference, or (rank 0 evaluates) a host copy
-    if start_model is None and log.active:
-        start_model = frozen_copy(model, dtype, "cpu")
+    if start_model is None and run.active:
+        start_model = copy.deepcopy(model).to("cpu", run.dtype).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # the sampler: plain sampling at temperature from our flags only; its stop ids also end the masks
+    # the sampler: softmax(logits / temperature) from our flags only; its stop ids also end the masks
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
-    stop_ids = torch.tensor(sampling.eos_token_id, device=device)
-    ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
+    stop_ids = torch.tensor(sampling.eos_token_id, device=run.device)
+    ddp_model = run.wrap(model)  # DDP: averages the gradients in backward
     # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
 
     def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from start_model, the starting policy
-        prompts, T = [r["prompt"] for r in eval_rows], args.temperature
-        return evaluate(
-            model, tokenizer, judge, prompts, T, args.max_new_tokens, dtype, start_model, **eval_extra
-        )
+        T = args.temperature
+        return evaluate(model, tokenizer, judge, eval_rows, T, args.max_new_tokens, run.dtype, start_model)
 
-    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
-    start, state = load_checkpoint(log, {"model": model}, optimizer, rng) if args.resume else (1, {})
-    # rank 0: the starting model
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
+    # --resume: the last checkpoint's weights, optimizer, random states and step; else the eval of step 0
+    start, state = run.begin({"model": model}, optimizer, tokenizer, run_eval)
     for step in range(start, args.total_steps + 1):
         t0 = time.perf_counter()
         # 1. sample the batch's prompts; each is repeated G times, so rows i*G .. i*G+G-1 are prompt i's group
-        batch_rows = [rows[i] for i in rng.choice(len(rows), size=args.batch_size, replace=False)]
-        batch_rows = batch_rows[rank * B : (rank + 1) * B]  # DDP: this rank's B prompts; a group never splits
+        batch_rows = [rows[i] for i in run.rng.choice(len(rows), size=args.batch_size, replace=False)]
+        batch_rows = batch_rows[run.rank * B : (run.rank + 1) * B]  # DDP: this rank's prompts, whole groups
         prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
-        prompt_ids = [encode_prompt(tokenizer, r["prompt"]) for r in batch_rows]
-        encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(device)
-        prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # (B, P), left padded
-        P = prompt_ids.shape[1]
 
-        # 2. generate G completions per prompt (KV cache, plain sampling at temperature, dropout off)
-        with autocast(device, dtype):
-            sequences = sample(model, prompt_ids, prompt_mask, sampling, repeats=G)  # (N, P+T)
-        completion_ids = sequences[:, P:]  # (N, T)
-        completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)
+        # 2. generate G completions per prompt from softmax(logits / temperature), nothing else (no top-k,
+        # top-p or penalty), with a KV cache and dropout off; the prompts left padded (b, P)
+        with run.autocast():
+            prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts[::G], sampling, repeats=G)
+        completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)  # (N, T)
         completion_len = completion_mask.sum(1).mean()
         if args.mask_truncated:
             completion_mask = completion_mask * (~truncated)[:, None]
 
-        # 3. score every completion with the judge (TRL's reward-function signature)
+        # 3. score every completion with the judge; TRL's reward signature: the rows' other columns ("answer")
+        # as keyword arguments, one value per completion, and which completions never stopped
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
-        extra = judge_columns(batch_rows, repeat=G)  # every column but the prompt, one per completion
-        # NOTE: which completions never stopped, too: the rm: judge reads those as unfinished
-        scores = judge(prompts, completions, truncated=truncated.tolist(), **extra)
+        columns = {key: [r[key] for r in batch_rows for _ in range(G)] for key in batch_rows[0] if key != "prompt"}
+        scores = judge(prompts, completions, truncated=truncated.tolist(), **columns)
         rewards = torch.tensor(scores, dtype=torch.float32)  # (N,)
 
         # 4. advantages per group, from the whole batch's rewards, then this rank's rows
-        all_rewards = all_gather(rewards)  # DDP: (world * N,), in rank order
+        all_rewards = run.all_gather(rewards)  # DDP: (world * N,), in rank order
         all_advantages = group_advantages(all_rewards.view(-1, G), args.scale_rewards).view(-1)
-        advantages = all_advantages[rank * N : (rank + 1) * N].to(device)  # (N,)
+        advantages = all_advantages[run.rank * N : (run.rank + 1) * N].to(run.device)  # (N,)
 
         # 5. old and reference log-probs, without gradient
         parts = micro_batches(N, G, args.micro_batch_size)  # (completions, their prompts) of each micro-batch
         batch = (prompt_ids, prompt_mask, completion_ids, completion_mask, args.temperature, parts)
-        with torch.no_grad(), autocast(device, dtype):
+        with torch.no_grad(), run.autocast():
             old_logprobs = None  # with mu = 1 the policy has not moved yet: old = current, detached
             if args.num_iterations > 1:
                 old_logprobs = batched_logprobs(model, *batch)
             ref_logprobs = batched_logprobs(ref_model, *batch) if ref_model is not None else None
 
-        # 6. mu policy updates on this batch, each accumulated over micro-batches
-        # DDP: the gradients are AVERAGED over ranks, so each rank divides by (whole-batch count / world):
-        # k processes with B/k prompts give the gradient of one process with B prompts, token-mean included
-        n_tokens = float(all_sum(completion_mask.sum())) / world
+        # 6. mu passes over this batch, each accumulated over micro-batches and ended by one optimiser step
+        # DDP: the gradients are AVERAGED over ranks, so each rank divides by its share of the whole batch's
+        # count (of completions or tokens): k processes with B/k prompts give the gradient of one with B
+        n_tokens = float(run.all_sum(completion_mask.sum())) / run.world
         agg = dict(mode=args.loss_agg, n_sequences=N, n_tokens=n_tokens, max_new_tokens=args.max_new_tokens)
         logging = step % args.log_every == 0
-        for _ in range(args.num_iterations):
-            # summed over the micro-batches, for the log
-            loss_sum, clipped_sum, kl_sum, entropy_sum = (torch.zeros(()) for _ in range(4))
-            for i, (s, p) in enumerate(parts):  # s: the micro-batch's completions, p: their prompts
-                mask = completion_mask[s]
-                with sync_gradients(ddp_model, sync=i == len(parts) - 1):  # DDP: all-reduce in the last one
-                    with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                        logprobs, logits = forward_logprobs(
-                            ddp_model,
-                            prompt_ids[p],
-                            prompt_mask[p],
-                            completion_ids[s],
-                            mask,
-                            args.temperature,
-                        )
-                    old = logprobs.detach() if old_logprobs is None else old_logprobs[s]
-                    kl = torch.zeros_like(logprobs)
-                    if ref_model is not None:
-                        kl = kl_estimate(logprobs, ref_logprobs[s], args.kl_estimator)
-                    loss, clipped = grpo_loss(
-                        logprobs=logprobs,
-                        old_logprobs=old,
-                        advantages=advantages[s],
-                        mask=mask,
-                        eps_low=args.clip_eps_low,
-                        eps_high=args.clip_eps_high,
-                        beta=args.beta,
-                        kl=kl,
-                        **agg,
+        for i, (s, p) in enumerate(parts * args.num_iterations):  # s: the completions, p: their prompts
+            if i % len(parts) == 0:  # a pass begins: its sums over the micro-batches, for the log
+                loss_sum, clipped_sum, kl_sum, entropy_sum = (torch.zeros(()) for _ in range(4))
+            last = (i + 1) % len(parts) == 0  # the pass's last micro-batch: DDP all-reduces, then a step
+            mask = completion_mask[s]
+            with run.sync_gradients(ddp_model, sync=last):
+                with run.autocast():  # the forward in bf16 (or fp32); the loss below in fp32
+                    logprobs, logits = forward_logprobs(
+                        ddp_model, prompt_ids[p], prompt_mask[p], completion_ids[s], mask, args.temperature
                     )
-                    loss.backward()
-                loss_sum += loss.detach().cpu()
-                clipped_sum += clipped.detach().cpu()
-                kl_sum += (kl * mask).sum().detach().cpu()
-                if logging:  # the entropy is a pass over the whole vocabulary: only on logging steps
-                    entropy_sum += (entropy(logits, args.temperature) * mask).sum().cpu()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(
-                    f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
-                    f"{log.dir}/model: lower --learning-rate"
+                old = logprobs.detach() if old_logprobs is None else old_logprobs[s]
+                kl = torch.zeros_like(logprobs)
+                if ref_model is not None:
+                    kl = kl_estimate(logprobs, ref_logprobs[s], args.kl_estimator)
+                loss, clipped = grpo_loss(
+                    logprobs=logprobs,
+                    old_logprobs=old,
+                    advantages=advantages[s],
+                    mask=mask,
+                    eps_low=args.clip_eps_low,
+                    eps_high=args.clip_eps_high,
+                    beta=args.beta,
+                    kl=kl,
+                    **agg,
                 )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            loss_sum += loss.detach().cpu()
+            clipped_sum += clipped.detach().cpu()
+            kl_sum += (kl * mask).sum().detach().cpu()
+            if logging:  # the entropy is a pass over the whole vocabulary: only on logging steps
+                entropy_sum += (entropy(logits, args.temperature) * mask).sum().cpu()
+            if last:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                run.check_finite(grad_norm, step, "gradient")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
 
-        # 7. log (DDP: summed over all ranks, so the metrics are the whole batch's), eval, save
+        # 7. log (a tensor: the mean over the ranks), evaluate and save on schedule
+        metrics = None
         if logging:
-            sums = all_sum(torch.stack([loss_sum, clipped_sum, kl_sum, entropy_sum]))
-            loss_all, clipped_all, kl_all, entropy_all = sums.tolist()
-            per_rank = torch.stack(
-                [completion_len, truncated.float().mean(), G * prompt_mask.sum() + completion_mask.sum()]
-            ).cpu()
-            completion_len_all, truncated_all, tokens_all = all_sum(per_rank).tolist()
-            all_tokens = max(n_tokens * world, 1)
             group_std = all_rewards.view(-1, G).std(1)
+            tokens = max(n_tokens, 1)  # DDP: this rank's share of the batch's completion tokens
             metrics = {
-                "train/loss": loss_all / world,
+                "train/loss": loss_sum,
                 "train/reward": float(all_rewards.mean()),
                 "train/reward_std": float(group_std.mean()),
                 "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
-                "train/clipfrac": clipped_all / all_tokens,
-                "train/entropy": entropy_all / all_tokens,
+                "train/clipfrac": clipped_sum.double() / tokens,
+                "train/entropy": entropy_sum.double() / tokens,
                 "train/grad_norm": float(grad_norm),
-                "train/completion_len": completion_len_all / world,
-                "train/truncated": truncated_all / world,
+                "train/completion_len": completion_len,
+                "train/truncated": truncated.float().mean(),
                 "perf/step_s": step_s,
-                "perf/tokens_per_s": tokens_all / step_s,
+                "perf/tokens_per_s": (G * prompt_mask.sum() + completion_mask.sum()) / step_s,
             }
             if ref_model is not None:
-                metrics["train/kl"] = kl_all / all_tokens
-            log.log(step, metrics)
-        if step % args.eval_every == 0 or step == args.total_steps:
-            eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
-        if step % (args.save_every or args.eval_every) == 0 or step == args.total_steps:
-            save_checkpoint(log, step, {"model": model}, optimizer, rng)
-    del ddp_model  # DDP: free the wrapper before leaving the process group
-    cleanup_distributed()
-    log.close()
-    return {**eval_metrics, "run_dir": log.dir}
+                metrics["train/kl"] = kl_sum.double() / tokens
+        run.end_step(step, args.total_steps, metrics)
+    return run.close()
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, __doc__))
+    main(tyro.cli(Args, description=__doc__))

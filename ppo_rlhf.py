@@ -27,21 +27,18 @@ Run: python ppo_rlhf.py        # judge poet+correct, ~3 min on 2 CPU cores (torc
 """
 
 import copy
-import random
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
+import tyro
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForSequenceClassification
 
-from common import all_sum, autocast, cleanup_distributed, completion_forward, encode_prompt, evaluate
-from common import get_judge, init_distributed, judge_columns, load_checkpoint, load_model_and_tokenizer
-from common import load_prompts, load_reward_model, Logger, parse_args, resolve_device_dtype, resumed_args
-from common import sample, sampling_config, sampling_seed, save_checkpoint
+from common.models import forward_sharing_prompts, load_model_and_tokenizer, sample, sampling_config  # model
+from common.task import evaluate, get_judge, load_prompts  # the task: prompts, the judge, the eval
+from common.run import Run  # the run: process group, seeds, run folder, logging, checkpoints, resume
 
 
 @dataclass
@@ -170,19 +167,30 @@ def completion_mask_from(
 
 def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
     """Log-probs (n, T) of the completion tokens and the logits (n, T, V) that predict them, for b prompts
-    (b, P) each followed by n/b of the completions (n, T).
-    NOTE: the prompt runs once for all its completions, which attend to copies of its keys and values
-    (common.completion_forward): the same log-probs and gradient as n forwards over prompt + completion."""
-    logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    (b, P), left padded, each followed by r = n/b of the completions (n, T): rows i*r .. i*r+r-1 follow prompt i."""
+    P, r = prompt_ids.shape[1], len(completion_ids) // len(prompt_ids)
+    input_ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids], dim=1)  # (n, P+T)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is predicted
+    # at P-1+t, and the last token predicts nothing: it is not fed
+    inputs = (input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1])
+    # = model(*inputs).logits[:, P - 1 :], with each prompt run once for its r completions (tested equal)
+    logits = forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r)  # (n, T, V)
     return token_logprobs(logits, completion_ids, temperature), logits
 
 
 def score_last_token(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """r(x, y) of each completion, (N,): the scalar head on the hidden state of its last real token, for b
     prompts (b, P), left padded, each followed by N/b of the completions (N, T), right padded."""
-    # NOTE: through the model's own forward, not model.base_model, so that a DDP wrapper sees the call and
-    # syncs the gradients; the final (normed) hidden states are the head's input
-    hidden = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, hidden=True)
+    P, r = prompt_ids.shape[1], len(completion_ids) // len(prompt_ids)
+    input_ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids], dim=1)  # (N, P+T)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    # = model(..., output_hidden_states=True).hidden_states[-1][:, P:], each prompt run once (tested equal);
+    # NOTE: the model's own forward, not model.base_model, so that a DDP wrapper would sync the gradients
+    inputs = (input_ids, attention_mask, position_ids)
+    hidden = forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r, hidden=True)  # (N, T, D)
     # NOTE: the last real token found from the mask, not from pad_token_id (TRL #937: when pad == EOS, HF's
     # own lookup reads the wrong token)
     last = (completion_mask * torch.arange(completion_mask.shape[1], device=completion_mask.device)).argmax(1)
@@ -295,106 +303,80 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_episodes: int, 
 
 
 def main(args: Args) -> dict:
-    args = resumed_args("ppo_rlhf", args) if args.resume else args  # --resume: the run's own settings
-    rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
-    log = Logger("ppo_rlhf", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(sampling_seed(args.seed, rank))  # DDP: each rank samples its own completions
-    rng = np.random.default_rng(args.seed)  # the same prompt order and minibatch shuffles on every rank
-    N = args.batch_size // world  # DDP: this rank's share of the prompts
-    if args.batch_size % world or N % args.num_minibatches or N // args.num_minibatches < 2:
-        per = f" / {world} processes" if world > 1 else ""
+    run = Run("ppo_rlhf", args, seed_per_rank=True)  # DDP: each rank samples its own completions (common/run.py)
+    args = run.args  # --resume: the run's own settings
+    N = args.batch_size // run.world  # DDP: this rank's share of the prompts
+    if args.batch_size % run.world or N % args.num_minibatches or N // args.num_minibatches < 2:
+        per = f" / {run.world} processes" if run.world > 1 else ""
         raise ValueError(
             f"--num-minibatches {args.num_minibatches} must divide --batch-size {args.batch_size}"
             f"{per} into minibatches of 2 or more"
         )
     M = N // args.num_minibatches
-    rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size, args.eval_prompts)
-    eval_extra = judge_columns(eval_rows)  # the rows' other columns ("answer", ...) go to the judge
+    rows, eval_rows = load_prompts(args.prompts, args.eval_prompts, args.batch_size, args.eval_size)
 
     # the four roles, dropout off in all (N-blog detail 9); trained ones in fp32, frozen ones may be bf16
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
-    device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)  # policy
-    ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)  # reference
+    ref_model = copy.deepcopy(model).to(run.dtype).eval().requires_grad_(False)  # reference
     reward_model = None
     if args.reward_model is not None:  # reward; the value model starts from it (SFD ppo.py:482, TRL)
-        reward_model = load_reward_model(args.reward_model, tokenizer, args.device)
-        value_model = copy.deepcopy(reward_model).requires_grad_(True)
-        reward_model = reward_model.to(dtype)
-    else:
-        # the backbone with a scalar head; NOTE: V = 0 at first (OAI's N(0, 0), N-blog detail 8)
-        scalar = AutoModelForSequenceClassification
-        value_model = load_model_and_tokenizer(args.model, args.device, model_class=scalar, num_labels=1)[0]
+        reward_model = load_model_and_tokenizer(args.reward_model, args.device, reward_model_for=tokenizer)[0]
+        value_model = copy.deepcopy(reward_model)
+        reward_model = reward_model.to(run.dtype).eval().requires_grad_(False)
+    else:  # the backbone with a scalar head; NOTE: V = 0 at first (OAI's N(0, 0), N-blog detail 8)
+        value_model = load_model_and_tokenizer(args.model, args.device, scalar_head=True)[0]
         torch.nn.init.zeros_(value_model.score.weight)
     value_model.train()
     if args.gradient_checkpointing:
         for trained in (model, value_model):
             trained.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # the sampler: plain sampling at temperature from our flags only; its stop ids also end the masks
+    # the sampler: softmax(logits / temperature) from our flags only; its stop ids also end the masks
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
-    stop_ids = torch.tensor(sampling.eos_token_id, device=device)
-    # DDP: each trained model in its own wrapper, which averages its gradients in backward
-    ddp_model, ddp_value_model = (DDP(model), DDP(value_model)) if world > 1 else (model, value_model)
+    stop_ids = torch.tensor(sampling.eos_token_id, device=run.device)
+    ddp_model, ddp_value_model = run.wrap(model), run.wrap(value_model)  # DDP: each averages its gradients
     # NOTE: Adam eps 1e-5 as SFD (ppo.py); PyTorch's 1e-8 makes larger early updates (N-blog detail 14)
     trained = list(model.parameters()) + list(value_model.parameters())
     # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
     optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5, fused=True)
 
     def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from ref_model, the starting policy
-        prompts, T = [r["prompt"] for r in eval_rows], args.temperature
-        return evaluate(
-            model, tokenizer, judge, prompts, T, args.max_new_tokens, dtype, ref_model, **eval_extra
-        )
+        T = args.temperature
+        return evaluate(model, tokenizer, judge, eval_rows, T, args.max_new_tokens, run.dtype, ref_model)
 
-    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
-    start, state = (
-        load_checkpoint(log, {"model": model, "value_model": value_model}, optimizer, rng)
-        if args.resume
-        else (1, {})
-    )
+    # --resume: the last checkpoint's weights, optimizer, random states and step; else the eval of step 0
+    start, state = run.begin({"model": model, "value_model": value_model}, optimizer, tokenizer, run_eval)
     kl_coef = state.get("kl_coef", args.kl_coef)  # beta, adaptive with --target-kl
-    # rank 0: the starting model
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
     for step in range(start, args.total_steps + 1):
         t0 = time.perf_counter()
         # 1. sample the batch's prompts, one completion each
-        batch_rows = [rows[i] for i in rng.choice(len(rows), size=args.batch_size, replace=False)]
-        batch_rows = batch_rows[rank * N : (rank + 1) * N]  # DDP: this rank's N prompts
+        batch_rows = [rows[i] for i in run.rng.choice(len(rows), size=args.batch_size, replace=False)]
+        batch_rows = batch_rows[run.rank * N : (run.rank + 1) * N]  # DDP: this rank's N prompts
         prompts = [r["prompt"] for r in batch_rows]
-        prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-        encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(device)
-        prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # (N, P), left padded
-        P = prompt_ids.shape[1]
 
-        # 2. generate (KV cache, plain sampling at temperature), then truncate after the first stop token
-        with autocast(device, dtype):
-            sequences = sample(model, prompt_ids, prompt_mask, sampling)  # (N, P+T)
-        completion_ids = sequences[:, P:]  # (N, T)
+        # 2. generate from softmax(logits / temperature), nothing else (no top-k, top-p or penalty), with a KV
+        # cache and dropout off; the prompts left padded (N, P); the mask ends after the first stop token
+        with run.autocast():
+            prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts, sampling)
+        P, sequences = prompt_ids.shape[1], torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+T)
         completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)
-        # (N, P+T): nothing after EOS
-        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)  # (N, P+T): nothing after EOS
         completion_len = completion_mask.sum(1).mean()
 
         # 3. score: the reward model on the policy's own token ids (last real token), or the judge on the text
         if reward_model is not None:
-            with torch.no_grad(), autocast(device, dtype):
-                raw_scores = score_last_token(
-                    reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask
-                )
-        else:
-            completions = [
-                c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-            ]
-            extra = judge_columns(batch_rows)  # every column but the prompt, one per completion
-            raw_scores = torch.tensor(judge(prompts, completions, **extra), dtype=torch.float32)
-        scores = sequence_scores(raw_scores.to(device), truncated, args.truncated, args.truncated_score)
+            with torch.no_grad(), run.autocast():
+                raw_scores = score_last_token(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        else:  # TRL's reward signature: the rows' other columns ("answer") as keyword arguments
+            completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
+            columns = {key: [r[key] for r in batch_rows] for key in batch_rows[0] if key != "prompt"}
+            raw_scores = torch.tensor(judge(prompts, completions, **columns), dtype=torch.float32)
+        scores = sequence_scores(raw_scores.to(run.device), truncated, args.truncated, args.truncated_score)
         if args.truncated == "mask":
             completion_mask = completion_mask * (~truncated)[:, None]
 
         # 4. the rollout's log-probs (policy = pi_old, reference) and values (N, T), once, without gradient
-        with torch.no_grad(), autocast(device, dtype):
+        with torch.no_grad(), run.autocast():
             rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask, args.temperature)
             old_logprobs, _ = forward_logprobs(model, *rollout)
             ref_logprobs, _ = forward_logprobs(ref_model, *rollout)
@@ -412,11 +394,8 @@ def main(args: Args) -> dict:
             advantages = masked_whiten(advantages, completion_mask)
             # DDP: the whitening (and the minibatch token means below) use this rank's tokens, as TRL's PPO
             # does; k processes then match one process with the whole batch in expectation, not bit for bit
-        if not (torch.isfinite(old_values).all() and torch.isfinite(advantages).all()):
-            raise FloatingPointError(
-                f"values or advantages are NaN/inf at step {step}; the last good model is in "
-                f"{log.dir}/model: lower --learning-rate or check the reward model"
-            )
+        run.check_finite(torch.cat([old_values, advantages]), step, "values or advantages", "lower "
+                         "--learning-rate or check the reward model")  # fmt: skip
 
         # 6. num_ppo_epochs passes, each over shuffled minibatches of M sequences, one optimiser step each
         logging = step % args.log_every == 0
@@ -432,9 +411,9 @@ def main(args: Args) -> dict:
         )
         totals = {name: torch.zeros(()) for name in names}  # summed over the epochs' minibatches
         for _ in range(args.num_ppo_epochs):
-            for s in torch.from_numpy(rng.permutation(N)).to(device).split(M):
+            for s in torch.from_numpy(run.rng.permutation(N)).to(run.device).split(M):
                 mask = completion_mask[s]
-                with autocast(device, dtype):  # the forwards in bf16 (or fp32); the losses below in fp32
+                with run.autocast():  # the forwards in bf16 (or fp32); the losses below in fp32
                     logprobs, logits = forward_logprobs(
                         ddp_model, prompt_ids[s], prompt_mask[s], completion_ids[s], mask, args.temperature
                     )
@@ -444,11 +423,7 @@ def main(args: Args) -> dict:
                 loss = pg_loss + args.vf_coef * vf_loss
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(
-                        f"gradient is {float(grad_norm)} at step {step}; the last good model is "
-                        f"in {log.dir}/model: lower --learning-rate"
-                    )
+                run.check_finite(grad_norm, step, "gradient")
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (step - 1) / args.total_steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -466,7 +441,7 @@ def main(args: Args) -> dict:
 
         # 7. adapt beta (from the KL per completion, in nats, over the rows that train), log, eval, save
         kl_sum, n_rows = trained_rows_kl(old_logprobs, ref_logprobs, completion_mask)
-        sequence_kl = float(all_sum(kl_sum) / all_sum(n_rows).clamp(min=1))
+        sequence_kl = float(run.all_sum(kl_sum) / run.all_sum(n_rows).clamp(min=1))
         logged_kl_coef = kl_coef
         if args.target_kl is not None:
             kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, args.target_kl, args.batch_size, args.kl_horizon)
@@ -497,24 +472,11 @@ def main(args: Args) -> dict:
                 "train/completion_len": float(completion_len),
                 "train/truncated": float(truncated.float().mean()),
                 "perf/step_s": step_s,
-                "perf/tokens_per_s": float(all_sum(attention_mask.sum())) / step_s,
+                "perf/tokens_per_s": float(attention_mask.sum()) / step_s,
             }
-            # DDP: the mean of the ranks' metrics (each rank's are means over its share of the batch)
-            names = [k for k in metrics if k.startswith("train/")]
-            rank_means = all_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64)) / world
-            metrics.update(zip(names, rank_means.tolist()))
-            log.log(step, metrics)
-        if step % args.eval_every == 0 or step == args.total_steps:
-            eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
-        if step % (args.save_every or args.eval_every) == 0 or step == args.total_steps:
-            save_checkpoint(
-                log, step, {"model": model, "value_model": value_model}, optimizer, rng, kl_coef=kl_coef
-            )
-    del ddp_model, ddp_value_model  # DDP: free the wrappers before leaving the process group
-    cleanup_distributed()
-    log.close()
-    return {**eval_metrics, "run_dir": log.dir}
+        run.end_step(step, args.total_steps, metrics if logging else None, kl_coef=kl_coef)
+    return run.close()
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, __doc__))
+    main(tyro.cli(Args, description=__doc__))

@@ -19,20 +19,17 @@ Run: python reinforce.py --group-size 8     (several processes: torchrun --nproc
 """
 
 import copy
-import random
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
+import tyro
 from torch.utils.checkpoint import checkpoint
 
-from common import all_gather, all_sum, autocast, cleanup_distributed, completion_forward, encode_prompt
-from common import evaluate, frozen_copy, get_judge, init_distributed, judge_columns, load_checkpoint
-from common import load_model_and_tokenizer, load_prompts, Logger, parse_args, resolve_device_dtype
-from common import resumed_args, sample, sampling_config, sampling_seed, save_checkpoint, sync_gradients
+from common.models import forward_sharing_prompts, load_model_and_tokenizer, sample, sampling_config  # model
+from common.task import evaluate, get_judge, load_prompts  # the task: prompts, the judge, the eval
+from common.run import Run  # the run: process group, seeds, run folder, logging, checkpoints, resume
 
 
 @dataclass
@@ -77,7 +74,7 @@ class Args:
     beta: float = 0.05
     """beta: weight of the k1 KL penalty in the reward (0 = no reference loaded; TRL RLOO's default 0.05)"""
     mask_truncated: bool = False
-    """drop completions that hit max_new_tokens without EOS from the loss (TRL mask_truncated_completions)"""
+    """drop completions that never stop from the loss (DAPO; TRL mask_truncated_completions)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed from logits / temperature to match the sampler"""
     max_new_tokens: int = 8
@@ -179,10 +176,16 @@ def completion_mask_from(
 
 def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
     """Log-probs (n, T) of the completion tokens and the logits (n, T, V) that predict them, for b prompts
-    (b, P) each followed by n/b of the completions (n, T).
-    NOTE: the prompt runs once for all its completions, which attend to copies of its keys and values
-    (common.completion_forward): the same log-probs and gradient as n forwards over prompt + completion."""
-    logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    (b, P), left padded, each followed by r = n/b of the completions (n, T): rows i*r .. i*r+r-1 follow prompt i."""
+    P, r = prompt_ids.shape[1], len(completion_ids) // len(prompt_ids)
+    input_ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids], dim=1)  # (n, P+T)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is predicted
+    # at P-1+t, and the last token predicts nothing: it is not fed
+    inputs = (input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1])
+    # = model(*inputs).logits[:, P - 1 :], with each prompt run once for its r completions (tested equal)
+    logits = forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r)  # (n, T, V)
     return token_logprobs(logits, completion_ids, temperature), logits
 
 
@@ -205,21 +208,14 @@ def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
 
 
 def main(args: Args) -> dict:
-    args = resumed_args("reinforce", args) if args.resume else args  # --resume: the run's own settings
-    rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
-    log = Logger("reinforce", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(sampling_seed(args.seed, rank))  # DDP: each rank samples its own completions
-    rng = np.random.default_rng(args.seed)  # the same prompt order on every rank
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    B, G = args.batch_size // world, args.group_size  # B: this rank's prompts, each with its whole group
+    run = Run("reinforce", args, seed_per_rank=True)  # DDP: each rank samples its own completions (common/run.py)
+    args = run.args  # --resume: the run's own settings
+    B, G = args.batch_size // run.world, args.group_size  # DDP: B: this rank's prompts, each with its group
     N = B * G  # this rank's completions
+    if args.batch_size % run.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {run.world} processes")
     if G < 2 and args.baseline in ("group-mean", "rloo"):
-        raise ValueError(
-            f"--group-size {G}: the {args.baseline} baseline needs at least 2 completions per prompt"
-        )
+        raise ValueError(f"--group-size {G}: the {args.baseline} baseline needs at least 2 completions per prompt")
     m = args.micro_batch_size
     if N > m and (N % m or (m % G and G % m)):
         raise ValueError(
@@ -228,92 +224,84 @@ def main(args: Args) -> dict:
         )
 
     # the prompts, the judge, the policy (fp32 master weights) and its frozen reference (may be bf16)
-    rows, eval_rows = load_prompts(args.prompts, args.batch_size, args.eval_size, args.eval_prompts)
-    eval_extra = judge_columns(eval_rows)  # the rows' other columns ("answer", ...) go to the judge
+    rows, eval_rows = load_prompts(args.prompts, args.eval_prompts, args.batch_size, args.eval_size)
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
-    device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     ref_model = None
     if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
-        ref_model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        ref_model = copy.deepcopy(model).to(run.dtype).eval().requires_grad_(False)
     start_model = ref_model  # eval/kl's starting policy: the reference, or (rank 0 evaluates) a host copy
-    if start_model is None and log.active:
-        start_model = frozen_copy(model, dtype, "cpu")
+    if start_model is None and run.active:
+        start_model = copy.deepcopy(model).to("cpu", run.dtype).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # the sampler: plain sampling at temperature from our flags only; its stop ids also end the masks
+    # the sampler: softmax(logits / temperature) from our flags only; its stop ids also end the masks
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
-    stop_ids = torch.tensor(sampling.eos_token_id, device=device)
-    ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
+    stop_ids = torch.tensor(sampling.eos_token_id, device=run.device)
+    ddp_model = run.wrap(model)  # DDP: averages the gradients in backward
     # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
 
     def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from start_model, the starting policy
-        prompts, T = [r["prompt"] for r in eval_rows], args.temperature
-        return evaluate(
-            model, tokenizer, judge, prompts, T, args.max_new_tokens, dtype, start_model, **eval_extra
-        )
+        T = args.temperature
+        return evaluate(model, tokenizer, judge, eval_rows, T, args.max_new_tokens, run.dtype, start_model)
 
-    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
-    start, state = load_checkpoint(log, {"model": model}, optimizer, rng) if args.resume else (1, {})
+    # --resume: the last checkpoint's weights, optimizer, random states and step; else the eval of step 0
+    start, state = run.begin({"model": model}, optimizer, tokenizer, run_eval)
     running_mean = state.get("running_mean")  # the moving-average baseline's state
-    # rank 0: the starting model
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
     for step in range(start, args.total_steps + 1):
         t0 = time.perf_counter()
         # 1. sample the batch's prompts; each is repeated G times, so rows i*G .. i*G+G-1 are prompt i's group
-        batch_rows = [rows[i] for i in rng.choice(len(rows), size=args.batch_size, replace=False)]
-        batch_rows = batch_rows[rank * B : (rank + 1) * B]  # DDP: this rank's B prompts; a group never splits
+        batch_rows = [rows[i] for i in run.rng.choice(len(rows), size=args.batch_size, replace=False)]
+        batch_rows = batch_rows[run.rank * B : (run.rank + 1) * B]  # DDP: this rank's prompts, whole groups
         prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
-        prompt_ids = [encode_prompt(tokenizer, r["prompt"]) for r in batch_rows]
-        encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(device)
-        prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # (B, P), left padded
-        P = prompt_ids.shape[1]
 
-        # 2. generate G completions per prompt (KV cache, plain sampling at temperature, dropout off)
-        with autocast(device, dtype):
-            sequences = sample(model, prompt_ids, prompt_mask, sampling, repeats=G)  # (N, P+T)
-        completion_ids = sequences[:, P:]  # (N, T)
-        completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)
+        # 2. generate G completions per prompt from softmax(logits / temperature), nothing else (no top-k,
+        # top-p or penalty), with a KV cache and dropout off; the prompts left padded (b, P)
+        with run.autocast():
+            prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts[::G], sampling, repeats=G)
+        completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)  # (N, T)
         completion_len = completion_mask.sum(1).mean()
         if args.mask_truncated:
             completion_mask = completion_mask * (~truncated)[:, None]
 
-        # 3. score every completion with the judge (TRL's reward-function signature)
+        # 3. score every completion with the judge; TRL's reward signature: the rows' other columns ("answer")
+        # as keyword arguments, one value per completion, and which completions never stopped
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
-        extra = judge_columns(batch_rows, repeat=G)  # every column but the prompt, one per completion
-        # NOTE: which completions never stopped, too: the rm: judge reads those as unfinished
-        scores = judge(prompts, completions, truncated=truncated.tolist(), **extra)
+        columns = {key: [r[key] for r in batch_rows for _ in range(G)] for key in batch_rows[0] if key != "prompt"}
+        scores = judge(prompts, completions, truncated=truncated.tolist(), **columns)
         rewards = torch.tensor(scores, dtype=torch.float32)  # (N,)
 
         # 4. the k1 KL penalty in the reward, from log-probs of the sampling policy and the reference
         parts = micro_batches(N, G, args.micro_batch_size)  # (completions, their prompts) of each micro-batch
         batch = (prompt_ids, prompt_mask, completion_ids, completion_mask, args.temperature, parts)
-        kl = torch.zeros(N, device=device)
+        kl = torch.zeros(N, device=run.device)
         if ref_model is not None:
-            with torch.no_grad(), autocast(device, dtype):
+            with torch.no_grad(), run.autocast():
                 logprobs, ref_logprobs = batched_logprobs(model, *batch), batched_logprobs(ref_model, *batch)
             kl = kl_penalty(logprobs, ref_logprobs, completion_mask)  # (N,)
-        shaped_rewards = rewards.to(device) - args.beta * kl
+        shaped_rewards = rewards.to(run.device) - args.beta * kl
 
-        # 5. advantages: reward minus baseline, from the whole batch's rewards, then this rank's rows (so
-        # every rank also keeps the same moving average)
-        # DDP: (world * N,), rank order
-        all_rewards, all_shaped = all_gather(rewards), all_gather(shaped_rewards)
+        # 5. advantages: reward minus baseline, from the whole batch's rewards, then this rank's rows (so every
+        # rank keeps the same moving average)
+        all_rewards, all_shaped = run.all_gather(rewards), run.all_gather(shaped_rewards)  # DDP: rank order
         all_advantages, running_mean = baseline_advantages(
             all_shaped.view(-1, G), args.baseline, running_mean, args.baseline_decay
         )
-        advantages = all_advantages.view(-1)[rank * N : (rank + 1) * N]  # (N,)
+        advantages = all_advantages.view(-1)[run.rank * N : (run.rank + 1) * N]  # (N,)
 
-        # 6. one on-policy update, accumulated over micro-batches
-        # DDP: the gradients are AVERAGED over ranks, so each rank divides by its own N = B * G = whole batch
-        # / world: then k processes with B/k prompts each give the gradient of one process with all B prompts
+        # 6. one on-policy update, accumulated over micro-batches and ended by one optimiser step
+        # DDP: the gradients are AVERAGED over ranks, so each rank divides by its share of the whole batch's
+        # count (of completions or tokens): k processes with B/k prompts give the gradient of one with B
+        n_tokens = float(run.all_sum(completion_mask.sum())) / run.world
         logging = step % args.log_every == 0
-        loss_sum, entropy_sum = torch.zeros(()), torch.zeros(())  # over micro-batches
-        for i, (s, p) in enumerate(parts):  # s: the micro-batch's completions, p: their prompts
+        for i, (s, p) in enumerate(parts):  # s: the completions, p: their prompts
+            if i % len(parts) == 0:  # a pass begins: its sums over the micro-batches, for the log
+                loss_sum, entropy_sum = torch.zeros(()), torch.zeros(())
+            last = (i + 1) % len(parts) == 0  # the pass's last micro-batch: DDP all-reduces, then a step
             mask = completion_mask[s]
-            with sync_gradients(ddp_model, sync=i == len(parts) - 1):  # DDP: all-reduce in the last one
-                with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
+            with run.sync_gradients(ddp_model, sync=last):
+                with run.autocast():  # the forward in bf16 (or fp32); the loss below in fp32
                     logprobs, logits = forward_logprobs(
                         ddp_model, prompt_ids[p], prompt_mask[p], completion_ids[s], mask, args.temperature
                     )
@@ -322,54 +310,35 @@ def main(args: Args) -> dict:
             loss_sum += loss.detach().cpu()
             if logging:  # the entropy is a pass over the whole vocabulary: only on logging steps
                 entropy_sum += (entropy(logits, args.temperature) * mask).sum().cpu()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"gradient is {float(grad_norm)} at step {step}; the last good model is in "
-                f"{log.dir}/model: lower --learning-rate"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            if last:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                run.check_finite(grad_norm, step, "gradient")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
 
-        # 7. log (DDP: summed over all ranks, so the metrics are the whole batch's), eval, save
+        # 7. log (a tensor: the mean over the ranks), evaluate and save on schedule
+        metrics = None
         if logging:
-            loss_all, entropy_all = all_sum(torch.stack([loss_sum, entropy_sum])).tolist()
-            per_rank = torch.stack(
-                [
-                    completion_len,
-                    truncated.float().mean(),
-                    G * prompt_mask.sum() + completion_mask.sum(),
-                    kl.sum(),
-                ]
-            )
-            completion_len_all, truncated_all, tokens_all, kl_all = all_sum(per_rank.cpu()).tolist()
-            all_tokens = max(float(all_sum(completion_mask.sum())), 1)
             group_std = all_rewards.view(-1, G).std(1) if G > 1 else torch.zeros(B)  # G = 1: no groups
+            tokens = max(n_tokens, 1)  # DDP: this rank's share of the batch's completion tokens
             metrics = {
-                "train/loss": loss_all / world,
+                "train/loss": loss_sum,
                 "train/reward": float(all_rewards.mean()),
                 "train/reward_std": float(group_std.mean()),
                 "train/frac_zero_std": float((group_std < 1e-6).float().mean()),
-                "train/entropy": entropy_all / all_tokens,
+                "train/entropy": entropy_sum.double() / tokens,
                 "train/grad_norm": float(grad_norm),
-                "train/completion_len": completion_len_all / world,
-                "train/truncated": truncated_all / world,
+                "train/completion_len": completion_len,
+                "train/truncated": truncated.float().mean(),
                 "perf/step_s": step_s,
-                "perf/tokens_per_s": tokens_all / step_s,
+                "perf/tokens_per_s": (G * prompt_mask.sum() + completion_mask.sum()) / step_s,
             }
             if ref_model is not None:
-                metrics["train/kl"] = kl_all / all_tokens
-            log.log(step, metrics)
-        if step % args.eval_every == 0 or step == args.total_steps:
-            eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
-        if step % (args.save_every or args.eval_every) == 0 or step == args.total_steps:
-            save_checkpoint(log, step, {"model": model}, optimizer, rng, running_mean=running_mean)
-    del ddp_model  # DDP: free the wrapper before leaving the process group
-    cleanup_distributed()
-    log.close()
-    return {**eval_metrics, "run_dir": log.dir}
+                metrics["train/kl"] = kl.sum().double() / tokens
+        run.end_step(step, args.total_steps, metrics, running_mean=running_mean)
+    return run.close()
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, __doc__))
+    main(tyro.cli(Args, description=__doc__))

@@ -22,7 +22,6 @@ Run: python reward_model.py
      python reward_model.py --judge correct --data my_pairs.jsonl
 """
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -30,12 +29,11 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoModelForSequenceClassification
+import tyro
 
-from common import all_sum, autocast, cleanup_distributed, completion_forward, encode_pairs, get_judge
-from common import init_distributed, load_checkpoint, load_model_and_tokenizer, load_pairs, Logger, parse_args
-from common import resolve_device_dtype, resumed_args, save_checkpoint
+from common.models import forward_sharing_prompts, load_model_and_tokenizer  # the model
+from common.task import get_judge, load_pairs  # the task: preference pairs and the judge that ranks them
+from common.run import Run  # the run: process group, seeds, run folder, logging, checkpoints, resume
 
 
 @dataclass
@@ -113,7 +111,7 @@ def concat_pairs(
 ) -> tuple[torch.Tensor, ...]:
     """B (prompt, chosen, rejected) -> prompt_ids, prompt_mask (B, P), left padded, and completion_ids,
     completion_mask (2B, T), right padded: rows 2i and 2i+1 are pair i's chosen and rejected, which follow
-    its prompt, so one forward scores both and runs the prompt once (common.completion_forward).
+    its prompt, so one forward scores both and runs the prompt once (score_last_token).
 
     NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still
     counts."""
@@ -132,9 +130,14 @@ def concat_pairs(
 def score_last_token(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """r(x, y) of each completion, (N,): the scalar head on the hidden state of its last real token, for b
     prompts (b, P), left padded, each followed by N/b of the completions (N, T), right padded."""
-    # NOTE: through the model's own forward, not model.base_model, so that a DDP wrapper sees the call and
-    # syncs the gradients; the final (normed) hidden states are the head's input
-    hidden = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, hidden=True)
+    P, r = prompt_ids.shape[1], len(completion_ids) // len(prompt_ids)
+    input_ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids], dim=1)  # (N, P+T)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    # = model(..., output_hidden_states=True).hidden_states[-1][:, P:], each prompt run once (tested equal);
+    # NOTE: the model's own forward, not model.base_model, so that a DDP wrapper syncs the gradients
+    inputs = (input_ids, attention_mask, position_ids)
+    hidden = forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r, hidden=True)  # (N, T, D)
     # NOTE: the last real token found from the mask, not from pad_token_id (TRL #937: when pad == EOS, HF's
     # own lookup reads the wrong token)
     last = (completion_mask * torch.arange(completion_mask.shape[1], device=completion_mask.device)).argmax(1)
@@ -167,7 +170,7 @@ def evaluate_pairs(
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
         tensors = (t.to(model.device) for t in concat_pairs(batch, pad_id))
-        with autocast(model.device, dtype):
+        with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
             rewards = score_last_token(model, *tensors).view(-1, 2)  # (B, 2): chosen, rejected
         chosen.append(rewards[:, 0])
         rejected.append(rewards[:, 1])
@@ -182,83 +185,63 @@ def evaluate_pairs(
 
 
 def main(args: Args) -> dict:
-    args = resumed_args("reward_model", args) if args.resume else args  # --resume: the run's own settings
-    rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
-    log = Logger("reward_model", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     # DDP: the same seed on every rank: the same head, pairs and batch order, of which each rank takes a share
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    run = Run("reward_model", args)
+    args = run.args  # --resume: the run's own settings
+    if args.batch_size % run.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {run.world} processes")
 
     # 1. the backbone with a scalar head (dropout off, fp32 weights); a causal-LM checkpoint gets a new head
-    device, dtype = resolve_device_dtype(args.device, args.dtype)  # dtype: what autocast computes in
-    model, tokenizer = load_model_and_tokenizer(
-        args.model, args.device, model_class=AutoModelForSequenceClassification, num_labels=1
-    )
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, scalar_head=True)
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         # NOTE: N(0, 1/sqrt(d+1)) as in SFD reward.py and OpenAI's lm-human-preferences (N-blog detail 6)
         torch.nn.init.normal_(model.score.weight, std=1 / np.sqrt(model.config.hidden_size + 1))
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
 
-    # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids), both completions ending in EOS
-    judge, sampler = None, None
-    if args.data is None:  # built: names ranked by the judge, sampled from the same checkpoint as a causal LM
-        judge = get_judge(args.judge, args.device)
-        if args.source == "policy":  # not trained, so its weights may be bf16 (args.dtype "auto" on cuda)
-            sampler = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    train_pairs, eval_pairs = load_pairs(
-        args.data,
-        args.eval_data,
-        judge,
-        sampler,
-        args.num_prompts,
-        args.eval_prompts,
-        args.names_per_prompt,
-        args.source,
-        args.flip_prob,
-        args.seed,
-        dtype=dtype,
-        warn=print if rank == 0 else lambda _: None,
-    )
-    train = encode_pairs(tokenizer, train_pairs, context, args.identical_pairs, args.too_long)
-    heldout = encode_pairs(tokenizer, eval_pairs, context, args.identical_pairs, args.too_long)
+    # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids), both completions ending in EOS;
+    # without --data the paint task's: names sampled from the same checkpoint as a causal LM (not trained, so
+    # its weights may be bf16) or random names, ranked by the judge
+    paint = {}
+    if args.data is None:
+        sampler = load_model_and_tokenizer(args.model, args.device, args.dtype) if args.source == "policy" else None
+        paint = dict(judge=get_judge(args.judge, args.device), sampler=sampler, num_prompts=args.num_prompts,
+                     eval_pairs=args.eval_prompts, names_per_prompt=args.names_per_prompt, source=args.source,
+                     flip_prob=args.flip_prob, seed=args.seed, dtype=run.dtype)  # fmt: skip
+    train, heldout, _ = load_pairs(
+        args.data, args.eval_data, tokenizer, context, args.identical_pairs, args.too_long,
+        save_to=run.dir if run.active else None, quiet=not run.active, **paint,
+    )  # fmt: skip
     steps_per_epoch = max(1, len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.num_epochs
-    if rank == 0:
+    if run.active:
         print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
-        with open(f"{log.dir}/pairs.jsonl", "w") as f:  # a look at what the model learns from
-            f.writelines(json.dumps(p) + "\n" for p in train_pairs[:200])
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
+    ddp_model = run.wrap(model)  # DDP: averages the gradients in backward
     # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
     )
 
     def run_eval() -> tuple[dict, None]:
-        return evaluate_pairs(model, heldout, tokenizer.pad_token_id, dtype), None
+        return evaluate_pairs(model, heldout, tokenizer.pad_token_id, run.dtype), None
 
-    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
-    start, state = load_checkpoint(log, {"model": model}, optimizer, rng) if args.resume else (1, {})
-    # rank 0: the starting model
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
-    order = np.array(state["order"]) if start > 1 else None  # this epoch's order of the pairs
+    # --resume: the last checkpoint's weights, optimizer, random states and step; else the eval of step 0
+    start, state = run.begin({"model": model}, optimizer, tokenizer, run_eval)
+    order = state.get("order")  # this epoch's order of the pairs
     model.train()
     for step in range(start, total_steps + 1):
         epoch, position = divmod(step - 1, steps_per_epoch)
         if position == 0:  # a new epoch, a new order
-            order = rng.permutation(len(train))
+            order = run.rng.permutation(len(train))
         t0 = time.perf_counter()
         # 3. one forward over the B prompts and 2B completions: each prompt once, then its chosen and rejected
         batch = [train[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
-        # DDP: this rank's share; equal shares, so the mean of the ranks'
-        share = args.batch_size // world
-        batch = batch[rank * share : (rank + 1) * share]  # mean losses is the whole batch's mean loss
-        tensors = [t.to(device) for t in concat_pairs(batch, tokenizer.pad_token_id)]
-        with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
+        # DDP: this rank's share; equal shares, so the mean of the ranks' mean losses is the whole batch's
+        share = args.batch_size // run.world
+        batch = batch[run.rank * share : (run.rank + 1) * share]
+        tensors = [t.to(run.device) for t in concat_pairs(batch, tokenizer.pad_token_id)]
+        with run.autocast():  # the forward in bf16 (or fp32); the loss below in fp32
             rewards = score_last_token(ddp_model, *tensors).view(-1, 2)  # (B, 2): chosen, rejected
         chosen_rewards, rejected_rewards = rewards[:, 0], rewards[:, 1]
 
@@ -269,11 +252,7 @@ def main(args: Args) -> dict:
             margin=args.margin,
             center_coef=args.center_coef,
         )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {float(loss)} at step {step}; the last good model is in "
-                f"{log.dir}/model: lower --learning-rate or check the data"
-            )
+        run.check_finite(loss, step, "loss", "lower --learning-rate or check the data")
 
         # 5. clip, linear decay to 0, step
         loss.backward()
@@ -285,46 +264,21 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
 
-        # 6. log (DDP: averaged over ranks, so the metrics are the whole batch's), eval, save
-        if step % args.log_every == 0:
-            per_rank = torch.stack(
-                [
-                    loss.detach(),
-                    accuracy,
-                    (chosen_rewards - rejected_rewards).detach().mean(),
-                    rewards.detach().mean(),
-                    (tensors[1].sum() + tensors[3].sum()) * world,  # real tokens: prompts, completions
-                ]
-            ).float()
-            loss_, accuracy_, margin, reward_mean, tokens = (all_sum(per_rank.cpu()) / world).tolist()
-            log.log(
-                step,
-                {
-                    "epoch": epoch,
-                    "train/loss": loss_,
-                    "train/accuracy": accuracy_,
-                    "train/margin": margin,
-                    "train/reward_mean": reward_mean,
-                    "train/grad_norm": float(grad_norm),
-                    "train/lr": lr,
-                    "perf/step_s": step_s,
-                    "perf/tokens_per_s": tokens / step_s,
-                },
-            )
-        if step % args.eval_every == 0 or step == total_steps:
-            eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
-        if step % (args.save_every or args.eval_every) == 0 or step == total_steps:
-            save_checkpoint(log, step, {"model": model}, optimizer, rng, order=order.tolist())
-    del ddp_model  # DDP: free the wrapper before leaving the process group
-    cleanup_distributed()
-    log.close()
-    return {
-        "train/loss": float(loss.detach()),
-        "train/accuracy": float(accuracy),
-        **eval_metrics,
-        "run_dir": log.dir,
-    }
+        # 6. log (averaged over the ranks), evaluate and save on schedule
+        metrics = {
+            "epoch": epoch,
+            "train/loss": loss.detach(),
+            "train/accuracy": accuracy,
+            "train/margin": (chosen_rewards - rejected_rewards).detach().mean(),
+            "train/reward_mean": rewards.detach().mean(),
+            "train/grad_norm": float(grad_norm),
+            "train/lr": lr,
+            "perf/step_s": step_s,
+            "perf/tokens_per_s": (tensors[1].sum() + tensors[3].sum()) / step_s,  # prompts, completions
+        }
+        run.end_step(step, total_steps, metrics if step % args.log_every == 0 else None, order=order)
+    return {"train/loss": float(loss.detach()), "train/accuracy": float(accuracy), **run.close()}
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, __doc__))
+    main(tyro.cli(Args, description=__doc__))

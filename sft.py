@@ -16,23 +16,19 @@ Run: python sft.py                                   # a new painter, ~16 min on
      python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --learning-rate 1e-5
 """
 
+import copy
 import math
-import random
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
+import tyro
 from torch.utils.checkpoint import checkpoint
 
-from common import all_sum, autocast, cleanup_distributed, completion_forward, encode_examples, eval_prompts
-from common import evaluate, frozen_copy, get_judge, init_distributed, load_checkpoint
-from common import load_model_and_tokenizer, Logger, parse_args, read_jsonl, resolve_device_dtype
-from common import resumed_args, sample_colour_pairs, save_atomic, save_checkpoint, split_by_prompt
-from common import sync_gradients
-from common.recipe import build_tokenizer, new_model, painter_texts, trainable_names
+from common.models import forward_sharing_prompts, load_model_and_tokenizer, new_painter, save_atomic  # model
+from common.task import evaluate, get_judge, load_examples  # the task: SFT rows, the judge, the eval
+from common.run import Run  # the run: process group, seeds, run folder, logging, checkpoints, resume
 
 
 @dataclass
@@ -152,12 +148,27 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([checkpoint(block_logprobs, lg, tk, use_reentrant=False) for lg, tk in blocks])
 
 
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """The logits (B, T, V) that predict each completion token, for B prompts (B, P), left padded, each followed
+    by its completion (B, T), right padded."""
+    P = prompt_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+T)
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
+    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is predicted
+    # at P-1+t, and the last token predicts nothing: it is not fed
+    inputs = (input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1])
+    # = model(*inputs).logits[:, P - 1 :]: the lm head only where a completion token is predicted, and in a
+    # large batch the columns every prompt shares run once (tested equal)
+    return forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=1)
+
+
 # ALGO: the completion-only negative log-likelihood (InstructGPT §3.5; the prompt is never a target)
 def completion_nll(
     logits: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
     """Sum over completion tokens (EOS included) of -log p(token | everything before it), from the logits
-    (B, T, V) that predict each completion token (common.completion_forward makes the one-token shift)."""
+    (B, T, V) that predict each completion token (completion_logits makes the one-token shift)."""
     return -(token_logprobs(logits, completion_ids) * completion_mask).sum()
 
 
@@ -171,53 +182,37 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 
 
 def main(args: Args) -> dict:
-    args = resumed_args("sft", args) if args.resume else args  # --resume: the run's own settings
-    rank, world = init_distributed(args.device)  # DDP: a world of one without torchrun (common/run.py)
-    log = Logger("sft", args, rank)  # the run folder, metrics.jsonl, the console; only rank 0 writes
     # DDP: the same seed on every rank: the same initial weights and batches, of which each takes its share
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    if args.batch_size % (world * args.grad_accum_steps):
+    run = Run("sft", args)
+    args = run.args  # --resume: the run's own settings
+    if args.batch_size % (run.world * args.grad_accum_steps):
         raise ValueError(
             f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps "
-            f"{args.grad_accum_steps}" + (f" x {world} processes" if world > 1 else "")
+            f"{args.grad_accum_steps}" + (f" x {run.world} processes" if run.world > 1 else "")
         )
 
-    # 1. data: the user's JSONL rows, or the built-in colour names (sampled fresh every step)
-    rows, eval_prompts_ = None, eval_prompts(args.eval_size)
-    if args.data is not None:
-        rows = [(r["prompt"], r["completion"]) for r in read_jsonl(args.data, ("prompt", "completion"))]
-        if args.eval_data is not None:
-            held_out = [
-                (r["prompt"], r["completion"]) for r in read_jsonl(args.eval_data, ("prompt", "completion"))
-            ]
-        else:  # NOTE: held out by a hash of the prompt, so that no prompt is both trained on and evaluated
-            rows, held_out = split_by_prompt(rows, prompt_of=lambda row: row[0])
-        eval_prompts_ = list(dict.fromkeys(p for p, _ in held_out))[: args.eval_size]
-    judge = get_judge(args.judge, args.device, eval_prompts_)
-
-    # 2. model: a pretrained one, or the painter's recipe (a tokenizer of the data's words, a small Llama);
+    # 1. the model: a pretrained one, or the painter's recipe (a tokenizer of the data's words, a small Llama);
     # fp32 weights either way, the forward in bf16 under autocast when --dtype says so
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
     if args.model is None:
-        tokenizer = build_tokenizer(args.tokenizer, painter_texts(rows), min_count=2 if rows is None else 1)
-        model = new_model(tokenizer, args.d_model, args.n_layers, args.n_heads, args.d_ff).to(device)
+        architecture = (args.tokenizer, args.d_model, args.n_layers, args.n_heads, args.d_ff)
+        model, tokenizer = new_painter(args.data, args.eval_data, *architecture)
+        model = model.to(run.device)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     context = model.config.max_position_embeddings
-    if rows is not None:
-        examples = encode_examples(tokenizer, rows, context)  # (prompt_ids, completion_ids + end token)
-    else:
-        names, plain_names = trainable_names(tokenizer, context)  # the painter's labels, none with <unk>
-    if rank == 0:
+    if run.active:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+
+    # 2. the data: (prompt_ids, completion_ids + end token) pairs of the user's JSONL rows, or without --data
+    # a function that draws new colours named by the built-in colour names (common/colours.py); the judge
+    paint = dict(synthetic_frac=args.synthetic_frac, jitter=args.jitter)
+    examples, eval_rows = load_examples(args.data, args.eval_data, tokenizer, context, args.eval_size, **paint)
+    judge = get_judge(args.judge, args.device, [r["prompt"] for r in eval_rows])
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # eval/kl's starting policy: for rank 0's eval, a copy in host memory
-    start_model = frozen_copy(model, dtype, "cpu") if log.active else None
-    ddp_model = DDP(model) if world > 1 else model  # DDP: averages the gradients in backward
+    start_model = copy.deepcopy(model).to("cpu", run.dtype).eval().requires_grad_(False) if run.active else None
+    ddp_model = run.wrap(model)  # DDP: averages the gradients in backward
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -230,31 +225,23 @@ def main(args: Args) -> dict:
     )
 
     def run_eval() -> tuple[dict, list[dict]]:  # eval/kl: the drift from start_model, the starting policy
-        return evaluate(
-            model, tokenizer, judge, eval_prompts_, args.temperature, args.max_new_tokens, dtype, start_model
-        )
+        T = args.temperature
+        return evaluate(model, tokenizer, judge, eval_rows, T, args.max_new_tokens, run.dtype, start_model)
 
-    # --resume: weights, optimizer, random states and step of the run's last checkpoint (common/checkpoint.py)
-    start, state = load_checkpoint(log, {"model": model}, optimizer, rng) if args.resume else (1, {})
-    # rank 0: the starting model
-    eval_metrics = log.evaluate(0, run_eval, model, tokenizer) if start == 1 else {}
-    order, cursor = None, 0  # with --data: the order of the rows and the position in it
-    if rows is not None:
-        order, cursor = (
-            (rng.permutation(len(rows)), 0) if start == 1 else (np.array(state["order"]), state["cursor"])
-        )
+    # --resume: the last checkpoint's weights, optimizer, random states and step; else the eval of step 0
+    start, state = run.begin({"model": model}, optimizer, tokenizer, run_eval)
+    order, cursor = state.get("order"), state.get("cursor", 0)  # with --data: the rows' order, the position
+    if args.data is not None and start == 1:
+        order = run.rng.permutation(len(examples))
     model.train()
     for step in range(start, args.total_steps + 1):
         t0 = time.perf_counter()
-        # 3. one optimiser batch of B (prompt_ids, completion_ids) pairs
-        if rows is None:
-            pairs = sample_colour_pairs(
-                rng, args.batch_size, args.synthetic_frac, args.jitter, names, plain_names
-            )
-            batch = encode_examples(tokenizer, pairs, context)
+        # 3. one optimiser batch of B (prompt_ids, completion_ids) pairs: new colours, or the file's next rows
+        if args.data is None:
+            batch = examples(run.rng, args.batch_size)
         else:
-            if cursor + args.batch_size > len(order):
-                order, cursor = np.concatenate([order[cursor:], rng.permutation(len(rows))]), 0
+            if cursor + args.batch_size > len(order):  # a new epoch: the rows left, then a new order
+                order, cursor = [*order[cursor:], *run.rng.permutation(len(examples))], 0
             batch = [examples[i] for i in order[cursor : cursor + args.batch_size]]
             cursor += args.batch_size
 
@@ -263,28 +250,21 @@ def main(args: Args) -> dict:
         n_tokens = sum(len(c) for _, c in batch)
         # DDP: this rank's share of the batch; the gradients are AVERAGED over ranks, so each rank divides its
         # sum by n_tokens / world: then k processes with B/k rows give the gradient of one process with B rows
-        share = args.batch_size // world
-        batch = batch[rank * share : (rank + 1) * share]
-        n_tokens = n_tokens / world
+        share = args.batch_size // run.world
+        batch = batch[run.rank * share : (run.rank + 1) * share]
+        n_tokens = n_tokens / run.world
         micro = share // args.grad_accum_steps
         loss_sum = 0.0
-        for start in range(0, share, micro):
-            micro_batch = collate(batch[start : start + micro], tokenizer.pad_token_id)
-            prompt_ids, prompt_mask, completion_ids, completion_mask = (t.to(device) for t in micro_batch)
-            with sync_gradients(ddp_model, sync=start + micro >= share):  # DDP: all-reduce in the last one
-                with autocast(device, dtype):  # the forward in bf16 (or fp32); the loss below in fp32
-                    # (B/k, T, V): the lm head only where a completion token is predicted
-                    logits = completion_forward(
-                        ddp_model, prompt_ids, prompt_mask, completion_ids, completion_mask
-                    )
+        for first in range(0, share, micro):
+            micro_batch = collate(batch[first : first + micro], tokenizer.pad_token_id)
+            prompt_ids, prompt_mask, completion_ids, completion_mask = (t.to(run.device) for t in micro_batch)
+            with run.sync_gradients(ddp_model, sync=first + micro >= share):  # DDP: all-reduce in the last one
+                with run.autocast():  # the forward in bf16 (or fp32); the loss below in fp32
+                    logits = completion_logits(ddp_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
                 loss = completion_nll(logits, completion_ids, completion_mask) / n_tokens
                 loss.backward()
             loss_sum += loss.detach()
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(
-                f"loss is {float(loss_sum)} at step {step}; the last good model is in "
-                f"{log.dir}/model: lower --learning-rate or check the data"
-            )
+        run.check_finite(loss_sum, step, "loss", "lower --learning-rate or check the data")
 
         # 5. clip, schedule, step
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -295,32 +275,16 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
 
-        # 6. log (DDP: summed over ranks, so the metrics are the whole batch's), eval, save
-        if step % args.log_every == 0:
-            batch_tokens = sum(len(p) + len(c) for p, c in batch)
-            loss_all, tokens_all = all_sum(torch.tensor([float(loss_sum), batch_tokens])).tolist()
-            log.log(
-                step,
-                {
-                    "train/loss": loss_all / world,
-                    "train/grad_norm": float(grad_norm),
-                    "train/lr": lr,
-                    "perf/step_s": step_s,
-                    "perf/tokens_per_s": tokens_all / step_s,
-                },
-            )
-        if step % args.eval_every == 0 or step == args.total_steps:
-            eval_metrics = log.evaluate(step, run_eval, model, tokenizer)
-        if step % (args.save_every or args.eval_every) == 0 or step == args.total_steps:
-            data_order = {"order": order.tolist(), "cursor": cursor} if rows is not None else {}
-            save_checkpoint(log, step, {"model": model}, optimizer, rng, **data_order)
-    if args.save_to and rank == 0:
+        # 6. log (averaged over the ranks), evaluate and save on schedule
+        tokens = sum(len(p) + len(c) for p, c in batch)
+        metrics = {"train/loss": loss_sum, "train/grad_norm": float(grad_norm), "train/lr": lr,
+                   "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}  # fmt: skip
+        run.end_step(step, args.total_steps, metrics if step % args.log_every == 0 else None, order=order,
+                     cursor=cursor)  # fmt: skip
+    if args.save_to and run.active:
         save_atomic(model, tokenizer, args.save_to)
-    del ddp_model  # DDP: free the wrapper before leaving the process group
-    cleanup_distributed()
-    log.close()
-    return {"train/loss": float(loss_sum), **eval_metrics, "run_dir": log.dir}
+    return {"train/loss": float(loss_sum), **run.close()}
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, __doc__))
+    main(tyro.cli(Args, description=__doc__))

@@ -11,10 +11,7 @@ module.path:function, path/to/file.py:function   any function with this signatur
 0.7*poet+0.3*correct   weighted sums of the above
 """
 
-import importlib
-import importlib.util
 import math
-import os
 import re
 from collections import OrderedDict
 from functools import lru_cache
@@ -22,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .data import HEX_RE, ciede2000, color_names, hex_to_rgb, parse_hex, srgb_to_lab
+from .colours import HEX_RE, ciede2000, color_names, hex_to_rgb, parse_hex, srgb_to_lab
 
 STYLE_EXAMPLES = {  # positive examples, then counter-examples, of each taste
     "poet": (
@@ -304,16 +301,11 @@ def llm_judge(path: str, device: str = "auto"):
 
 def reward_model_judge(path: str, device: str = "auto"):
     """A scalar-head model saved by reward_model.py, read at the last real token of prompt + completion."""
-    from transformers import AutoModelForSequenceClassification
     from .models import encode_completion, encode_prompt, load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(
-        path,
-        device=device,
-        dtype="auto",  # frozen: bf16 on a GPU
-        model_class=AutoModelForSequenceClassification,
-    )
-    if model.config.num_labels != 1 or not hasattr(model, "score"):
+    # frozen: bf16 on a GPU
+    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="auto", scalar_head=True)
+    if not (model.config.architectures or [""])[0].endswith("ForSequenceClassification"):
         raise ValueError(
             f"{path!r} is not a reward model: expected a sequence-classification model with one label"
         )
@@ -389,94 +381,29 @@ def answer(prompts, completions, answer, **kwargs) -> list[float]:
     return scores
 
 
-# ---- selecting judges by name ------------------------------------------------------------------------------
-
-JUDGES = ["correct", "poet", "architect", "unhinged", "answer", "llm:PATH", "rm:PATH", "module:function"]
+# ---- the built-in judges by name (common.task.get_judge), and the paint task's eval metrics ------------------
 
 
-def import_judge(spec: str):
-    """'my_rewards:accuracy' (an importable module) or 'path/to/file.py:accuracy' -> that function."""
-    where, _, name = spec.rpartition(":")
-    if where.endswith(".py"):
-        if not os.path.isfile(where):
-            raise FileNotFoundError(f"judge file {where!r} does not exist: pass path/to/file.py:function")
-        module_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise ValueError(
-                f"judge {spec!r}: cannot import {where!r} ({e}); pass module:function or "
-                "path/to/file.py:function"
-            ) from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ValueError(f"judge {spec!r}: {where!r} has no function {name!r}")
-    return function
+def built_in_judge(name: str, device: str, prompts: list[str] | None, spec: str):
+    """The built-in judge called name; with prompts, a judge that reads a colour checks that each has one."""
+    if name in ("correct", "answer"):
+        judge = {"correct": correct, "answer": answer}[name]
+    elif name in STYLE_EXAMPLES:
+        judge = style_judge(name)
+    else:  # llm:PATH, rm:PATH
+        judge = (llm_judge if name.startswith("llm:") else reward_model_judge)(name.partition(":")[2], device)
+    for number, prompt in enumerate(prompts or [], 1):
+        if (name == "correct" or name.startswith("llm:")) and not HEX_RE.search(prompt):
+            raise ValueError(f"prompt {number} ({prompt[:40]!r}) has no '#rrggbb' colour, which the judge {name!r} "
+                             f"in --judge {spec!r} reads: pick another judge (answer, poet, module:function)")
+    return judge
 
 
-def get_judge(spec: str, device: str = "auto", prompts: list[str] | None = None):
-    """'poet', 'poet+correct', '0.7*poet+0.3*correct', 'answer', 'rm:runs/x/model', 'my_rewards:accuracy',
-    '0.8*my_rewards.py:accuracy+0.2*poet', ... -> one judge function. With prompts, check at start-up that
-    the judges that read a colour (correct, llm:) find a '#rrggbb' in every one."""
-    terms = []
-    for term in spec.split("+"):
-        weight, _, name = (
-            term.strip().rpartition("*") if re.match(r"^\s*[\d.]+\s*\*", term) else ("1", "", term.strip())
-        )
-        if name == "correct":
-            judge = correct
-        elif name in STYLE_EXAMPLES:
-            judge = style_judge(name)
-        elif name.startswith("llm:"):
-            judge = llm_judge(name[4:], device)
-        elif name.startswith("rm:"):
-            judge = reward_model_judge(name[3:], device)
-        elif name == "answer":
-            judge = answer
-        elif ":" in name:
-            judge = import_judge(name)
-        else:
-            raise ValueError(
-                f"unknown judge {name!r} in {spec!r}; known judges: {', '.join(JUDGES)} "
-                "and weighted sums such as 0.7*poet+0.3*correct"
-            )
-        terms.append((float(weight), judge))
-        if prompts is not None and (name == "correct" or name.startswith("llm:")):
-            for number, prompt in enumerate(prompts, 1):
-                if not HEX_RE.search(prompt):
-                    raise ValueError(
-                        f"prompt {number} ({prompt[:40]!r}) has no '#rrggbb' colour, which the judge "
-                        f"{name!r} in --judge {spec!r} reads: pick another judge (answer, poet, "
-                        "module:function)"
-                    )
-    if len(terms) == 1 and terms[0][0] == 1.0:
-        return checked_judge(terms[0][1], spec)
-
-    def combined(prompts, completions, **kwargs) -> list[float]:
-        scores = np.array([judge(prompts, completions, **kwargs) for _, judge in terms])  # (n_judges, N)
-        return (np.array([w for w, _ in terms]) @ scores).tolist()
-
-    combined.__name__ = spec
-    return checked_judge(combined, spec)
-
-
-def checked_judge(judge, name: str):
-    """The judge, with its output checked: one finite score per completion, or a one-line error naming it."""
-
-    def checked(prompts, completions, **kwargs) -> list[float]:
-        scores = list(judge(prompts, completions, **kwargs))
-        if len(scores) != len(completions):
-            raise ValueError(
-                f"judge {name!r} returned {len(scores)} scores for {len(completions)} completions: "
-                "it must return one each"
-            )
-        bad = sum(not math.isfinite(s) for s in scores)
-        if bad:
-            raise ValueError(f"judge {name!r} returned {bad} non-finite scores (NaN or inf)")
-        return scores
-
-    checked.__name__ = getattr(judge, "__name__", name)
-    return checked
+def paint_metrics(prompts: list[str], names: list[str], columns: dict) -> dict:
+    """The eval's extra metrics: eval/correct on colour prompts, eval/accuracy with an "answer" column."""
+    metrics = {}
+    if all(HEX_RE.search(p) for p in prompts):
+        metrics["eval/correct"] = float(np.mean(correct(prompts, names)))
+    if "answer" in columns:  # a verifiable task: the share of exactly right final answers
+        metrics["eval/accuracy"] = float(np.mean(answer(prompts, names, answer=columns["answer"])))
+    return metrics

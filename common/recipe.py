@@ -6,7 +6,7 @@ from collections import Counter
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .data import PROMPT, color_names, xkcd_names
+from .colours import PROMPT, color_names, xkcd_names
 from .models import encode_completion, encode_prompt
 
 HEX_DIGIT = Regex(
@@ -93,3 +93,17 @@ def trainable_names(tokenizer, context: int) -> tuple[tuple[tuple[str, str], ...
     return tuple(r for r in color_names("train") if fits(r[0])), tuple(
         r for r in xkcd_names("train") if fits(r[0])
     )
+
+
+def new_painter(data: str | None, eval_data: str | None, kind: str, d_model: int, n_layers: int, n_heads: int,
+                d_ff: int) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:  # fmt: skip
+    """sft.py without --model: a tokenizer over the training data's words (the JSONL's training rows, or every
+    colour name) and a small Llama with fresh weights (torch's random state)."""
+    from .task import read_jsonl, split_by_prompt
+
+    rows = None
+    if data is not None:  # the training rows, as sft.py holds them out
+        rows = [(r["prompt"], r["completion"]) for r in read_jsonl(data, ("prompt", "completion"))]
+        rows = rows if eval_data is not None else split_by_prompt(rows, prompt_of=lambda row: row[0])[0]
+    tokenizer = build_tokenizer(kind, painter_texts(rows), min_count=2 if rows is None else 1)
+    return new_model(tokenizer, d_model, n_layers, n_heads, d_ff), tokenizer

@@ -33,7 +33,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .data import PROMPT, ciede2000, color_names, eval_prompts, hex_to_rgb, srgb_to_lab, xkcd_names
+from .colours import PROMPT, ciede2000, color_names, eval_prompts, hex_to_rgb, srgb_to_lab, xkcd_names
 
 BASIC_TERMS = [
     "Black",
@@ -112,7 +112,7 @@ def main() -> None:
         write_jsonl(os.path.join(cli.out, "train.jsonl"), basic_colour_rows(train))
         write_jsonl(os.path.join(cli.out, "eval.jsonl"), basic_colour_rows([p[-7:] for p in heldout]))
         return
-    from .judges import get_judge
+    from .task import get_judge
     from .models import load_model_and_tokenizer
     from .recipe import trainable_names
 

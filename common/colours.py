@@ -1,4 +1,5 @@
-"""The paint-colour task: named colours, a fixed train/held-out split, prompts, and user JSONL files.
+"""The paint-colour task: named colours, a fixed train/held-out split, its prompts, SFT data and preference
+pairs, and the colour science the judges use.
 
 The names come from the MIT-licensed `color-name-list` (assets/colornames.csv.gz, ~32k names) and the
 CC0 xkcd colour survey (assets/xkcd.csv, 949 plain descriptive names); assets/build.py rebuilds both.
@@ -6,13 +7,15 @@ CC0 xkcd colour survey (assets/xkcd.csv, 949 plain descriptive names); assets/bu
 
 import csv
 import gzip
-import json
 import os
 import re
 import zlib
 from functools import lru_cache
 
 import numpy as np
+import torch
+
+from .task import generate
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 PROMPT = "Name this paint color: {hex}"
@@ -60,65 +63,122 @@ def parse_hex(prompt: str) -> tuple[int, int, int]:
     return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
 
 
-def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL file, each checked to have the given string fields; a clear error otherwise."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist: pass a JSONL file with fields {fields}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}:{number}: not valid JSON ({e.msg}); each line must be one object"
-                ) from None
-            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-            if missing:
-                raise ValueError(
-                    f"{path}:{number}: row lacks string field(s) {missing}; every row needs {fields}"
-                )
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} holds no rows: it needs at least one JSON object with fields {fields}")
-    return rows
+def paint_prompts(eval_size: int) -> tuple[list[dict], list[dict]]:
+    """The RL prompt rows of the paint task: every training-split hex, and the fixed held-out ones."""
+    rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
+    return rows, [{"prompt": p} for p in eval_prompts(eval_size)]
 
 
-def split_by_prompt(rows: list, prompt_of=lambda row: row["prompt"], every: int = 10) -> tuple[list, list]:
-    """(training rows, held-out rows): a prompt is held out, with all its rows, when crc32(prompt) % every
-    == 0, so no prompt is both trained on and evaluated, and the split never moves. When no prompt falls
-    out (a small file), the prompt with the lowest hash is held out."""
-    crc = {prompt_of(row): zlib.crc32(prompt_of(row).encode()) for row in rows}
-    held = {p for p, c in crc.items() if c % every == 0} or {min(crc, key=lambda p: (crc[p], p))}
-    return [r for r in rows if prompt_of(r) not in held], [r for r in rows if prompt_of(r) in held]
+def paint_examples(tokenizer, context: int, eval_size: int, synthetic_frac: float, jitter: int):
+    """SFT on the paint task: a function (rng, n) -> n encoded (prompt_ids, completion_ids) of colours drawn
+    fresh every call (sample_colour_pairs), with names the tokenizer can spell; and the eval's rows."""
+    from .recipe import trainable_names
+    from .task import encode_examples
+
+    names, plain_names = trainable_names(tokenizer, context)  # the painter's labels, none with <unk>
+
+    def draw(rng: np.random.Generator, n: int) -> list[tuple[list[int], list[int]]]:
+        pairs = sample_colour_pairs(rng, n, synthetic_frac, jitter, names, plain_names)
+        return encode_examples(tokenizer, pairs, context)
+
+    return draw, [{"prompt": p} for p in eval_prompts(eval_size)]
 
 
-def load_prompts(path: str | None, batch_size: int, eval_size: int, eval_path: str | None = None):
-    """RL prompt rows {"prompt", "answer"?, ...} for training and for the eval: the user's JSONL, with the
-    eval's rows from eval_path or held out by a hash of the prompt; or the training-split hexes, with the
-    fixed held-out hexes for the eval."""
-    if path is None:
-        rows = [{"prompt": PROMPT.format(hex=h)} for h in sorted({h for _, h in color_names("train")})]
-        eval_rows = [{"prompt": p} for p in eval_prompts(eval_size)]
-    elif eval_path is not None:
-        rows, eval_rows = read_jsonl(path, ("prompt",)), read_jsonl(eval_path, ("prompt",))[:eval_size]
-    else:
-        rows, eval_rows = split_by_prompt(read_jsonl(path, ("prompt",)))
-        eval_rows = eval_rows[:eval_size]
-    if len(rows) < batch_size:
-        raise ValueError(
-            f"{len(rows)} training prompts for a batch of {batch_size}: lower --batch-size or add "
-            "prompts (a tenth of a --prompts file is held out for the eval unless --eval-prompts)"
+def pair_prompts(n: int, split: str, seed: int) -> list[str]:
+    """n prompts for building pairs. "train": hexes of training names, drawn with the seed; "heldout": the
+    held-out hexes after the 64 the shared eval uses, in a fixed order (so the held-out pairs never move)."""
+    if split == "train":
+        names = color_names("train")
+        return [
+            PROMPT.format(hex=names[i][1])
+            for i in np.random.default_rng(seed).choice(len(names), n, replace=False)
+        ]
+    hexes = sorted({h for _, h in color_names("heldout")}, key=lambda h: (zlib.crc32(h[1:].encode()), h))[64:]
+    if n > len(hexes):
+        raise ValueError(f"{n} held-out pair prompts asked for, only {len(hexes)} held-out hexes are free")
+    assert not set(PROMPT.format(hex=h) for h in hexes[:n]) & set(eval_prompts(64))
+    return [PROMPT.format(hex=h) for h in hexes[:n]]
+
+
+def candidate_names(
+    prompts: list[str],
+    per_prompt: int,
+    source: str,
+    seed: int,
+    model=None,
+    tokenizer=None,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    dtype=torch.float32,
+) -> list[list[str]]:
+    """per_prompt names for each prompt: sampled from the model ("policy"), or random training names
+    ("names")."""
+    if source == "names":
+        names, rng = color_names("train"), np.random.default_rng(seed)
+        return [[names[i][0] for i in rng.choice(len(names), per_prompt, replace=False)] for _ in prompts]
+    repeated = [p for p in prompts for _ in range(per_prompt)]
+    sampled = []
+    for start in range(0, len(repeated), 512):  # chunks keep memory flat; seed + start keeps it deterministic
+        chunk = repeated[start : start + 512]
+        sampled += generate(model, tokenizer, chunk, temperature, max_new_tokens, seed + start, dtype)[0]
+    return [sampled[i : i + per_prompt] for i in range(0, len(sampled), per_prompt)]
+
+
+def rank_pairs(
+    prompts: list[str], candidates: list[list[str]], judge, flip_prob: float = 0.0, seed: int = 0
+) -> list[dict]:
+    """One pair per prompt: the judge's best name is chosen, its worst rejected. Prompts whose distinct
+    names all score the same (ties, or fewer than two distinct names) give no pair. With flip_prob, each
+    pair is swapped with that probability: label noise, as from inattentive raters."""
+    distinct = [list(dict.fromkeys(c for c in names if c.strip())) for names in candidates]
+    flat_prompts = [p for p, names in zip(prompts, distinct) for _ in names]
+    flat_names = [c for names in distinct for c in names]
+    scores = [
+        s
+        for i in range(0, len(flat_names), 1024)  # chunks keep the judge's memory flat
+        for s in judge(flat_prompts[i : i + 1024], flat_names[i : i + 1024])
+    ]
+    rng, pairs, at = np.random.default_rng(seed), [], 0
+    for prompt, names in zip(prompts, distinct):
+        s, at = np.asarray(scores[at : at + len(names)], dtype=float), at + len(names)
+        if len(names) < 2 or s.max() == s.min():
+            continue
+        chosen, rejected = names[int(s.argmax())], names[int(s.argmin())]
+        if flip_prob > 0 and rng.random() < flip_prob:
+            chosen, rejected = rejected, chosen
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "score_chosen": float(s.max()),
+                "score_rejected": float(s.min()),
+            }
         )
-    return rows, eval_rows
+    return pairs
 
 
-def judge_columns(rows: list[dict], repeat: int = 1) -> dict[str, list]:
-    """Every column of the rows but the prompt, one value per completion (each row's repeated `repeat`
-    times), for the judge's keyword arguments: as TRL passes dataset columns to reward functions."""
-    return {key: [row.get(key) for row in rows for _ in range(repeat)] for key in rows[0] if key != "prompt"}
+def paint_pairs(eval_size: int, judge, sampler=None, num_prompts=0, eval_pairs=0, names_per_prompt=4,
+                source="policy", flip_prob=0.0, seed=0, temperature=1.0, max_new_tokens=8, dtype=torch.float32,
+                quiet=False, build_heldout=True) -> tuple[list[dict], list[dict], list[dict]]:  # fmt: skip
+    """Preference pairs of the paint task, built by AI feedback: for num_prompts training hexes and eval_pairs
+    held-out ones, names_per_prompt names sampled from sampler = (model, tokenizer) (source "policy") or random
+    training names ("names"), ranked by the judge (rank_pairs); and the eval's rows, the fixed held-out hexes."""
+    model, tokenizer = sampler or (None, None)
+    built = []
+    for split, n, flip in (("train", num_prompts, flip_prob), ("heldout", eval_pairs, 0.0)):
+        if split == "heldout" and not build_heldout:
+            built.append([])
+            continue
+        split_seed = seed if split == "train" else 0  # the held-out set never moves
+        prompts = pair_prompts(n, split, split_seed)
+        names = candidate_names(prompts, names_per_prompt, source, split_seed, model, tokenizer, temperature,
+                                max_new_tokens, dtype)  # fmt: skip
+        built.append(rank_pairs(prompts, names, judge, flip, seed))
+        if not quiet:
+            print(f"{split}: {len(built[-1])} pairs ranked by {getattr(judge, '__name__', 'the judge')} from {n} "
+                  "prompts (ties dropped)")  # fmt: skip
+    return built[0], built[1], [{"prompt": p} for p in eval_prompts(eval_size)]
 
 
 # ---- colour science: sRGB -> CIELAB, and the CIEDE2000 difference ------------------------------------------
