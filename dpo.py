@@ -122,7 +122,7 @@ def concat_pairs(
 ) -> tuple[torch.Tensor, ...]:
     """B (prompt, chosen, rejected) -> prompt_ids, prompt_mask (B, P), left padded, and completion_ids,
     completion_mask (2B, T), right padded: rows 2i and 2i+1 are pair i's chosen and rejected, which follow
-    its prompt, so one forward scores both and runs the prompt once (completion_logits).
+    its prompt, so one forward scores both and runs the prompt once.
 
     NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still
     counts."""
@@ -158,13 +158,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """The logits (2B, T, V) that predict each completion token, for B prompts (B, P), left padded, each
-    followed by its chosen and rejected completions (2B, T), right padded: rows 2i and 2i+1 follow prompt i."""
+    followed by its chosen and rejected completions (2B, T), right padded: rows 2i, 2i+1 follow prompt i."""
     P, r = prompt_ids.shape[1], len(completion_ids) // len(prompt_ids)
     input_ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids], dim=1)  # (2B, P+T)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is predicted
-    # at P-1+t, and the last token predicts nothing: it is not fed
+    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is
+    # predicted at P-1+t, and the last token predicts nothing: it is not fed
     inputs = (input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1])
     # = model(*inputs).logits[:, P - 1 :], with each prompt run once for its pair (tested equal)
     return forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r)
@@ -254,9 +254,10 @@ def main(args: Args) -> dict:
 
     # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids), both completions ending in EOS;
     # without --data the paint task's: names sampled from the starting policy, ranked by the judge
-    paint = dict(judge=judge, sampler=(model, tokenizer), num_prompts=args.num_prompts, eval_pairs=args.eval_pairs,
-                 names_per_prompt=args.names_per_prompt, flip_prob=args.flip_prob, seed=args.seed,
-                 temperature=args.temperature, max_new_tokens=args.max_new_tokens, dtype=run.dtype)  # fmt: skip
+    paint = dict(judge=judge, sampler=(model, tokenizer), num_prompts=args.num_prompts,
+                 eval_pairs=args.eval_pairs, names_per_prompt=args.names_per_prompt, flip_prob=args.flip_prob,
+                 seed=args.seed, dtype=run.dtype, temperature=args.temperature,
+                 max_new_tokens=args.max_new_tokens)  # fmt: skip
     train, heldout, eval_rows = load_pairs(
         args.data, args.eval_data, tokenizer, context, args.identical_pairs, args.too_long, args.eval_size,
         save_to=run.dir if run.active else None, quiet=not run.active, **paint,

@@ -158,7 +158,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -
     return torch.exp(-log_ratio) + log_ratio - 1  # pi_ref/pi - log(pi_ref/pi) - 1
 
 
-def aggregate(per_token, mask, mode: str, n_sequences: int, n_tokens: int, max_new_tokens: int) -> torch.Tensor:
+def aggregate(per_token, mask, mode: str, n_sequences: int, n_tokens: float, max_new_tokens: int):
     """Reduce a (n, T) per-token loss to a scalar, with normalisers counted over the WHOLE batch so that
     micro-batches of it add up to exactly the full-batch loss.
     seq-mean   1/N sum_i 1/|o_i| sum_t l_it   (GRPO: a long completion's tokens weigh less each)
@@ -207,13 +207,14 @@ def completion_mask_from(
 
 def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
     """Log-probs (n, T) of the completion tokens and the logits (n, T, V) that predict them, for b prompts
-    (b, P), left padded, each followed by r = n/b of the completions (n, T): rows i*r .. i*r+r-1 follow prompt i."""
+    (b, P), left padded, each followed by r = n/b of the completions (n, T): rows i*r .. i*r+r-1 follow
+    prompt i."""
     P, r = prompt_ids.shape[1], len(completion_ids) // len(prompt_ids)
     input_ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids], dim=1)  # (n, P+T)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is predicted
-    # at P-1+t, and the last token predicts nothing: it is not fed
+    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is
+    # predicted at P-1+t, and the last token predicts nothing: it is not fed
     inputs = (input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1])
     # = model(*inputs).logits[:, P - 1 :], with each prompt run once for its r completions (tested equal)
     logits = forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r)  # (n, T, V)
@@ -239,7 +240,7 @@ def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
 
 
 def main(args: Args) -> dict:
-    run = Run("grpo", args, seed_per_rank=True)  # DDP: each rank samples its own completions (common/run.py)
+    run = Run("grpo", args, seed_per_rank=True)  # DDP: each rank samples its own completions
     args = run.args  # --resume: the run's own settings
     B, G = args.batch_size // run.world, args.group_size  # DDP: B: this rank's prompts, each with its group
     N = B * G  # this rank's completions
@@ -289,7 +290,7 @@ def main(args: Args) -> dict:
         # 2. generate G completions per prompt from softmax(logits / temperature), nothing else (no top-k,
         # top-p or penalty), with a KV cache and dropout off; the prompts left padded (b, P)
         with run.autocast():
-            prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts[::G], sampling, repeats=G)
+            prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts[::G], sampling, G)
         completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)  # (N, T)
         completion_len = completion_mask.sum(1).mean()
         if args.mask_truncated:
@@ -298,7 +299,8 @@ def main(args: Args) -> dict:
         # 3. score every completion with the judge; TRL's reward signature: the rows' other columns ("answer")
         # as keyword arguments, one value per completion, and which completions never stopped
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
-        columns = {key: [r[key] for r in batch_rows for _ in range(G)] for key in batch_rows[0] if key != "prompt"}
+        columns = {key: [r[key] for r in batch_rows for _ in range(G)] for key in batch_rows[0]}
+        del columns["prompt"]
         scores = judge(prompts, completions, truncated=truncated.tolist(), **columns)
         rewards = torch.tensor(scores, dtype=torch.float32)  # (N,)
 

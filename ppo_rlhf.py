@@ -167,13 +167,14 @@ def completion_mask_from(
 
 def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
     """Log-probs (n, T) of the completion tokens and the logits (n, T, V) that predict them, for b prompts
-    (b, P), left padded, each followed by r = n/b of the completions (n, T): rows i*r .. i*r+r-1 follow prompt i."""
+    (b, P), left padded, each followed by r = n/b of the completions (n, T): rows i*r .. i*r+r-1 follow
+    prompt i."""
     P, r = prompt_ids.shape[1], len(completion_ids) // len(prompt_ids)
     input_ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids], dim=1)  # (n, P+T)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is predicted
-    # at P-1+t, and the last token predicts nothing: it is not fed
+    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is
+    # predicted at P-1+t, and the last token predicts nothing: it is not fed
     inputs = (input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1])
     # = model(*inputs).logits[:, P - 1 :], with each prompt run once for its r completions (tested equal)
     logits = forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r)  # (n, T, V)
@@ -188,7 +189,7 @@ def score_last_token(model, prompt_ids, prompt_mask, completion_ids, completion_
     attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
     # = model(..., output_hidden_states=True).hidden_states[-1][:, P:], each prompt run once (tested equal);
-    # NOTE: the model's own forward, not model.base_model, so that a DDP wrapper would sync the gradients
+    # NOTE: the model's own forward, not model.base_model, so that a DDP wrapper syncs the gradients
     inputs = (input_ids, attention_mask, position_ids)
     hidden = forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r, hidden=True)  # (N, T, D)
     # NOTE: the last real token found from the mask, not from pad_token_id (TRL #937: when pad == EOS, HF's
@@ -303,7 +304,7 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_episodes: int, 
 
 
 def main(args: Args) -> dict:
-    run = Run("ppo_rlhf", args, seed_per_rank=True)  # DDP: each rank samples its own completions (common/run.py)
+    run = Run("ppo_rlhf", args, seed_per_rank=True)  # DDP: each rank samples its own completions
     args = run.args  # --resume: the run's own settings
     N = args.batch_size // run.world  # DDP: this rank's share of the prompts
     if args.batch_size % run.world or N % args.num_minibatches or N // args.num_minibatches < 2:
@@ -360,15 +361,17 @@ def main(args: Args) -> dict:
             prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts, sampling)
         P, sequences = prompt_ids.shape[1], torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+T)
         completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)
-        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)  # (N, P+T): nothing after EOS
+        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)  # (N, P+T), none after EOS
         completion_len = completion_mask.sum(1).mean()
 
         # 3. score: the reward model on the policy's own token ids (last real token), or the judge on the text
         if reward_model is not None:
             with torch.no_grad(), run.autocast():
-                raw_scores = score_last_token(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+                rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+                raw_scores = score_last_token(reward_model, *rollout)
         else:  # TRL's reward signature: the rows' other columns ("answer") as keyword arguments
-            completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
+            texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            completions = [c.strip() for c in texts]
             columns = {key: [r[key] for r in batch_rows] for key in batch_rows[0] if key != "prompt"}
             raw_scores = torch.tensor(judge(prompts, completions, **columns), dtype=torch.float32)
         scores = sequence_scores(raw_scores.to(run.device), truncated, args.truncated, args.truncated_score)

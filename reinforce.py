@@ -176,13 +176,14 @@ def completion_mask_from(
 
 def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
     """Log-probs (n, T) of the completion tokens and the logits (n, T, V) that predict them, for b prompts
-    (b, P), left padded, each followed by r = n/b of the completions (n, T): rows i*r .. i*r+r-1 follow prompt i."""
+    (b, P), left padded, each followed by r = n/b of the completions (n, T): rows i*r .. i*r+r-1 follow
+    prompt i."""
     P, r = prompt_ids.shape[1], len(completion_ids) // len(prompt_ids)
     input_ids = torch.cat([prompt_ids.repeat_interleave(r, 0), completion_ids], dim=1)  # (n, P+T)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(r, 0), completion_mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is predicted
-    # at P-1+t, and the last token predicts nothing: it is not fed
+    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is
+    # predicted at P-1+t, and the last token predicts nothing: it is not fed
     inputs = (input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1])
     # = model(*inputs).logits[:, P - 1 :], with each prompt run once for its r completions (tested equal)
     logits = forward_sharing_prompts(model, *inputs, prompt_length=P, repeats=r)  # (n, T, V)
@@ -208,14 +209,14 @@ def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
 
 
 def main(args: Args) -> dict:
-    run = Run("reinforce", args, seed_per_rank=True)  # DDP: each rank samples its own completions (common/run.py)
+    run = Run("reinforce", args, seed_per_rank=True)  # DDP: each rank samples its own completions
     args = run.args  # --resume: the run's own settings
     B, G = args.batch_size // run.world, args.group_size  # DDP: B: this rank's prompts, each with its group
     N = B * G  # this rank's completions
     if args.batch_size % run.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {run.world} processes")
     if G < 2 and args.baseline in ("group-mean", "rloo"):
-        raise ValueError(f"--group-size {G}: the {args.baseline} baseline needs at least 2 completions per prompt")
+        raise ValueError(f"--group-size {G}: the {args.baseline} baseline needs at least 2 completions each")
     m = args.micro_batch_size
     if N > m and (N % m or (m % G and G % m)):
         raise ValueError(
@@ -259,7 +260,7 @@ def main(args: Args) -> dict:
         # 2. generate G completions per prompt from softmax(logits / temperature), nothing else (no top-k,
         # top-p or penalty), with a KV cache and dropout off; the prompts left padded (b, P)
         with run.autocast():
-            prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts[::G], sampling, repeats=G)
+            prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts[::G], sampling, G)
         completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)  # (N, T)
         completion_len = completion_mask.sum(1).mean()
         if args.mask_truncated:
@@ -268,7 +269,8 @@ def main(args: Args) -> dict:
         # 3. score every completion with the judge; TRL's reward signature: the rows' other columns ("answer")
         # as keyword arguments, one value per completion, and which completions never stopped
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
-        columns = {key: [r[key] for r in batch_rows for _ in range(G)] for key in batch_rows[0] if key != "prompt"}
+        columns = {key: [r[key] for r in batch_rows for _ in range(G)] for key in batch_rows[0]}
+        del columns["prompt"]
         scores = judge(prompts, completions, truncated=truncated.tolist(), **columns)
         rewards = torch.tensor(scores, dtype=torch.float32)  # (N,)
 
@@ -282,8 +284,8 @@ def main(args: Args) -> dict:
             kl = kl_penalty(logprobs, ref_logprobs, completion_mask)  # (N,)
         shaped_rewards = rewards.to(run.device) - args.beta * kl
 
-        # 5. advantages: reward minus baseline, from the whole batch's rewards, then this rank's rows (so every
-        # rank keeps the same moving average)
+        # 5. advantages: reward minus baseline, from the whole batch's rewards, then this rank's rows (so
+        # every rank keeps the same moving average)
         all_rewards, all_shaped = run.all_gather(rewards), run.all_gather(shaped_rewards)  # DDP: rank order
         all_advantages, running_mean = baseline_advantages(
             all_shaped.view(-1, G), args.baseline, running_mean, args.baseline_decay

@@ -111,7 +111,7 @@ def concat_pairs(
 ) -> tuple[torch.Tensor, ...]:
     """B (prompt, chosen, rejected) -> prompt_ids, prompt_mask (B, P), left padded, and completion_ids,
     completion_mask (2B, T), right padded: rows 2i and 2i+1 are pair i's chosen and rejected, which follow
-    its prompt, so one forward scores both and runs the prompt once (score_last_token).
+    its prompt, so one forward scores both and runs the prompt once.
 
     NOTE: the masks come from lengths, never from comparing with pad_id, so an EOS equal to pad still
     counts."""
@@ -203,7 +203,8 @@ def main(args: Args) -> dict:
     # its weights may be bf16) or random names, ranked by the judge
     paint = {}
     if args.data is None:
-        sampler = load_model_and_tokenizer(args.model, args.device, args.dtype) if args.source == "policy" else None
+        policy = args.source == "policy"
+        sampler = load_model_and_tokenizer(args.model, args.device, args.dtype) if policy else None
         paint = dict(judge=get_judge(args.judge, args.device), sampler=sampler, num_prompts=args.num_prompts,
                      eval_pairs=args.eval_prompts, names_per_prompt=args.names_per_prompt, source=args.source,
                      flip_prob=args.flip_prob, seed=args.seed, dtype=run.dtype)  # fmt: skip

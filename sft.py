@@ -149,14 +149,14 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    """The logits (B, T, V) that predict each completion token, for B prompts (B, P), left padded, each followed
-    by its completion (B, T), right padded."""
+    """The logits (B, T, V) that predict each completion token, for B prompts (B, P), left padded, each
+    followed by its completion (B, T), right padded."""
     P = prompt_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+T)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # NOTE: left padding: real tokens start at 0
-    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is predicted
-    # at P-1+t, and the last token predicts nothing: it is not fed
+    # NOTE: the one-token shift: the logits at position j predict token j+1, so completion token t is
+    # predicted at P-1+t, and the last token predicts nothing: it is not fed
     inputs = (input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1])
     # = model(*inputs).logits[:, P - 1 :]: the lm head only where a completion token is predicted, and in a
     # large batch the columns every prompt shares run once (tested equal)
@@ -191,8 +191,8 @@ def main(args: Args) -> dict:
             f"{args.grad_accum_steps}" + (f" x {run.world} processes" if run.world > 1 else "")
         )
 
-    # 1. the model: a pretrained one, or the painter's recipe (a tokenizer of the data's words, a small Llama);
-    # fp32 weights either way, the forward in bf16 under autocast when --dtype says so
+    # 1. the model: a pretrained one, or the painter's recipe (a tokenizer of the data's words, a small
+    # Llama); fp32 weights either way, the forward in bf16 under autocast when --dtype says so
     if args.model is None:
         architecture = (args.tokenizer, args.d_model, args.n_layers, args.n_heads, args.d_ff)
         model, tokenizer = new_painter(args.data, args.eval_data, *architecture)
@@ -206,12 +206,15 @@ def main(args: Args) -> dict:
     # 2. the data: (prompt_ids, completion_ids + end token) pairs of the user's JSONL rows, or without --data
     # a function that draws new colours named by the built-in colour names (common/colours.py); the judge
     paint = dict(synthetic_frac=args.synthetic_frac, jitter=args.jitter)
-    examples, eval_rows = load_examples(args.data, args.eval_data, tokenizer, context, args.eval_size, **paint)
+    examples, eval_rows = load_examples(args.data, args.eval_data, tokenizer, context, args.eval_size,
+                                        **paint)  # fmt: skip
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in eval_rows])
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # eval/kl's starting policy: for rank 0's eval, a copy in host memory
-    start_model = copy.deepcopy(model).to("cpu", run.dtype).eval().requires_grad_(False) if run.active else None
+    start_model = None
+    if run.active:
+        start_model = copy.deepcopy(model).to("cpu", run.dtype).eval().requires_grad_(False)
     ddp_model = run.wrap(model)  # DDP: averages the gradients in backward
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -258,9 +261,10 @@ def main(args: Args) -> dict:
         for first in range(0, share, micro):
             micro_batch = collate(batch[first : first + micro], tokenizer.pad_token_id)
             prompt_ids, prompt_mask, completion_ids, completion_mask = (t.to(run.device) for t in micro_batch)
-            with run.sync_gradients(ddp_model, sync=first + micro >= share):  # DDP: all-reduce in the last one
+            with run.sync_gradients(ddp_model, sync=first + micro >= share):  # DDP: all-reduce in the last
                 with run.autocast():  # the forward in bf16 (or fp32); the loss below in fp32
-                    logits = completion_logits(ddp_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+                    inputs = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+                    logits = completion_logits(ddp_model, *inputs)
                 loss = completion_nll(logits, completion_ids, completion_mask) / n_tokens
                 loss.backward()
             loss_sum += loss.detach()

@@ -159,11 +159,11 @@ def rank_pairs(
 
 
 def paint_pairs(eval_size: int, judge, sampler=None, num_prompts=0, eval_pairs=0, names_per_prompt=4,
-                source="policy", flip_prob=0.0, seed=0, temperature=1.0, max_new_tokens=8, dtype=torch.float32,
+                source="policy", flip_prob=0.0, seed=0, temperature=1.0, max_new_tokens=8, dtype=None,
                 quiet=False, build_heldout=True) -> tuple[list[dict], list[dict], list[dict]]:  # fmt: skip
     """Preference pairs of the paint task, built by AI feedback: for num_prompts training hexes and eval_pairs
-    held-out ones, names_per_prompt names sampled from sampler = (model, tokenizer) (source "policy") or random
-    training names ("names"), ranked by the judge (rank_pairs); and the eval's rows, the fixed held-out hexes."""
+    held-out ones, names_per_prompt names sampled from sampler = (model, tokenizer) (source "policy") or
+    random training names ("names"), ranked by the judge (rank_pairs); and the eval's rows, held-out hexes."""
     model, tokenizer = sampler or (None, None)
     built = []
     for split, n, flip in (("train", num_prompts, flip_prob), ("heldout", eval_pairs, 0.0)):
@@ -176,7 +176,8 @@ def paint_pairs(eval_size: int, judge, sampler=None, num_prompts=0, eval_pairs=0
                                 max_new_tokens, dtype)  # fmt: skip
         built.append(rank_pairs(prompts, names, judge, flip, seed))
         if not quiet:
-            print(f"{split}: {len(built[-1])} pairs ranked by {getattr(judge, '__name__', 'the judge')} from {n} "
+            name = getattr(judge, "__name__", "the judge")
+            print(f"{split}: {len(built[-1])} pairs ranked by {name} from {n} "
                   "prompts (ties dropped)")  # fmt: skip
     return built[0], built[1], [{"prompt": p} for p in eval_prompts(eval_size)]
 

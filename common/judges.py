@@ -381,7 +381,7 @@ def answer(prompts, completions, answer, **kwargs) -> list[float]:
     return scores
 
 
-# ---- the built-in judges by name (common.task.get_judge), and the paint task's eval metrics ------------------
+# ---- the built-in judges by name (common.task.get_judge), and the paint task's eval metrics --------------
 
 
 def built_in_judge(name: str, device: str, prompts: list[str] | None, spec: str):
@@ -394,8 +394,9 @@ def built_in_judge(name: str, device: str, prompts: list[str] | None, spec: str)
         judge = (llm_judge if name.startswith("llm:") else reward_model_judge)(name.partition(":")[2], device)
     for number, prompt in enumerate(prompts or [], 1):
         if (name == "correct" or name.startswith("llm:")) and not HEX_RE.search(prompt):
-            raise ValueError(f"prompt {number} ({prompt[:40]!r}) has no '#rrggbb' colour, which the judge {name!r} "
-                             f"in --judge {spec!r} reads: pick another judge (answer, poet, module:function)")
+            raise ValueError(f"prompt {number} ({prompt[:40]!r}) has no '#rrggbb' colour, which the judge "
+                             f"{name!r} in --judge {spec!r} reads: pick another judge (answer, poet, "
+                             "module:function)")
     return judge
 
 

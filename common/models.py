@@ -1,6 +1,7 @@
-"""Loading and sampling: any Hugging Face causal LM (the shipped painter by default), prompts and completions
-as token ids, the sampler, a forward that runs each prompt once, and saving. No algorithm code."""
+"""Loading and sampling any Hugging Face causal LM (the shipped painter by default): prompts and completions
+as token ids, the sampler, a forward that runs each prompt once, saving."""
 
+import contextlib
 import os
 import shutil
 
@@ -22,23 +23,19 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision: matmuls in `dtype` (bf16), weights, optimizer state and reductions in fp32.
-    NOTE: trained weights stay fp32 because a bf16 weight cannot hold a small update: at lr 1e-6 one AdamW
-    step changes ~0.2% of the painter's weights in bf16 and ~all of them in fp32 (tests/test_real_models.py).
-    TRL's GRPOTrainer (trl/trainer/grpo_trainer.py model init, @f2cd577) and verl (verl/workers/
-    fsdp_workers.py mixed-precision settings) do the same. float32 = autocast off, bit for bit."""
+    """Mixed precision: matmuls in `dtype` (bf16), weights, optimizer state and reductions in fp32 (as TRL's
+    GRPOTrainer @f2cd577 and verl's fsdp_workers.py). NOTE: a bf16 weight cannot hold a small update: at lr
+    1e-6 one AdamW step changes ~0.2% of the painter's weights in bf16, ~all in fp32. fp32: autocast off."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def load_model_and_tokenizer(
     model: str | None = None, device="auto", dtype: str = "float32", scalar_head=False, reward_model_for=None
 ):
-    """Any HF model by local path or hub id (None = the shipped painter), dropout off, on device, and its
-    tokenizer (left padding, a pad token). dtype is the dtype of the WEIGHTS: float32 for a trained model
-    (compute in bf16 comes from `autocast`), "auto" (bf16 on cuda) for a frozen one. scalar_head: a sequence
-    classifier with one output (a reward or value model; a causal LM checkpoint gets a new head).
-    reward_model_for=tokenizer: a reward model saved by reward_model.py, checked to be one and to share that
-    tokenizer (it reads the policy's token ids; --judge rm:PATH re-tokenises text instead)."""
+    """Any HF model by path or hub id (None = the shipped painter), dropout off, and its tokenizer (left
+    padding, a pad token). dtype: of the WEIGHTS, float32 for a trained model (bf16 compute comes from
+    autocast), "auto" for a frozen one. scalar_head: a sequence classifier with one output (a reward or value
+    model). reward_model_for=tokenizer: reward_model.py's output, checked to be one, with that tokenizer."""
     path = os.path.expanduser(model or PAINTER)
     looks_local = model is None or model.startswith((".", "/", "~")) or os.path.exists(path)
     if looks_local and not os.path.isdir(path):
@@ -61,14 +58,12 @@ def load_model_and_tokenizer(
     tokenizer.padding_side = "left"
     if net.config.pad_token_id is None:
         net.config.pad_token_id = tokenizer.pad_token_id
-    if reward_model_for is not None:
-        if not (net.config.architectures or [""])[0].endswith("ForSequenceClassification"):
-            raise ValueError(f"--reward-model {path!r} is not a reward model (a sequence classifier with one "
-                             f"label, as reward_model.py saves): {net.config.architectures}")  # fmt: skip
-        if tokenizer.get_vocab() != reward_model_for.get_vocab():
-            raise ValueError(f"--reward-model {path!r} has a different tokenizer from the policy's: train it "
-                             "from the policy (reward_model.py --model ...) or use --judge rm:PATH, which "
-                             "re-tokenises the text")  # fmt: skip
+    policy = reward_model_for
+    if policy is not None and not (net.config.architectures or [""])[0].endswith("SequenceClassification"):
+        raise ValueError(f"--reward-model {path!r} is not a reward model (reward_model.py's output)")
+    if policy is not None and tokenizer.get_vocab() != policy.get_vocab():
+        raise ValueError(f"--reward-model {path!r} has a different tokenizer from the policy's: train it "
+                         "from the policy (reward_model.py --model ...) or use --judge rm:PATH")
     for name in list(vars(net.config)):  # dropout off: the training forward must be the sampler's policy
         if name.endswith(("dropout", "_pdrop")):
             setattr(net.config, name, 0.0)
@@ -78,18 +73,11 @@ def load_model_and_tokenizer(
     return net.to(resolve_device_dtype(device)[0]), tokenizer
 
 
-def new_painter(data, eval_data, tokenizer: str, d_model: int, n_layers: int, n_heads: int, d_ff: int):
+def new_painter(data, eval_data, tokenizer: str, *architecture: int):
     """A new painter by its recipe (sft.py without --model), the paint task's: common/recipe.py."""
     from .recipe import new_painter as build
 
-    return build(data, eval_data, tokenizer, d_model, n_layers, n_heads, d_ff)
-
-
-def context_length(model) -> int:
-    return getattr(model.config, "max_position_embeddings", None) or 1 << 30
-
-
-# ---- prompts, completions and the tokens that end them -------------------------------------------------
+    return build(data, eval_data, tokenizer, *architecture)
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -104,29 +92,19 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 def end_of_turn_id(tokenizer) -> int:
     """The token that ends an answer: the chat template's end-of-turn (<|im_end|>, <end_of_turn>, <|eot_id|>),
     found by rendering an assistant turn and reading the special token right after its text; else EOS."""
-    if getattr(tokenizer, "chat_template", None):
-        marker, turns = "Sunset Dust", [{"role": "user", "content": "Name a colour"}]
-        try:
-            turns.append({"role": "assistant", "content": marker})
-            text = tokenizer.apply_chat_template(turns, tokenize=False)
-        except Exception:  # a template that refuses this conversation: fall back to EOS
-            text = ""
-        if marker in text:
-            tail = text[text.rindex(marker) + len(marker) :]
-            after = tokenizer(tail, add_special_tokens=False)["input_ids"]
-            added = tokenizer.added_tokens_decoder
-            if after and after[0] in added and added[after[0]].special:
-                return after[0]
-    return tokenizer.eos_token_id
+    turns, text = [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Dust"}], ""
+    with contextlib.suppress(Exception):  # no template, or one that refuses this conversation: EOS
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    tail = text[text.rindex("Dust") + 4 :] if "Dust" in text else ""
+    after = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    added = tokenizer.added_tokens_decoder
+    return after[0] if after and after[0] in added and added[after[0]].special else tokenizer.eos_token_id
 
 
 def encode_completion(tokenizer, prompt: str, completion: str) -> list[int]:
-    """Completion token ids, ending with the token that teaches the model to stop (EOS, or with a chat
-    template its end-of-turn token), appended only when the text does not already end with one.
-    NOTE: cut from the tokenisation of prompt and completion TOGETHER (through the chat template when there is
-    one), once the prompt's own ids are checked to be a prefix of it (as TRL's SFT trainer). Tokenised alone,
-    a SentencePiece tokenizer puts its space marker on the first word, a token that never follows the prompt
-    in generation (transformers #26273)."""
+    """Completion token ids, ending with the token that teaches the model to stop (EOS, or a chat template's
+    end-of-turn). NOTE: cut from prompt and completion tokenised TOGETHER, as TRL's SFT trainer: alone, a
+    SentencePiece tokenizer puts its space marker on the first word, a token never seen after the prompt."""
     prompt_ids, end = encode_prompt(tokenizer, prompt), end_of_turn_id(tokenizer)
     if getattr(tokenizer, "chat_template", None):
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
@@ -143,17 +121,13 @@ def encode_completion(tokenizer, prompt: str, completion: str) -> list[int]:
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS, the model's own EOS list (Qwen2.5 instruct stops
-    on <|im_end|> and <|endoftext|>, Llama-3 on <|eot_id|> and <|end_of_text|>) and the chat template's
-    end-of-turn; for generation and masks alike (a mask knowing only EOS trains padding; TRL PR #7039)."""
+    """Every id that ends a completion: EOS, the model's EOS list (Qwen2.5: <|im_end|>, <|endoftext|>), the
+    template's end-of-turn; for generation and masks alike (a mask knowing only EOS trains padding)."""
     ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     for config in (getattr(model, "generation_config", None), model.config):
         eos = getattr(config, "eos_token_id", None)
         ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
     return sorted(i for i in ids if i is not None)
-
-
-# ---- the sampler: exactly the policy the loss differentiates -------------------------------------------
 
 
 def sampling_config(tokenizer, model, temperature: float, max_new_tokens: int) -> GenerationConfig:
@@ -165,8 +139,8 @@ def sampling_config(tokenizer, model, temperature: float, max_new_tokens: int) -
 
 
 def draw(probs: torch.Tensor) -> torch.Tensor:
-    """One token per row of probs (N, V), by the inverse CDF: u ~ U(0, 1), the first token whose cumulative
-    probability exceeds u (sums in float64); torch.multinomial's distribution, 3x faster on a CPU."""
+    """One token per row of probs (N, V) by the inverse CDF (the first whose cumulative probability exceeds
+    u ~ U(0, 1), in float64): torch.multinomial's distribution, 3x faster on a CPU."""
     cdf = probs.double().cumsum(-1)
     u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
@@ -174,19 +148,16 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], config, repeats=1, return_logprobs=False):
-    """`repeats` completions of each text prompt, drawn from softmax(logits / temperature) and nothing else,
-    in eval mode, with a KV cache: prompt_ids, prompt_mask (b, P), left padded (through the chat template when
-    there is one), and completion_ids (b*repeats, T), rows i*r .. i*r+r-1 prompt i's, padded with
-    pad_token_id after a stop id; with return_logprobs also each token's log-prob when drawn (b*repeats, T).
-    NOTE: our own loop, not model.generate, which fills every field the config leaves unset from the
-    checkpoint's generation_config (a repetition_penalty of 1.05-1.1 on several instruct models, min_p), so
-    the rollouts would come from another policy than the loss's; and on a small model its bookkeeping costs
-    more than the model (tests/bench/README.md). Each prompt runs once for its r completions."""
+    """`repeats` completions of each text prompt from softmax(logits / temperature), nothing else, in eval
+    mode with a KV cache: prompt_ids, prompt_mask (b, P), left padded, and completion_ids (b*r, T), rows i*r
+    .. i*r+r-1 prompt i's, pad_token_id after a stop id (and each drawn token's log-prob, return_logprobs).
+    NOTE: not model.generate, which fills what the config leaves unset from the checkpoint's own (a
+    repetition_penalty on several instruct models): another policy than the loss's. Each prompt runs once."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
-    if max(map(len, ids)) + config.max_new_tokens > context_length(model):
+    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    if max(map(len, ids)) + config.max_new_tokens > context:
         raise ValueError(f"prompt of {max(map(len, ids))} tokens + {config.max_new_tokens} new tokens "
-                         f"exceeds the model's context of {context_length(model)}: shorten it or "
-                         "--max-new-tokens")  # fmt: skip
+                         f"exceeds the model's context of {context}: shorten it or --max-new-tokens")
     encoded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
     stop_ids = torch.tensor(config.eos_token_id, device=prompt_ids.device).view(-1)
@@ -225,18 +196,14 @@ def sample(model, tokenizer, prompts: list[str], config, repeats=1, return_logpr
         model.train(was_training)
 
 
-# ---- a forward that runs each prompt once: a speed-up, tested equal to the plain forward ---------------
-
-# NOTE: one more call of the model costs about what 60-100 token positions of the painter cost on a CPU core;
-# below 256 saved positions sharing the prompts' common columns does not pay (tests/bench/README.md)
-SHARE_FROM = 256
+SHARE_FROM = 256  # NOTE: one more model call costs 60-100 token positions of the painter: below 256, a loss
 
 
 def shared_prefix(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
-    """How many leading columns every prompt of the batch shares (ids and padding alike), at most P - 1:
-    the painter's "<bos> Name this paint color: #", half of each prompt; 0 when sharing them would not pay."""
-    if (len(prompt_ids) - 1) * (prompt_ids.shape[1] - 1) < SHARE_FROM:  # cannot pay, whatever is shared:
-        return 0  # no comparison (and no GPU sync) for GRPO's 8 prompts or PPO's minibatches
+    """How many leading columns every prompt of the batch shares (ids and padding), at most P - 1: the
+    painter's "<bos> Name this paint color: #"; 0 when sharing them would not pay (no GPU sync then)."""
+    if (len(prompt_ids) - 1) * (prompt_ids.shape[1] - 1) < SHARE_FROM:
+        return 0
     same = (prompt_ids == prompt_ids[:1]).all(0) & (prompt_mask == prompt_mask[:1]).all(0)
     k = min(int(same.long().cumprod(0).sum()), prompt_ids.shape[1] - 1)
     return k if (len(prompt_ids) - 1) * k >= SHARE_FROM else 0
@@ -245,16 +212,13 @@ def shared_prefix(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
 def forward_sharing_prompts(
     model, input_ids, attention_mask, position_ids, prompt_length: int, repeats: int, hidden: bool = False
 ) -> torch.Tensor:
-    """The forward of N = b*r rows (N, L) whose first P = prompt_length columns are b prompts, each repeated r
-    times (rows i*r .. i*r+r-1 share prompt i), computed with each prompt run ONCE. Returns exactly
+    """The forward of N = b*r rows (N, L) whose first P = prompt_length columns hold b prompts, each repeated
+    r times (rows i*r .. i*r+r-1), with each prompt run ONCE; exactly (tests/test_common.py: float64, grads)
         model(input_ids, attention_mask=..., position_ids=..., logits_to_keep=L - P + 1).logits  (N, L-P+1, V)
-    or with hidden=True the final hidden states after the prompt (N, L-P, D),
-        model(..., output_hidden_states=True).hidden_states[-1][:, P:]
-    (tests/test_common.py: equal in float64, and their gradients). The columns that every prompt shares (the
-    painter's "<bos> Name this paint color: #") run once for the batch, each prompt's rest once for its r
-    rows, which attend to copies of its keys and values; in backward the gradients of the copies add up. A
-    GRPO step's forward and backward take 2.4x less time on the painter. With gradient checkpointing (which
-    drops the cache) it is the plain forward."""
+        or, hidden=True, model(..., output_hidden_states=True).hidden_states[-1][:, P:]         (N, L-P, D)
+    The columns all prompts share run once for the batch, each prompt's rest once for its r rows, which attend
+    to copies of its keys and values (their gradients add up in backward): a GRPO step 2.4x faster on the
+    painter. With gradient checkpointing (which drops the cache), the plain forward."""
     P, L, r = prompt_length, input_ids.shape[1], repeats
     prompt_ids, prompt_mask, positions = (t[::r, :P] for t in (input_ids, attention_mask, position_ids))
     last = {} if hidden else {"logits_to_keep": 1}
@@ -286,8 +250,7 @@ def forward_sharing_prompts(
 
 
 def save_atomic(model, tokenizer, path: str) -> None:
-    """save_pretrained (safetensors, the trained fp32 weights) into a temporary folder, then swapped in: a
-    crash never leaves half a model."""
+    """save_pretrained (safetensors) into a temporary folder, then swapped in: never half a model."""
     tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

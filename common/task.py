@@ -1,7 +1,5 @@
-"""The task: prompts, SFT rows and preference pairs from JSONL, the judge (a reward function with TRL's
-signature, judge(prompts, completions, **columns) -> list[float]) and the eval every script shares.
-Without a data file a script runs the built-in paint-colour task (common/colours.py, common/judges.py), which
-is imported only then, or when a judge is named (correct, poet, ...): a copy of the plumbing can leave it out."""
+"""The task: prompts, SFT rows, pairs (JSONL); the judge (TRL's reward signature); the eval. The paint task
+(common/colours.py, judges.py) loads only without a data file or for a built-in judge (correct, poet, ...)."""
 
 import importlib.util
 import json
@@ -15,14 +13,14 @@ import torch
 
 from .models import autocast, encode_completion, encode_prompt, sample, sampling_config, stop_token_ids
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+PAINT_JUDGES = ("correct", "poet", "architect", "unhinged", "answer")
 
 
 def paint_task(module: str, needed_for: str):
     """common.colours or common.judges, the built-in paint task's; a clear error where a copy left it out."""
-    if not os.path.exists(os.path.join(HERE, f"{module}.py")):
-        raise ValueError(f"{needed_for} is the built-in paint-colour task's, which is not here "
-                         f"(common/{module}.py): pass your own data and --judge file.py:function")  # fmt: skip
+    if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{module}.py")):
+        raise ValueError(f"{needed_for} is the built-in paint-colour task's, not here (common/{module}.py): "
+                         "pass your own data and --judge file.py:function")  # fmt: skip
     return importlib.import_module(f"{__package__}.{module}")
 
 
@@ -30,19 +28,18 @@ def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
     """Rows of a JSONL file, each checked to have the given string fields; a clear error otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist: pass a JSONL file with fields {fields}")
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one object") from None
-            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{number}: row lacks string field(s) {missing}; every row needs {fields}")
-            rows.append(row)
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); one object per line") from None
+        row = rows[-1] if isinstance(rows[-1], dict) else {}
+        missing = [k for k in fields if not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{number}: row lacks string field(s) {missing}; rows need {fields}")
     if not rows:
         raise ValueError(f"{path} holds no rows: it needs at least one JSON object with fields {fields}")
     return rows
@@ -65,32 +62,31 @@ def load_prompts(path: str | None, eval_path: str | None, batch_size: int, eval_
         rows, eval_rows = read_jsonl(path, ("prompt",)), read_jsonl(eval_path, ("prompt",))[:eval_size]
     else:
         rows, eval_rows = split_by_prompt(read_jsonl(path, ("prompt",)))
-        eval_rows = eval_rows[:eval_size]
     if len(rows) < batch_size:
-        raise ValueError(f"{len(rows)} training prompts for a batch of {batch_size}: lower --batch-size or add "
-                         "prompts (a tenth of a --prompts file is held out unless --eval-prompts)")  # fmt: skip
-    return rows, eval_rows
+        raise ValueError(f"{len(rows)} training prompts for a batch of {batch_size}: lower --batch-size or "
+                         "add prompts (a tenth of a --prompts file is held out unless --eval-prompts)")
+    return rows, eval_rows[:eval_size]
 
 
-def encode_examples(tokenizer, rows: list[tuple[str, str]], context: int) -> list[tuple[list[int], list[int]]]:
+def encode_examples(tokenizer, rows: list[tuple[str, str]], context: int) -> list[tuple[list, list]]:
     """(prompt, completion) texts -> (prompt_ids, completion_ids), each checked to fit the model's context."""
     examples = [(encode_prompt(tokenizer, p), encode_completion(tokenizer, p, c)) for p, c in rows]
     for (p, c), (prompt, _) in zip(examples, rows):
         if len(p) + len(c) > context:
-            raise ValueError(f"prompt + completion of {len(p) + len(c)} tokens exceeds the model's context of "
-                             f"{context} ({prompt[:40]!r}...): shorten the data or use a longer-context model")
+            raise ValueError(f"prompt + completion of {len(p) + len(c)} tokens exceeds the model's context "
+                             f"of {context} ({prompt[:40]!r}...): shorten the data or use a longer context")
     return examples
 
 
 def load_examples(path, eval_path, tokenizer, context: int, eval_size: int, **paint):
-    """SFT data: (prompt_ids, completion_ids) of every {"prompt", "completion"} row of the JSONL, and the
-    eval's rows: eval_path's, or those of a tenth of the prompts, held out by a hash. None: the paint task's,
-    a function (rng, n) -> n new examples (colours drawn fresh every call; **paint its settings)."""
+    """SFT data, (prompt_ids, completion_ids) of each {"prompt", "completion"} row, and the eval's rows (of
+    eval_path, or of a tenth of the prompts, by hash). None: the paint task's, (rng, n) -> n new examples."""
     if path is None:
-        return paint_task("colours", "training without --data").paint_examples(tokenizer, context, eval_size, **paint)
+        colours = paint_task("colours", "training without --data")
+        return colours.paint_examples(tokenizer, context, eval_size, **paint)
     rows = [(r["prompt"], r["completion"]) for r in read_jsonl(path, ("prompt", "completion"))]
     if eval_path is not None:
-        held_out = [(r["prompt"], r["completion"]) for r in read_jsonl(eval_path, ("prompt", "completion"))]
+        held_out = [(r["prompt"], "") for r in read_jsonl(eval_path, ("prompt", "completion"))]
     else:  # NOTE: held out by a hash of the prompt, so that no prompt is both trained on and evaluated
         rows, held_out = split_by_prompt(rows, prompt_of=lambda row: row[0])
     eval_rows = [{"prompt": p} for p in dict.fromkeys(p for p, _ in held_out)][:eval_size]
@@ -99,9 +95,9 @@ def load_examples(path, eval_path, tokenizer, context: int, eval_size: int, **pa
 
 def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Full texts (prompt + answer, prompt + other answer) -> (prompt, chosen, rejected): the prompt is their
-    longest common beginning, cut back to a whitespace so that no word is split ("... Red" vs "... Reddish")."""
+    common beginning, cut back to a whitespace so that no word is split ("... Red" vs "... Reddish")."""
     n = len(os.path.commonprefix([chosen, rejected]))
-    while n > 0 and not chosen[n - 1].isspace() and not ((chosen + " ")[n] + (rejected + " ")[n]).isspace():
+    while n and not chosen[n - 1].isspace() and not ((chosen + " ")[n] + (rejected + " ")[n]).isspace():
         n -= 1
     return chosen[:n].rstrip(), chosen[n:].strip(), rejected[n:].strip()
 
@@ -114,16 +110,15 @@ def read_pairs(path: str) -> list[dict]:
         if not isinstance(prompt, str):
             prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
             if not prompt and row["chosen"] != row["rejected"]:
-                raise ValueError(f"{path}: row {number} has no 'prompt' and its chosen/rejected texts share no "
-                                 "prefix to use as one: add a 'prompt' field")  # fmt: skip
+                raise ValueError(f"{path}: row {number} has no 'prompt' and its chosen/rejected texts share "
+                                 "no prefix to use as one: add a 'prompt' field")  # fmt: skip
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
 
 
-def encode_pairs(tokenizer, pairs: list[dict], context: int, identical: str, too_long: str, warn=print) -> list:
-    """(prompt_ids, chosen_ids, rejected_ids), the completions ending in EOS (or the chat template's
-    end-of-turn). identical: "skip" (counted) or "error" for pairs whose chosen equals rejected; too_long:
-    "truncate" (the completions' tails cut to fit the context, losing their EOS; counted) or "error"."""
+def encode_pairs(tokenizer, pairs: list, context: int, identical="skip", too_long="truncate", warn=print):
+    """(prompt_ids, chosen_ids, rejected_ids), completions ending in EOS. identical (chosen equals rejected):
+    "skip" or "error"; too_long: "truncate" (the tails cut to fit the context, losing EOS) or "error"."""
     encoded, n_identical, n_long = [], 0, 0
     for number, pair in enumerate(pairs, 1):
         if pair["chosen"].strip() == pair["rejected"].strip():
@@ -135,11 +130,11 @@ def encode_pairs(tokenizer, pairs: list[dict], context: int, identical: str, too
         prompt_ids = encode_prompt(tokenizer, pair["prompt"])
         room = context - len(prompt_ids)
         completions = [encode_completion(tokenizer, pair["prompt"], pair[k]) for k in ("chosen", "rejected")]
-        if max(len(c) for c in completions) > room:
+        if max(map(len, completions)) > room:
             if too_long == "error" or room < 1:
-                raise ValueError(f"pair {number}: prompt + completion of {len(prompt_ids) + max(map(len, completions))}"
-                                 f" tokens exceeds the model's context of {context}: shorten it, or pass "
-                                 "--too-long truncate")  # fmt: skip
+                length = len(prompt_ids) + max(map(len, completions))
+                raise ValueError(f"pair {number}: prompt + completion of {length} tokens exceeds the model's "
+                                 f"context of {context}: shorten it or pass --too-long truncate")
             n_long += 1
             completions = [c[:room] for c in completions]
         encoded.append((prompt_ids, *completions))
@@ -148,60 +143,54 @@ def encode_pairs(tokenizer, pairs: list[dict], context: int, identical: str, too
     if n_long:
         warn(f"warning: truncated {n_long} of {len(pairs)} pairs to the model's context of {context} tokens")
     if not encoded:
-        raise ValueError(f"no preference pairs left after filtering ({len(pairs)} given, {n_identical} identical): "
-                         "provide pairs whose chosen and rejected differ")  # fmt: skip
+        raise ValueError(f"no preference pairs left after filtering ({len(pairs)} given, {n_identical} "
+                         "identical): provide pairs whose chosen and rejected differ")  # fmt: skip
     return encoded
 
 
 def load_pairs(data, eval_data, tokenizer, context: int, identical="skip", too_long="truncate", eval_size=64,
                save_to=None, quiet=False, **paint) -> tuple[list, list, list[dict]]:  # fmt: skip
-    """Preference pairs, encoded (encode_pairs), for training and held out, and the eval's prompt rows. From
-    JSONL: data, and eval_data or the pairs of about a tenth of its prompts (by a hash of the prompt). None:
-    the paint task's, names sampled and ranked by a judge (**paint: its settings). save_to: a folder that gets
-    the first 200 training pairs as pairs.jsonl, a look at what the model learns from."""
+    """Pairs encoded (encode_pairs), for training and held out (eval_data, or a tenth of data's prompts),
+    and the eval's rows. None: the paint task's, names sampled, ranked by a judge (**paint: its settings).
+    save_to gets the first 200 training pairs as pairs.jsonl, a look at what the model learns from."""
     if data is None:
         colours = paint_task("colours", "training without --data")
-        train, heldout, eval_rows = colours.paint_pairs(eval_size, quiet=quiet, build_heldout=eval_data is None,
-                                                        **paint)  # fmt: skip
-        heldout = read_pairs(eval_data) if eval_data is not None else heldout
+        built = colours.paint_pairs(eval_size, quiet=quiet, build_heldout=eval_data is None, **paint)
+        train, heldout, eval_rows = built
     else:
         train = read_pairs(data)
         if eval_data is None and len({pair["prompt"] for pair in train}) < 2:
-            raise ValueError(f"{data} has pairs of one prompt only: need 2 or more prompts to hold some out (by "
-                             "a hash of the prompt), or pass --eval-data")  # fmt: skip
+            raise ValueError(f"{data} has pairs of one prompt only: need 2 or more prompts to hold some out "
+                             "(by a hash of the prompt), or pass --eval-data")  # fmt: skip
         # NOTE: held out by prompt, so that no prompt is both trained on and evaluated
-        train, heldout = split_by_prompt(train) if eval_data is None else (train, read_pairs(eval_data))
+        train, heldout = split_by_prompt(train) if eval_data is None else (train, None)
+    heldout = read_pairs(eval_data) if eval_data is not None else heldout
+    if data is not None:
         eval_rows = [{"prompt": p} for p in dict.fromkeys(pair["prompt"] for pair in heldout)][:eval_size]
     if save_to is not None:
         with open(os.path.join(save_to, "pairs.jsonl"), "w") as f:
             f.writelines(json.dumps(pair) + "\n" for pair in train[:200])
     warn = (lambda _: None) if quiet else print
-    encoded = [encode_pairs(tokenizer, pairs, context, identical, too_long, warn) for pairs in (train, heldout)]
+    encoded = [encode_pairs(tokenizer, rows, context, identical, too_long, warn) for rows in (train, heldout)]
     return encoded[0], encoded[1], eval_rows
 
 
-# ---- judges: reward functions by name ---------------------------------------------------------------------
-
-PAINT_JUDGES = ("correct", "poet", "architect", "unhinged", "answer")
-
-
 def get_judge(spec: str, device: str = "auto", prompts: list[str] | None = None):
-    """'path/to/file.py:fn', 'module:fn', the built-in judges ('poet', 'answer', 'rm:PATH', common/judges.py)
-    and weighted sums ('0.7*poet+0.3*my_rewards.py:fn') -> one judge, its output checked (one finite score per
-    completion). With prompts, a judge that reads a colour from them checks at start-up that each has one."""
+    """'file.py:fn', 'module:fn', built-in judges ('poet', 'rm:PATH': common/judges.py), weighted sums
+    ('0.7*poet+0.3*file.py:fn') -> one judge, its output checked (one finite score per completion)."""
     terms = []
     for term in spec.split("+"):
         weighted = re.match(r"^\s*([\d.]+)\s*\*(.*)$", term)
         weight, name = (float(weighted[1]), weighted[2].strip()) if weighted else (1.0, term.strip())
         if name in PAINT_JUDGES or name.startswith(("llm:", "rm:")):
-            judge = paint_task("judges", f"judge {name!r}").built_in_judge(name, device, prompts, spec)
+            judges = paint_task("judges", f"judge {name!r}")
+            terms.append((weight, judges.built_in_judge(name, device, prompts, spec)))
         elif ":" in name:
-            judge = import_judge(name)
+            terms.append((weight, import_judge(name)))
         else:
-            raise ValueError(f"unknown judge {name!r} in {spec!r}; known judges: correct, poet, architect, "
-                             "unhinged, answer, llm:PATH, rm:PATH, file.py:function, module:function and "
-                             "weighted sums such as 0.7*poet+0.3*correct")  # fmt: skip
-        terms.append((weight, judge))
+            raise ValueError(f"unknown judge {name!r} in {spec!r}; known judges: {', '.join(PAINT_JUDGES)}, "
+                             "llm:PATH, rm:PATH, file.py:function, module:function and weighted sums such as "
+                             "0.7*poet+0.3*correct")  # fmt: skip
 
     def judge(prompts, completions, **kwargs) -> list[float]:
         if len(terms) == 1 and terms[0][0] == 1.0:
@@ -210,9 +199,10 @@ def get_judge(spec: str, device: str = "auto", prompts: list[str] | None = None)
             scores = np.array([term(prompts, completions, **kwargs) for _, term in terms])  # (judges, N)
             scores = (np.array([weight for weight, _ in terms]) @ scores).tolist()
         if len(scores) != len(completions) or not all(map(math.isfinite, scores)):
-            raise ValueError(f"judge {spec!r} returned {len(scores)} scores for {len(completions)} completions, "
-                             f"{sum(not math.isfinite(s) for s in scores)} of them NaN or inf: it must return "
-                             "one finite score each")  # fmt: skip
+            bad = sum(not math.isfinite(s) for s in scores)
+            raise ValueError(f"judge {spec!r} returned {len(scores)} scores for {len(completions)} "
+                             f"completions, {bad} non-finite (NaN or inf): it must return one finite score "
+                             "each")  # fmt: skip
         return scores
 
     judge.__name__ = spec
@@ -225,43 +215,39 @@ def import_judge(spec: str):
     if where.endswith(".py"):
         if not os.path.isfile(where):
             raise FileNotFoundError(f"judge file {where!r} does not exist: pass path/to/file.py:function")
-        module_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        loader = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as e:
             raise ValueError(f"judge {spec!r}: cannot import {where!r} ({e}); pass module:function or "
                              "path/to/file.py:function") from None  # fmt: skip
-    function = getattr(module, name, None)
-    if not callable(function):
+    if not callable(getattr(module, name, None)):
         raise ValueError(f"judge {spec!r}: {where!r} has no function {name!r}")
-    return function
-
-
-# ---- the eval: names for held-out prompts, scored, counted, and their KL to the starting policy -----------
+    return getattr(module, name)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], temperature=1.0, max_new_tokens=8, seed=None, dtype=torch.float32):
+def generate(model, tokenizer, prompts: list[str], temperature=1.0, max_new_tokens=8, seed=None, dtype=None):
     """One completion per prompt from the training's sampler, under autocast in dtype, seeded without
     touching the training's random stream: the texts, prompt_ids, prompt_mask and completion_ids."""
     config = sampling_config(tokenizer, model, temperature, max_new_tokens)
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)
-        with autocast(model.device, dtype):
+        with autocast(model.device, dtype or torch.float32):
             prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts, config)
     texts = [t.strip() for t in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
     return texts, prompt_ids, prompt_mask, completion_ids
 
 
 @torch.no_grad()
-def sequence_kl(model, reference, prompt_ids, prompt_mask, completion_ids, stop_ids, temperature, dtype, rows=16):
-    """eval/kl: KL(pi || pi_start) per completion, estimated on the eval's own samples from pi as
-    mean_i sum_t log pi(y_it) - log pi_start(y_it) (k1, unbiased; Schulman 2020), at the sampling temperature,
-    over each completion's tokens up to its stop token. The reference may live on another device (the host)."""
+def sequence_kl(model, reference, prompt_ids, prompt_mask, completion_ids, stop_ids, temperature, dtype):
+    """eval/kl: KL(pi || pi_start) per completion on the eval's samples from pi, mean_i sum_t log pi(y_it) -
+    log pi_start(y_it) (k1, unbiased; Schulman 2020) at the sampling temperature, over each completion's
+    tokens up to its stop token. The reference may live on another device (the host)."""
     P, sequences = prompt_ids.shape[1], torch.cat([prompt_ids, completion_ids], 1)
     is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
     first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])
@@ -269,40 +255,35 @@ def sequence_kl(model, reference, prompt_ids, prompt_mask, completion_ids, stop_
     attention_mask = torch.cat([prompt_mask, mask.long()], 1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens start at 0
 
-    def logprobs(m) -> torch.Tensor:  # (N, T) on the CPU, rows at a time
-        device, out = next(m.parameters()).device, []
-        for s in torch.arange(len(sequences)).split(rows):
+    def logprobs(m) -> torch.Tensor:  # (N, T) on the CPU, rows at a time, dropout off (eval mode)
+        device, out, was_training = next(m.parameters()).device, [], m.training
+        for s in torch.arange(len(sequences)).split(16):
             ids, att, pos = (t[s].to(device) for t in (sequences, attention_mask, position_ids))
             with autocast(device, dtype):
-                logits = m(ids, attention_mask=att, position_ids=pos, use_cache=False).logits[:, P - 1 : -1]
-            logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+                logits = m.eval()(ids, attention_mask=att, position_ids=pos, use_cache=False).logits
+            logp = torch.log_softmax(logits[:, P - 1 : -1].float() / temperature, dim=-1)
             out.append(logp.gather(-1, ids[:, P:, None]).squeeze(-1).cpu())
+        m.train(was_training)
         return torch.cat(out)
 
-    was_training = model.training
-    model.eval()  # the sampler's policy: dropout off
-    try:
-        return float(((logprobs(model) - logprobs(reference)) * mask.cpu()).sum(1).mean())
-    finally:
-        model.train(was_training)
+    return float(((logprobs(model) - logprobs(reference)) * mask.cpu()).sum(1).mean())
 
 
-def evaluate(model, tokenizer, judge, rows: list[dict], temperature=1.0, max_new_tokens=8, dtype=torch.float32,
+def evaluate(model, tokenizer, judge, rows: list[dict], temperature=1.0, max_new_tokens=8, dtype=None,
              reference=None, seed=0) -> tuple[dict, list[dict]]:  # fmt: skip
-    """One name per held-out row, sampled as in training (seeded): eval/reward (the judge; the rows' other
-    columns go to it, as TRL passes dataset columns), eval/distinct (the share of unique completions), eval/kl
-    (to the reference, the starting policy, when given), and on the paint task eval/correct; with an "answer"
-    column eval/accuracy (the share of exactly right final answers). Also the samples."""
+    """One name per held-out row, sampled as in training (seeded): eval/reward (the judge, the rows' other
+    columns its keyword arguments), eval/distinct (the share of unique ones), eval/kl (to the reference, the
+    starting policy), on the paint task eval/correct and eval/accuracy (an "answer" column); the samples."""
     prompts = [row["prompt"] for row in rows]
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
     names, prompt_ids, prompt_mask, completion_ids = generate(
         model, tokenizer, prompts, temperature, max_new_tokens, seed, dtype)  # fmt: skip
     rewards = judge(prompts, names, **columns)
     metrics = {"eval/reward": float(np.mean(rewards)), "eval/distinct": len(set(names)) / len(names)}
-    if os.path.exists(os.path.join(HERE, "judges.py")):  # the paint task's extra metrics (common/judges.py)
+    if os.path.exists(os.path.join(os.path.dirname(__file__), "judges.py")):  # the paint task's metrics
         metrics.update(paint_task("judges", "eval/correct").paint_metrics(prompts, names, columns))
     if reference is not None:
-        stop_ids = stop_token_ids(tokenizer, model)
+        stop_ids, dtype = stop_token_ids(tokenizer, model), dtype or torch.float32
         args = (prompt_ids, prompt_mask, completion_ids, stop_ids, temperature, dtype)
         metrics["eval/kl"] = sequence_kl(model, reference, *args)
     samples = [{"prompt": p, "completion": n, "reward": r} for p, n, r in zip(prompts, names, rewards)]

@@ -93,6 +93,6 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def painter():
-    from common import load_model_and_tokenizer
+    from common.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer()

@@ -19,11 +19,16 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.models import encode_prompt  # noqa: E402
 
 
-def fixed_sample(model, prompt_ids, prompt_mask, config, repeats: int = 1, **_):
-    """(b, P) prompts -> (b * repeats, P + max_new_tokens): the k-th copy of a prompt always gets the same
-    completion, random words of random length (sometimes truncated), whatever batch or rank it is in."""
+def fixed_sample(model, tokenizer, prompts, config, repeats: int = 1, **_):
+    """b text prompts -> prompt_ids, prompt_mask (b, P) and completion_ids (b * repeats, max_new_tokens): the
+    k-th copy of a prompt always gets the same completion, random words of random length (sometimes
+    truncated), whatever batch or rank it is in."""
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    prompt_ids, prompt_mask = (encoded[k].to(model.device) for k in ("input_ids", "attention_mask"))
     input_ids, attention_mask = (
         prompt_ids.repeat_interleave(repeats, 0),
         prompt_mask.repeat_interleave(repeats, 0),
@@ -41,7 +46,7 @@ def fixed_sample(model, prompt_ids, prompt_mask, config, repeats: int = 1, **_):
         if length < max_new_tokens:
             tokens[length], tokens[length + 1 :] = eos, pad
         completions.append(tokens)
-    return torch.cat([input_ids, torch.stack(completions).to(input_ids.device)], dim=1)
+    return prompt_ids, prompt_mask, torch.stack(completions).to(input_ids.device)
 
 
 def sgd(params, lr: float, weight_decay: float = 0.0, **_):

@@ -13,13 +13,15 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
-    module, stop_after = importlib.import_module(sys.argv[1]), int(sys.argv[2])
-    save = module.save_checkpoint
+    from common.run import Run
 
-    def save_then_die(log, step, *args, **kwargs):
-        save(log, step, *args, **kwargs)
+    module, stop_after = importlib.import_module(sys.argv[1]), int(sys.argv[2])
+    save = Run.save_checkpoint
+
+    def save_then_die(run, step, state):
+        save(run, step, state)
         if step == stop_after:
             os._exit(3)
 
-    module.save_checkpoint = save_then_die
+    Run.save_checkpoint = save_then_die
     module.main(tyro.cli(module.Args, args=sys.argv[3:]))

@@ -8,27 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from common import (
-    PAINTER,
-    completion_forward,
-    encode_prompt,
-    evaluate,
-    frozen_copy,
-    get_judge,
-    load_model_and_tokenizer,
-    read_jsonl,
-    sample,
-    sampling_config,
-    save_atomic,
-)
-from common.data import ciede2000, color_names, eval_prompts, is_heldout, parse_hex, sample_colour_pairs
-from common.data import srgb_to_lab, xkcd_names
-from common.evaluate import EVAL_NEW_TOKENS, sample_names
+import grpo
+from common.colours import ciede2000, color_names, eval_prompts, is_heldout, parse_hex, sample_colour_pairs
+from common.colours import srgb_to_lab, xkcd_names
+from common.judges import STYLE_EXAMPLES, correct, name_to_lab, style_judge
+from common.models import PAINTER, encode_prompt, load_model_and_tokenizer, sample, sampling_config
+from common.models import save_atomic
 from common.models import stop_token_ids
 from common.recipe import build_tokenizer, painter_texts, trainable_names
-from common.run import sampling_seed
+from common.task import evaluate, generate, get_judge, read_jsonl
 from conftest import TINY
-from common.judges import STYLE_EXAMPLES, correct, name_to_lab, style_judge
 
 HEX = "Name this paint color: #1f4e79"
 
@@ -89,12 +78,6 @@ def test_no_painter_label_holds_a_word_the_tokenizer_lacks():
     assert len(plain) > 800 and len(names) > 20_000
     for name, _ in names + plain:
         assert tokenizer.unk_token_id not in tokenizer(name, add_special_tokens=False)["input_ids"], name
-
-
-def test_sampling_seeds_of_two_runs_never_share_a_stream():
-    # with seed + rank, seed 2 on rank 0 would sample exactly what seed 1 samples on rank 1
-    seeds = {sampling_seed(seed, rank) for seed in range(1, 101) for rank in range(64)}
-    assert len(seeds) == 100 * 64 and sampling_seed(2, 0) != sampling_seed(1, 1)
 
 
 def test_parse_hex_and_its_error():
@@ -221,7 +204,7 @@ def test_unknown_judge_lists_the_known_ones():
 
 
 def test_llm_judge_gives_a_probability(tmp_path):
-    from sft import build_tokenizer, new_model
+    from common.recipe import build_tokenizer, new_model
 
     tokenizer = build_tokenizer("bpe", ["Answer Yes or No. Yes", "Answer Yes or No. No"] * 10, vocab_size=300)
     torch.manual_seed(0)
@@ -273,28 +256,33 @@ def test_bad_jsonl_is_a_clear_error(tmp_path, content, message):
         read_jsonl(str(tmp_path / "missing.jsonl"), ("prompt",))
 
 
+def rows(prompts: list[str]) -> list[dict]:
+    return [{"prompt": p} for p in prompts]
+
+
 def test_eval_reports_the_shared_metrics(painter):
     model, tokenizer = painter
-    metrics, samples = evaluate(model, tokenizer, correct, eval_prompts(16), reference=model)
+    metrics, samples = evaluate(model, tokenizer, correct, rows(eval_prompts(16)), reference=model)
     assert set(metrics) == {"eval/reward", "eval/correct", "eval/distinct", "eval/kl"}
     assert metrics["eval/kl"] == 0.0  # to itself
     assert metrics["eval/reward"] == metrics["eval/correct"] and 0 < metrics["eval/distinct"] <= 1
     assert len(samples) == 16 and all(isinstance(s["completion"], str) for s in samples)
-    again, _ = evaluate(model, tokenizer, correct, eval_prompts(16), reference=model)
+    again, _ = evaluate(model, tokenizer, correct, rows(eval_prompts(16)), reference=model)
     assert again == metrics  # the eval is seeded
 
 
 def test_eval_kl_sums_each_completions_log_ratio_through_its_stop_token(painter):
     start, tokenizer = painter
-    model = frozen_copy(start, torch.float32)  # a "trained" policy: the painter, moved a little
+    model = copy.deepcopy(start)  # a "trained" policy: the painter, moved a little
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     prompts = eval_prompts(12)
-    metrics, _ = evaluate(model, tokenizer, correct, prompts, reference=start)
+    metrics, _ = evaluate(model, tokenizer, correct, rows(prompts), reference=start)
     # the same samples (the eval is seeded), each row scored alone: no padding, one token at a time
-    _, sequences, prompt_mask = sample_names(model, tokenizer, prompts, seed=0)
+    _, prompt_ids, prompt_mask, completion_ids = generate(model, tokenizer, prompts, seed=0)
+    sequences = torch.cat([prompt_ids, completion_ids], 1)
     stop, P, expected = stop_token_ids(tokenizer, model), prompt_mask.shape[1], []
     for row, mask in zip(sequences, prompt_mask):
         ids, total = row[P - int(mask.sum()) :].tolist(), 0.0
@@ -323,7 +311,7 @@ def test_a_seeded_eval_leaves_the_training_random_stream_alone(painter):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    evaluate(model, tokenizer, correct, eval_prompts(4), max_new_tokens=4)
+    evaluate(model, tokenizer, correct, rows(eval_prompts(4)), max_new_tokens=4)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -336,7 +324,7 @@ def test_every_policy_script_runs_one_eval_with_its_kl_to_the_start(script, over
     import importlib
 
     module = importlib.import_module(script)
-    assert module.Args.max_new_tokens == EVAL_NEW_TOKENS  # the same eval, so eval/reward compares
+    assert module.Args.max_new_tokens == grpo.Args.max_new_tokens  # the same eval: eval/reward compares
     args = {**TINY[script], "total_steps": 2, "eval_every": 2, "learning_rate": 1e-3, **overrides}
     if script == "dpo":  # dpo's steps come from its pairs: one epoch of 8 pairs in batches of 4
         args = {**TINY[script], "batch_size": 4, "eval_every": 2, "learning_rate": 1e-3, **overrides}
@@ -359,6 +347,11 @@ def prompts_and_completions(tokenizer, hexes: list[str], r: int, T: int = 6):
     completion_mask = torch.ones(len(hexes) * r, T)
     completion_mask[::3, 4:] = 0  # some completions end early
     return encoded["input_ids"], encoded["attention_mask"], completion_ids, completion_mask
+
+
+def shared_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """As the scripts run it (grpo.forward_logprobs, common.models.forward_sharing_prompts): prompts once."""
+    return grpo.forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 1.0)[1]
 
 
 def plain_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -409,22 +402,20 @@ def test_the_shared_prompt_gives_the_log_probs_and_gradient_of_separate_forwards
         (weights * logprobs * completion_mask).sum().backward()
         return logprobs.detach() * completion_mask, {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    shared, shared_grads = run(completion_forward)
+    shared, shared_grads = run(shared_forward)
     separate, separate_grads = run(plain_forward)
     assert (shared - separate).abs().max() < tolerance / 10 * separate.abs().max()
     for name, grad in separate_grads.items():
         assert (shared_grads[name] - grad).abs().max() <= tolerance * grad.abs().max(), name
     # one-token completions (every completion stopped at once): the prompt's last logits, nothing more
     with torch.no_grad():
-        one = completion_forward(
-            model, prompt_ids, prompt_mask, completion_ids[:, :1], completion_mask[:, :1]
-        )
+        one = shared_forward(model, prompt_ids, prompt_mask, completion_ids[:, :1], completion_mask[:, :1])
         alone = plain_forward(model, prompt_ids, prompt_mask, completion_ids[:, :1], completion_mask[:, :1])
     assert one.shape == (len(completion_ids), 1, model.config.vocab_size)
     assert torch.allclose(one, alone, atol=1e-5)
     # a completion that could not see its prompt would give other log-probs: the check can fail
     blind = torch.zeros_like(prompt_mask).index_fill_(1, torch.tensor([prompt_ids.shape[1] - 1]), 1)
-    assert (run(completion_forward, blind)[0] - separate).abs().max() > 0.1
+    assert (run(shared_forward, blind)[0] - separate).abs().max() > 0.1
 
 
 def test_the_common_columns_run_once_only_where_that_pays(painter):
@@ -442,14 +433,14 @@ def test_the_common_columns_run_once_only_where_that_pays(painter):
 
 def test_the_sampler_draws_from_softmax_of_logits_over_temperature(painter):
     model, tokenizer = painter
-    prompt = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, "Name this paint color: #d48475")]},
-                           return_tensors="pt")  # fmt: skip
+    text = "Name this paint color: #d48475"
+    prompt = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, text)]}, return_tensors="pt")
     with torch.no_grad():
         logits = model(**prompt).logits[0, -1]
     n = 4000
     config = sampling_config(tokenizer, model, temperature=0.7, max_new_tokens=1)
     torch.manual_seed(0)
-    first = sample(model, prompt["input_ids"], prompt["attention_mask"], config, repeats=n)[:, -1]
+    first = sample(model, tokenizer, [text], config, repeats=n)[2][:, 0]  # the completions' first tokens
     frequency = torch.bincount(first, minlength=len(logits)).double() / n
 
     def total_variation(temperature):

@@ -11,7 +11,7 @@ import torch
 
 import dpo
 import reward_model
-from common import encode_pairs
+from common.task import encode_pairs
 from conftest import (
     assert_help_lists,
     assert_one_line_error,

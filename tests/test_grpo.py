@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import grpo
-from common import encode_prompt, eval_prompts
+from common.colours import eval_prompts
+from common.models import encode_prompt
 from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
 
 
@@ -321,18 +322,14 @@ def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, mon
 @pytest.mark.parametrize(
     "judge_output, message",
     [
-        (lambda n: [0.0] * (n - 1), "scores for 8 completions"),
-        (lambda n: [float("nan")] * n, "non-finite scores"),
+        ("[0.0] * (len(completions) - 1)", "returned 7 scores for 8 completions"),
+        ("[float('nan')] * len(completions)", "8 non-finite"),
     ],
 )
-def test_a_bad_judge_is_a_clear_error(tmp_path, monkeypatch, judge_output, message):
-    from common.judges import checked_judge
-
-    # what get_judge returns: checked output
-    bad = checked_judge(lambda p, c, **k: judge_output(len(c)), "bad")
-    monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: bad)
+def test_a_bad_judge_is_a_clear_error(tmp_path, judge_output, message):
+    (tmp_path / "bad.py").write_text(f"def fn(prompts, completions, **kwargs):\n    return {judge_output}\n")
     with pytest.raises(ValueError, match=message):
-        grpo.main(tiny_args(tmp_path))
+        grpo.main(tiny_args(tmp_path, judge=f"{tmp_path / 'bad.py'}:fn"))
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import grpo
-from common import get_judge, split_by_prompt
-from common.data import eval_prompts, is_heldout
+from common.task import get_judge, split_by_prompt
+from common.colours import eval_prompts, is_heldout
 from common.judges import answer
 from common.recipe import trainable_names
 from common.tasks import basic_colour, basic_colour_rows, described, top_names
@@ -192,8 +192,8 @@ def test_grpo_learns_the_basic_colour_terms(tmp_path):
     assert metrics["eval/accuracy"] > 0.5
 
 
-def test_preference_and_sft_files_hold_out_whole_prompts(tmp_path):
-    from common import load_pairs
+def test_preference_and_sft_files_hold_out_whole_prompts(tmp_path, painter):
+    from common.task import load_pairs
 
     pairs = [
         {"prompt": f"Name this paint color: #{i % 25:06x}", "chosen": f"A{i}", "rejected": f"B{i}"}
@@ -201,9 +201,11 @@ def test_preference_and_sft_files_hold_out_whole_prompts(tmp_path):
     ]  # 25 prompts, 4 pairs each
     path = tmp_path / "pairs.jsonl"
     write_jsonl(path, pairs)
-    train, held_out = load_pairs(str(path), None)
+    _, tokenizer = painter
+    train, held_out, eval_rows = load_pairs(str(path), None, tokenizer, 64)  # (prompt_ids, chosen, rejected)
     assert len(train) + len(held_out) == 100 and held_out and len(held_out) % 4 == 0
-    assert not {p["prompt"] for p in train} & {p["prompt"] for p in held_out}
+    assert not {tuple(p) for p, _, _ in train} & {tuple(p) for p, _, _ in held_out}
+    assert len(eval_rows) == len(held_out) // 4  # the eval samples names for the held-out prompts
 
 
 def test_sft_evaluates_on_held_out_prompts_or_the_eval_file(tmp_path):
@@ -236,7 +238,7 @@ def test_sft_evaluates_on_held_out_prompts_or_the_eval_file(tmp_path):
 def test_the_rm_judge_reads_a_truncated_completion_as_unfinished(tmp_path, painter):
     from transformers import AutoModelForSequenceClassification
 
-    from common import PAINTER, encode_completion, encode_prompt, save_atomic
+    from common.models import PAINTER, encode_completion, encode_prompt, save_atomic
     from common.judges import left_pad
 
     _, tokenizer = painter

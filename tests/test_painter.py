@@ -2,8 +2,8 @@
 
 import os
 
-from common import PAINTER
-from common.evaluate import painter_report
+from common.models import PAINTER
+from common.__main__ import painter_report
 
 
 def test_painter_is_small_and_in_safetensors():

@@ -10,12 +10,11 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
 import grpo
 import ppo_rlhf as ppo
 import reward_model as rm
-from common import encode_completion, encode_prompt, load_model_and_tokenizer
+from common.models import encode_completion, encode_prompt, load_model_and_tokenizer
 from conftest import assert_run_console, assert_one_line_error, run_script
 
 
@@ -169,9 +168,7 @@ def test_the_controllers_kl_averages_over_the_rows_that_train():
 
 def test_values_are_read_at_the_state_before_each_token_whatever_the_padding():
     torch.manual_seed(0)
-    value_model, tokenizer = load_model_and_tokenizer(
-        model_class=AutoModelForSequenceClassification, num_labels=1
-    )
+    value_model, tokenizer = load_model_and_tokenizer(scalar_head=True)
     torch.nn.init.normal_(value_model.score.weight, std=1.0)
     short, long = (encode_prompt(tokenizer, f"Name this paint color: #{h}") for h in ("d48475", "1f4e79"))
     long = long + encode_prompt(tokenizer, "Name")  # a longer prompt, so the other row is left padded
@@ -284,7 +281,7 @@ def test_main_runs_with_a_reward_model(tmp_path, reward_model_dir):
 def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, reward_model_dir):
     other = tmp_path / "other_rm"
     shutil.copytree(reward_model_dir, other)
-    _, tokenizer = load_model_and_tokenizer(str(other), model_class=AutoModelForSequenceClassification)
+    _, tokenizer = load_model_and_tokenizer(str(other), scalar_head=True)
     tokenizer.add_tokens(["vantablack"])
     tokenizer.save_pretrained(str(other))
     with pytest.raises(ValueError, match="different tokenizer.*--judge rm:PATH"):
@@ -293,7 +290,7 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, reward_model
 
 def test_nan_values_stop_the_run_and_keep_the_last_good_model(tmp_path, monkeypatch):
     monkeypatch.setattr(ppo, "forward_values", lambda *a: torch.full(a[1].shape, float("nan"))[:, a[3] :])
-    with pytest.raises(FloatingPointError, match="values or advantages are NaN.*last good model"):
+    with pytest.raises(FloatingPointError, match="values or advantages: NaN or inf.*last good model"):
         ppo.main(tiny_args(tmp_path))
     (run,) = os.listdir(tmp_path)
     # saved by the step-0 eval

@@ -15,10 +15,11 @@ import ppo_rlhf
 import reinforce
 import reward_model
 import sft
-from common import PAINTER, encode_completion, encode_prompt, load_model_and_tokenizer, sample
-from common import sampling_config, stop_token_ids
+from common.models import PAINTER, encode_completion, encode_prompt, load_model_and_tokenizer, sample
+from common.models import sampling_config, stop_token_ids
 from common.judges import yes_no_ids
 from common.models import end_of_turn_id
+from common.recipe import build_tokenizer
 from conftest import TINY, saved_weights
 
 PROMPT = "Name this paint color: #d48475"
@@ -81,7 +82,7 @@ def test_stop_ids_are_eos_the_models_eos_list_and_the_end_of_turn(tmp_path):
 
 
 def test_the_llm_judge_reads_the_answer_token_as_it_follows_the_question():
-    plain = sft.build_tokenizer(
+    plain = build_tokenizer(
         "bpe", ["Answer Yes or No. Yes", "Answer Yes or No. No", "Yes No"] * 10, vocab_size=300
     )
     # not "Yes": after text comes a space
@@ -133,14 +134,16 @@ def sampled_with_scores(model, tokenizer, temperature, leak: bool = False):
             .gather(-1, sequences[:, P:, None])
             .squeeze(-1)
         )
+        completion_ids = sequences[:, P:]
     else:  # each prompt once, its 16 completions from copies of its keys and values
-        sequences, logprobs = sample(
-            model, encoded["input_ids"], encoded["attention_mask"], config, repeats=16, return_logprobs=True
+        prompt_ids, _, completion_ids, logprobs = sample(
+            model, tokenizer, prompts, config, repeats=16, return_logprobs=True
         )
+        assert torch.equal(prompt_ids, encoded["input_ids"])
     return (
         encoded["input_ids"],
         encoded["attention_mask"],
-        sequences[:, P:],
+        completion_ids,
         logprobs.nan_to_num(neginf=-1e9),
         config,
     )

@@ -19,6 +19,7 @@ import ppo_rlhf
 import reinforce
 import reward_model
 import sft
+from common.run import Run
 from conftest import ROOT, TINY, assert_one_line_error, run_script, saved_weights
 
 STEPS = dict(total_steps=4, eval_every=2, log_every=1)  # four steps, evaluated every two
@@ -51,14 +52,14 @@ def test_a_run_stopped_and_resumed_ends_as_the_unbroken_run(script, tmp_path, mo
     settings = dict(SHORT[script], save_every=1)
     unbroken = script.main(script.Args(output_dir=str(tmp_path / "unbroken"), **settings))["run_dir"]
     stop_after = 2
-    save = script.save_checkpoint
+    save = Run.save_checkpoint
 
-    def save_then_crash(log, step, *args, **kwargs):  # the process dies right after step 2's checkpoint
-        save(log, step, *args, **kwargs)
+    def save_then_crash(run, step, state):  # the process dies right after step 2's checkpoint
+        save(run, step, state)
         if step == stop_after:
             raise Crash
 
-    monkeypatch.setattr(script, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         script.main(script.Args(output_dir=str(tmp_path / "broken"), **settings))
     monkeypatch.undo()
@@ -91,25 +92,23 @@ def test_resume_refuses_other_settings_and_other_scripts(tmp_path):
 
 
 SAVER = """
-import sys, time, torch
+import sys, time, types, torch
 sys.path.insert(0, {root!r})
 import numpy as np
-from common import load_model_and_tokenizer
-from common.checkpoint import save_checkpoint
-
-class Log:  # the part of common.Logger a save needs
-    dir, script, reference, eval_s = {run!r}, "sft", "painter", 0.0
-    def train_seconds(self): return 0.0
+from common.models import load_model_and_tokenizer
+from common.run import Run
 
 model, _ = load_model_and_tokenizer()
-optimizer = torch.optim.AdamW(model.parameters())
-rng = np.random.default_rng(0)
+run = types.SimpleNamespace(  # the part of a Run a save reads
+    dir={run!r}, script="sft", reference="painter", active=True, rank=0, world=1, t_start=0.0, eval_s=0.0,
+    rng=np.random.default_rng(0), models={{"model": model}}, optimizer=torch.optim.AdamW(model.parameters()),
+)
 print("ready", flush=True)
 for step in range(1, 10_000):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(step)  # every weight holds the step, so a mix of two saves would show
-    save_checkpoint(Log(), step, {{"model": model}}, optimizer, rng, marker=step)
+    Run.save_checkpoint(run, step, {{"marker": step}})
 """
 
 

@@ -1,5 +1,6 @@
-"""reward_model.py and common/preferences.py: the Bradley–Terry loss by hand, the last real token under every
-padding, the rm: judge agreeing with training, the pair builder, smoke and CLI runs, bad input."""
+"""reward_model.py and its pairs (common/task.py, colours.py): the Bradley–Terry loss by hand, the last real
+token under every padding, the rm: judge agreeing with training, the pair builder, smoke and CLI runs, bad
+input."""
 
 import json
 import math
@@ -7,19 +8,11 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
 import reward_model as rm
-from common import (
-    candidate_names,
-    completion_forward,
-    encode_completion,
-    encode_pairs,
-    encode_prompt,
-    get_judge,
-)
-from common import load_model_and_tokenizer, pair_prompts, rank_pairs, read_preferences
-from common.preferences import split_shared_prefix
+from common.colours import candidate_names, eval_prompts, pair_prompts, rank_pairs
+from common.models import encode_completion, encode_prompt, load_model_and_tokenizer
+from common.task import encode_pairs, get_judge, read_pairs, split_shared_prefix
 from conftest import (
     assert_help_lists,
     assert_one_line_error,
@@ -54,7 +47,7 @@ def tiny_args(tmp_path, **overrides) -> rm.Args:
 @pytest.fixture(scope="module")
 def reward_net():
     torch.manual_seed(0)
-    model, tokenizer = load_model_and_tokenizer(model_class=AutoModelForSequenceClassification, num_labels=1)
+    model, tokenizer = load_model_and_tokenizer(scalar_head=True)
     torch.nn.init.normal_(model.score.weight, std=1.0)  # a head that reads the hidden state visibly
     return model, tokenizer
 
@@ -126,8 +119,14 @@ def test_reward_is_read_at_the_last_real_token(reward_net, pad_is_eos):
 def test_reading_a_padding_position_would_give_another_reward(reward_net):
     model, tokenizer = reward_net  # guards the test above: the position read matters
     tensors = rm.concat_pairs([(p, c, c) for p, c in encoded(tokenizer)], tokenizer.pad_token_id)
-    hidden = completion_forward(model, *tensors, hidden=True)
-    wrong = model.score(hidden[:, -1]).squeeze(-1)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = tensors
+    input_ids = torch.cat([prompt_ids.repeat_interleave(2, 0), completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(2, 0), completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    output_hidden_states=True)  # fmt: skip
+    wrong = model.score(out.hidden_states[-1][:, -1]).squeeze(-1)
     assert not torch.allclose(wrong, rm.score_last_token(model, *tensors), atol=1e-3)
 
 
@@ -168,8 +167,6 @@ def test_ties_and_single_names_give_no_pair_and_flips_swap():
 
 
 def test_heldout_pair_prompts_are_fixed_and_disjoint_from_training_and_eval():
-    from common import eval_prompts
-
     heldout = pair_prompts(100, "heldout", seed=0)
     assert heldout == pair_prompts(100, "heldout", seed=9)
     assert not set(heldout) & set(eval_prompts(64)) and not set(heldout) & set(
@@ -192,7 +189,7 @@ def test_full_text_pairs_split_at_their_shared_prefix(tmp_path):
         + json.dumps({"chosen": "Q #123456 Sunset Dust", "rejected": "Q #123456 Sunset Glow"})
         + "\n"
     )
-    assert read_preferences(str(path)) == [
+    assert read_pairs(str(path)) == [
         {"prompt": "P #123456", "chosen": "A", "rejected": "B"},
         {"prompt": "Q #123456 Sunset", "chosen": "Dust", "rejected": "Glow"},
     ]
@@ -232,9 +229,7 @@ def test_main_writes_metrics_and_a_model_the_rm_judge_scores_identically(tmp_pat
     # the rm: judge loads the saved model and scores each name as score_last_token does (and the pairs'
     # shared-prompt scores equal these: test_reward_is_read_at_the_last_real_token)
     judge = get_judge(f"rm:{run}/model")
-    model, tokenizer = load_model_and_tokenizer(
-        f"{run}/model", model_class=AutoModelForSequenceClassification
-    )
+    model, tokenizer = load_model_and_tokenizer(f"{run}/model", scalar_head=True)
     assert model.config.num_labels == 1
     ours = torch.stack([score_alone(model, p, c) for p, c in encoded(tokenizer, PROMPTS)])
     assert judge(PROMPTS, NAMES) == pytest.approx(ours.tolist(), abs=1e-5)

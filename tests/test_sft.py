@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import sft
-from common import completion_forward, encode_completion, encode_prompt
+from common.models import encode_completion, encode_prompt
+from common.recipe import build_tokenizer, new_model
 from conftest import assert_help_lists, assert_one_line_error, assert_run_console, read_jsonl, run_script
 
 
@@ -64,13 +65,13 @@ def test_completion_nll_by_hand():
 
 
 def test_the_loss_is_the_nll_of_each_completion_token_after_everything_before_it(painter):
-    """completion_forward's logits at t predict completion token t: the loss equals log-softmax over a plain
+    """completion_logits's logits at t predict completion token t: the loss equals log-softmax over a plain
     forward of prompt + completion, read one position earlier."""
     model, tokenizer = painter
     examples = [([1, 5, 9, 13], [40, 41, 2]), ([1, 5], [42, 2])]
     prompt_ids, prompt_mask, completion_ids, completion_mask = sft.collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        logits = sft.completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         expected = 0.0
         for p, c in examples:
             logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
@@ -81,8 +82,8 @@ def test_the_loss_is_the_nll_of_each_completion_token_after_everything_before_it
 
 def test_gradient_accumulation_equals_one_big_batch():
     torch.manual_seed(0)
-    tokenizer = sft.build_tokenizer("byte", ["abc"])
-    model = sft.new_model(tokenizer, 32, 1, 2, 64)
+    tokenizer = build_tokenizer("byte", ["abc"])
+    model = new_model(tokenizer, 32, 1, 2, 64)
     rng = np.random.default_rng(0)
     batch = [
         (
@@ -99,7 +100,7 @@ def test_gradient_accumulation_equals_one_big_batch():
             prompt_ids, prompt_mask, completion_ids, completion_mask = sft.collate(
                 batch[start : start + micro], 0
             )
-            logits = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+            logits = sft.completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
             (sft.completion_nll(logits, completion_ids, completion_mask) / n_tokens).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -118,7 +119,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 @pytest.mark.parametrize("kind", ["word", "bpe", "byte"])
 def test_tokenizers_spell_the_hex_in_six_digits(kind):
     names = ["Sunset Dust", "Navy Blue", "Crème Brûlée", "Grandma's Lasagna"] * 3
-    tokenizer = sft.build_tokenizer(kind, ["Name this paint color: #d48475"] * 2 + names, vocab_size=300)
+    tokenizer = build_tokenizer(kind, ["Name this paint color: #d48475"] * 2 + names, vocab_size=300)
     prompt = encode_prompt(tokenizer, "Name this paint color: #d48475")
     digits = [tokenizer.convert_ids_to_tokens(i) for i in prompt[-6:]]
     assert digits == list("d48475") and prompt[0] == tokenizer.bos_token_id

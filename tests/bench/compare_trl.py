@@ -15,7 +15,8 @@ from the trainer) and compared with each other and with SETTINGS: any difference
 the differing fields and exit code 2, before anything is reported. Then: per-step wall and CPU time (medians,
 first --skip steps dropped), ours/TRL, time from process start to the first step, peak RSS (VmHWM; os.wait4's
 ru_maxrss is kept too), and the reward of both final models evaluated here with the same function
-(common.evaluate, or held-out pair agreement for reward models). Results: tests/bench/results/trl_<method>.json.
+(common.task.evaluate, or held-out pair agreement for reward models).
+Results: tests/bench/results/trl_<method>.json.
 TRL sources this relies on (trl 1.16.0 / 1.12.0 wheels): trl/trainer/{grpo,rloo,dpo,reward,sft}_{config,trainer}.py,
 trl/trainer/base_config.py (bf16 and gradient_checkpointing defaults), trl/experimental/ppo/ppo_trainer.py.
 """
@@ -104,7 +105,7 @@ def ours_optim(a: dict, **fixed) -> dict:
     """Ours: flags from args.json, and the constants written in the file (passed as fixed=...)."""
     base = dict(optimizer="AdamW", adam_betas=[0.9, 0.999], adam_eps=1e-8, weight_decay=0.0, lr_schedule="constant",
                 warmup_steps=0, dtype={"auto": "float32"}.get(a["dtype"], a["dtype"]),  # auto = fp32 on CPU
-                dropout=0.0, gradient_checkpointing=False,  # common.disable_dropout; no checkpointing anywhere
+                dropout=0.0, gradient_checkpointing=False,  # dropout off (common.models); no checkpointing
                 learning_rate=a["learning_rate"], max_grad_norm=a.get("max_grad_norm"))
     return {**base, **fixed}
 
@@ -183,7 +184,8 @@ def rl_trl(s):
 
 def rl_ours(a):
     return {**ours_optim(a), "batch_prompts": a["batch_size"], "num_generations": a["group_size"],
-            "max_completion_length": a["max_new_tokens"], "temperature": a["temperature"], "top_k": 0, "top_p": 1.0,  # common.sample: softmax(logits / T) only
+            "max_completion_length": a["max_new_tokens"], "temperature": a["temperature"],
+            "top_k": 0, "top_p": 1.0,  # common.models.sample: softmax(logits / T) only
             "mask_truncated": a["mask_truncated"], "micro_batch": a["micro_batch_size"], "judge": a["judge"],
             "beta": a["beta"]}
 
@@ -263,8 +265,9 @@ def write_jsonl(path, rows):
 
 
 def build_data(out, n_sft, n_pairs):
-    from common import PROMPT, color_names, get_judge, load_model_and_tokenizer
-    from common.preferences import candidate_names, pair_prompts, rank_pairs
+    from common.colours import PROMPT, candidate_names, color_names, pair_prompts, rank_pairs
+    from common.models import load_model_and_tokenizer
+    from common.task import get_judge
     os.makedirs(out, exist_ok=True)
     d = {k: os.path.join(out, f"{k}.jsonl") for k in ("prompts", "sft", "pairs", "heldout")}
     def rows(path):  # -1 when missing
@@ -294,7 +297,7 @@ def build_data(out, n_sft, n_pairs):
 
 def our_tokens(method, data, tokenizer):
     """The token ids our script builds for the first data row, in the layout trl_runner.py reports TRL's."""
-    from common import encode_completion, encode_prompt
+    from common.models import encode_completion, encode_prompt
     row = json.loads(open(data).readline())
     p = encode_prompt(tokenizer, row["prompt"])
     if method == "sft":
@@ -393,23 +396,23 @@ def differing(settings, ours, theirs):
 
 
 def evaluate_model(method, path, d, seeds):
-    """The same eval for both final models: reward on common.eval_prompts(64) (mean over the same sampling seeds),
-    or held-out pair agreement for reward models (reward_model.evaluate_pairs)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-    from common import eval_prompts, evaluate, get_judge, load_model_and_tokenizer
-    from common.preferences import encode_pairs, read_preferences
+    """The same eval for both final models: reward on common.colours.eval_prompts(64) (mean over the same
+    sampling seeds), or held-out pair agreement for reward models (reward_model.evaluate_pairs)."""
+    from common.colours import eval_prompts
+    from common.models import load_model_and_tokenizer
+    from common.task import encode_pairs, evaluate, get_judge, read_pairs
     if method == "rm":
         rm = importlib.import_module("reward_model")
-        model, tok = load_model_and_tokenizer(path, "cpu", model_class=AutoModelForSequenceClassification)
-        pairs = encode_pairs(tok, read_preferences(d["heldout"]), 64, warn=lambda *_: None)
+        model, tok = load_model_and_tokenizer(path, "cpu", scalar_head=True)
+        pairs = encode_pairs(tok, read_pairs(d["heldout"]), 64, warn=lambda *_: None)
         return {"eval/accuracy": rm.evaluate_pairs(model, pairs, tok.pad_token_id)["eval/accuracy"]}
     model, tok = load_model_and_tokenizer(path, "cpu")
     judges = {"sft": ["correct"], "dpo": ["poet"], "grpo": ["poet+correct"], "rloo": ["poet+correct"],
               "ppo": [f"rm:{d.get('rm')}", "poet"]}[method]
     result = {}
+    rows = [{"prompt": p} for p in eval_prompts(64)]  # common.task.evaluate's rows
     for name in judges:
-        runs = [evaluate(model, tok, get_judge(name, "cpu"), eval_prompts(64), 1.0, 16, seed=s)[0] for s in seeds]
+        runs = [evaluate(model, tok, get_judge(name, "cpu"), rows, 1.0, 16, seed=s)[0] for s in seeds]
         key = "eval/reward" if name == judges[0] else f"eval/{name}"
         result[key] = float(np.mean([m["eval/reward"] for m in runs]))
         result.setdefault("eval/correct", float(np.mean([m["eval/correct"] for m in runs])))
@@ -496,7 +499,7 @@ def bench(method, a, d, overrides=None, write=True):
             ours_rb["steps"], trl_rb["steps"] = len(ours_runs[0]["step_s"]), len(trl_runs[0]["step_s"])
             diffs = differing({**s, "seed": seed}, ours_rb, trl_rb)
             if method in ("sft", "rm", "dpo"):
-                from common import load_model_and_tokenizer
+                from common.models import load_model_and_tokenizer
                 mine = our_tokens(method, data["data"], load_model_and_tokenizer(PAINTER, "cpu")[1])
                 theirs = trl_runs[0]["facts"]["first_example_ids"]
                 if mine != theirs:
@@ -552,8 +555,8 @@ def profile(method, a, d):
             return sum(ct for fn, (_, _, _, _, callers) in stats.items() if match_fn(fn)
                        for caller, (_, _, _, ct) in callers.items() if match_caller(caller))
         from_script = lambda c: c[0].endswith(script)
-        # not the sampler's own forwards
-        forward_caller = lambda c: from_script(c) or c[2] in ("completion_forward", "shared_cache")
+        # not the sampler's own forwards: the script's own forward functions and common.models' shared one
+        forward_caller = lambda c: from_script(c) or c[2] == "forward_sharing_prompts"
         totals.append((steps, sum(run["step_s"]), {
             "sampling (common.sample)": seconds(lambda f: f[2] == "sample" and f[0].endswith(os.path.join("common", "models.py"))),
             "judge": seconds(lambda f: f[0].endswith(os.path.join("common", "judges.py")), from_script),

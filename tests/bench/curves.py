@@ -42,7 +42,7 @@ from compare_trl import child_env, machine  # the same child environment and mac
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "tests", "bench", "results")
 JUDGE = "poet+correct"
-EVAL = ["--max-new-tokens", "8"]  # every script's default (common.evaluate.EVAL_NEW_TOKENS)
+EVAL = ["--max-new-tokens", "8"]  # every script's default (common.task.evaluate's max_new_tokens)
 
 # name -> (script, extra args, samples per step, judge calls per step, judge calls before step 1)
 METHODS = {

@@ -37,7 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from curves import RESULTS, ROOT, child_env, eval_rows, find_run, run_script, save_small  # noqa: E402
 
 sys.path.insert(0, ROOT)
-from common.judges import WORD_RE, get_judge  # noqa: E402
+from common.judges import WORD_RE  # noqa: E402
+from common.task import get_judge  # noqa: E402
 from common.tasks import basic_colour  # noqa: E402
 
 HACK_BASE = ["--learning-rate", "5e-4", "--total-steps", "400", "--eval-every", "25", "--eval-size", "256", "--seed", "1"]

@@ -37,7 +37,7 @@ import ppo_rlhf  # noqa: E402
 import reinforce  # noqa: E402
 import reward_model  # noqa: E402
 import sft  # noqa: E402
-from common import autocast, encode_prompt, load_model_and_tokenizer, sample, sampling_config  # noqa: E402
+from common.models import autocast, load_model_and_tokenizer, sample, sampling_config  # noqa: E402
 from local_models import WORDS, chatml_tokenizer, save_random_model  # noqa: E402
 
 # Qwen/Qwen2.5-0.5B-Instruct's shape (config.json: 494,032,768 parameters, tied embeddings) in a Llama: Qwen2 only
@@ -55,26 +55,20 @@ def weights(folder: str) -> dict:
 def sampler_trainer_gap(model, tokenizer, dtype, n: int, max_new_tokens: int, device) -> tuple[float, int]:
     """Max |log-prob the sampler used - log-prob the training forward computes| over real completion tokens."""
     prompts = [f"Name this paint color: #{i:06x}" for i in range(0, 0xFFFFFF, 0xFFFFFF // n)][:n]
-    encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in prompts]}, padding=True,
-                            return_tensors="pt").to(device)
     config = sampling_config(tokenizer, model, temperature=0.7, max_new_tokens=max_new_tokens)
     torch.manual_seed(0)
     with autocast(device, dtype):
-        sequences, sampler = sample(model, encoded["input_ids"], encoded["attention_mask"], config,
-                                    return_logprobs=True)
-    completion_ids = sequences[:, encoded["input_ids"].shape[1]:]
+        prompt_ids, prompt_mask, completion_ids, sampler = sample(model, tokenizer, prompts, config,
+                                                                  return_logprobs=True)
     mask, _ = grpo.completion_mask_from(completion_ids, torch.tensor(config.eos_token_id, device=device))
     with torch.no_grad(), autocast(device, dtype):
-        trainer, _ = grpo.forward_logprobs(model, encoded["input_ids"], encoded["attention_mask"], completion_ids,
-                                           mask, 0.7)
+        trainer, _ = grpo.forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, mask, 0.7)
     return float(((trainer - sampler).abs() * mask).max()), int(mask.sum())
 
 
 def throughput(model, tokenizer, dtype, n: int, max_new_tokens: int, device) -> dict:
     """Generated and trained tokens per second on one batch of n sequences (second of two timed repeats)."""
     prompts = ["Name this paint color: #d48475"] * (n // 8)  # 8 completions of each prompt, as a GRPO group
-    encoded = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in prompts]}, padding=True,
-                            return_tensors="pt").to(device)
     config = sampling_config(tokenizer, model, temperature=1.0, max_new_tokens=max_new_tokens)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     result = {}
@@ -82,22 +76,21 @@ def throughput(model, tokenizer, dtype, n: int, max_new_tokens: int, device) -> 
         sync()
         t0 = time.perf_counter()
         with autocast(device, dtype):
-            sequences = sample(model, encoded["input_ids"], encoded["attention_mask"], config, repeats=8)
+            prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts, config, repeats=8)
         sync()
         t1 = time.perf_counter()
-        P = encoded["input_ids"].shape[1]
-        completion_ids = sequences[:, P:]
+        P = prompt_ids.shape[1]
         completion_mask = torch.ones_like(completion_ids)  # every position trained, as the count says
         with autocast(device, dtype):
-            logprobs, _ = grpo.forward_logprobs(model, encoded["input_ids"], encoded["attention_mask"],
-                                                completion_ids, completion_mask, 1.0)
+            logprobs, _ = grpo.forward_logprobs(model, prompt_ids, prompt_mask, completion_ids,
+                                                completion_mask, 1.0)
         logprobs.sum().backward()
         sync()
         t2 = time.perf_counter()
         model.zero_grad(set_to_none=True)
         # the positions sampled (rows that stopped sample padding until the last one stops) and trained
         result = {"generated_tokens_per_s": completion_ids.numel() / (t1 - t0),
-                  "trained_tokens_per_s": (completion_ids.numel() + P * len(sequences)) / (t2 - t1)}
+                  "trained_tokens_per_s": (completion_ids.numel() + P * len(completion_ids)) / (t2 - t1)}
     return result
 
 

@@ -3,7 +3,8 @@ of the new, on a GRPO step's shapes (8 prompts x 8 completions, up to 16 new tok
 
     OMP_NUM_THREADS=1 python tests/bench/levers.py          # ~1 min; writes tests/bench/results/levers.json
 
-- sampler: model.generate vs common.sample without sharing (repeats=1 on the repeated prompts) vs with it;
+- sampler: model.generate vs common.models.sample without sharing (repeats=1 on the repeated prompts) vs
+  with it;
 - the draw: torch.multinomial vs the inverse CDF of common.models.draw, on (64, V) probabilities;
 - training forward + backward of the completions' log-probs: prompt repeated per completion vs once per group;
 - a reward model's forward + backward on 64 pairs (reward_model.py's batch): each prompt once per pair vs also
@@ -20,17 +21,16 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForSequenceClassification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from common import completion_forward, encode_prompt, eval_prompts, load_model_and_tokenizer  # noqa: E402
-from common import sample, sampling_config  # noqa: E402
+import grpo  # noqa: E402
 from common import judges  # noqa: E402
-from common.data import color_names  # noqa: E402
 from common import models  # noqa: E402
-from common.models import draw  # noqa: E402
+from common.colours import color_names, eval_prompts  # noqa: E402
+from common.models import draw, encode_prompt, load_model_and_tokenizer, sample, sampling_config  # noqa: E402
+from reward_model import score_last_token  # noqa: E402
 
 
 def timed(variants: dict, repeats: int = 11) -> dict:
@@ -48,7 +48,8 @@ def timed(variants: dict, repeats: int = 11) -> dict:
 
 
 def nothing_shared_across_prompts(fn):
-    """fn with common.completion_forward sharing no columns between prompts (each prompt runs whole)."""
+    """fn with common.models.forward_sharing_prompts sharing no columns between prompts (each prompt runs
+    whole)."""
 
     def run():
         threshold, models.SHARE_FROM = models.SHARE_FROM, float("inf")
@@ -65,13 +66,15 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer()
     B, G, T = 8, 8, 16
+    prompts = eval_prompts(B)
     encoded = tokenizer.pad(
-        {"input_ids": [encode_prompt(tokenizer, p) for p in eval_prompts(B)]},
+        {"input_ids": [encode_prompt(tokenizer, p) for p in prompts]},
         padding=True,
         return_tensors="pt",
     )
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
     repeated_ids, repeated_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+    repeated_prompts = [p for p in prompts for _ in range(G)]  # rows i*G .. i*G+G-1: prompt i, as above
     config = sampling_config(tokenizer, model, 1.0, T)
     result = {}
 
@@ -84,8 +87,8 @@ def main() -> None:
     result["sampler_s"] = timed(
         {
             "generate": generate,
-            "loop, prompt per completion": lambda: sample(model, repeated_ids, repeated_mask, config),
-            "loop, prompt once per group": lambda: sample(model, prompt_ids, prompt_mask, config, repeats=G),
+            "loop, prompt per completion": lambda: sample(model, tokenizer, repeated_prompts, config),
+            "loop, prompt once per group": lambda: sample(model, tokenizer, prompts, config, repeats=G),
         }
     )
 
@@ -98,13 +101,13 @@ def main() -> None:
         }
     )
 
-    completions = sample(model, prompt_ids, prompt_mask, config, repeats=G)[:, prompt_ids.shape[1] :]
+    completions = sample(model, tokenizer, prompts, config, repeats=G)[2]
     mask = torch.ones_like(completions, dtype=torch.float)
     model.train()
 
     def train_pass(ids, id_mask):
-        logits = completion_forward(model, ids, id_mask, completions, mask)
-        torch.log_softmax(logits, -1).gather(-1, completions[..., None]).sum().backward()
+        # grpo.py's forward: the log-probs at T = 1, log_softmax(logits).gather(completion tokens)
+        grpo.forward_logprobs(model, ids, id_mask, completions, mask, 1.0)[0].sum().backward()
         model.zero_grad(set_to_none=True)
 
     result["forward_backward_s"] = timed(
@@ -116,7 +119,7 @@ def main() -> None:
         }
     )
 
-    reward_model, _ = load_model_and_tokenizer(model_class=AutoModelForSequenceClassification, num_labels=1)
+    reward_model, _ = load_model_and_tokenizer(scalar_head=True)
     reward_model.train()
     pairs = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in eval_prompts(64)]},
                           padding=True, return_tensors="pt")  # fmt: skip
@@ -124,10 +127,11 @@ def main() -> None:
     names_mask = torch.ones_like(names, dtype=torch.float)
 
     def reward_pass():
-        hidden = completion_forward(
-            reward_model, pairs["input_ids"], pairs["attention_mask"], names, names_mask, hidden=True
+        # the scalar head on the last token's hidden state (every name token is real: the last column)
+        rewards = score_last_token(
+            reward_model, pairs["input_ids"], pairs["attention_mask"], names, names_mask
         )
-        reward_model.score(hidden[:, -1]).sum().backward()
+        rewards.sum().backward()
         reward_model.zero_grad(set_to_none=True)
 
     result["reward_model_64_pairs_s"] = timed(

@@ -23,7 +23,7 @@ sys.path.insert(0, spec["repo"])
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback  # noqa: E402
 
-from common import get_judge  # noqa: E402
+from common.task import get_judge  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
