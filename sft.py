@@ -186,10 +186,8 @@ def main(args: Args) -> dict:
     run = Run("sft", args)
     args = run.args  # --resume: the run's own settings
     if args.batch_size % (run.world * args.grad_accum_steps):
-        raise ValueError(
-            f"--batch-size {args.batch_size} is not divisible by --grad-accum-steps "
-            f"{args.grad_accum_steps}" + (f" x {run.world} processes" if run.world > 1 else "")
-        )
+        parts = f"--grad-accum-steps {args.grad_accum_steps} x {run.world} processes"
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {parts}")
 
     # 1. the model: a pretrained one, or the painter's recipe (a tokenizer of the data's words, a small
     # Llama); fp32 weights either way, the forward in bf16 under autocast when --dtype says so
@@ -200,8 +198,6 @@ def main(args: Args) -> dict:
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     context = model.config.max_position_embeddings
-    if run.active:
-        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
     # 2. the data: (prompt_ids, completion_ids + end token) pairs of the user's JSONL rows, or without --data
     # a function that draws new colours named by the built-in colour names (common/colours.py); the judge
@@ -211,10 +207,8 @@ def main(args: Args) -> dict:
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in eval_rows])
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # eval/kl's starting policy: for rank 0's eval, a copy in host memory
-    start_model = None
-    if run.active:
-        start_model = copy.deepcopy(model).to("cpu", run.dtype).eval().requires_grad_(False)
+    # eval/kl's starting policy: a frozen copy in host memory
+    start_model = copy.deepcopy(model).to("cpu", run.dtype).eval().requires_grad_(False)
     ddp_model = run.wrap(model)  # DDP: averages the gradients in backward
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
