@@ -358,7 +358,7 @@ def main(args: Args) -> dict:
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
             "logps/chosen": logps[:, 0].detach().mean(),
             "logps/rejected": logps[:, 1].detach().mean(),
-            "train/grad_norm": float(grad_norm),
+            "train/grad_norm": grad_norm,
             "train/lr": lr,
             "perf/step_s": step_s,
             "perf/tokens_per_s": sum(len(p) + len(c) + len(r) for p, c, r in batch) / step_s,

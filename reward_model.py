@@ -272,7 +272,7 @@ def main(args: Args) -> dict:
             "train/accuracy": accuracy,
             "train/margin": (chosen_rewards - rejected_rewards).detach().mean(),
             "train/reward_mean": rewards.detach().mean(),
-            "train/grad_norm": float(grad_norm),
+            "train/grad_norm": grad_norm,
             "train/lr": lr,
             "perf/step_s": step_s,
             "perf/tokens_per_s": (tensors[1].sum() + tensors[3].sum()) / step_s,  # prompts, completions

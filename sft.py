@@ -275,7 +275,7 @@ def main(args: Args) -> dict:
 
         # 6. log (averaged over the ranks), evaluate and save on schedule
         tokens = sum(len(p) + len(c) for p, c in batch)
-        metrics = {"train/loss": loss_sum, "train/grad_norm": float(grad_norm), "train/lr": lr,
+        metrics = {"train/loss": loss_sum, "train/grad_norm": grad_norm, "train/lr": lr,
                    "perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}  # fmt: skip
         run.end_step(step, args.total_steps, metrics if step % args.log_every == 0 else None, order=order,
                      cursor=cursor)  # fmt: skip
