@@ -98,8 +98,9 @@ class Args:
     """passes over the training pairs"""
     batch_size: int = 32
     """pairs per optimiser step (2B sequences in one forward)"""
-    learning_rate: float = 5e-4
-    """peak learning rate, linearly decayed to 0 (tiny models take far larger rates than TRL's 1e-6)"""
+    learning_rate: Optional[float] = None
+    """peak learning rate, linearly decayed to 0; None = 5e-4 for the painter (a tiny model takes a far
+    larger rate), 1e-6 for a --model (TRL's DPO default)"""
     warmup_steps: int = 5
     """linear warm-up steps"""
     max_grad_norm: float = 1.0
@@ -226,8 +227,9 @@ def batch_logprobs(model, batch: list, pad_id: int) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """(N, 2): log pi(y_c|x) and log pi(y_r|x) of every pair, in batches."""
+def all_logprobs(model, pairs: list, pad_id: int, batch_size: int) -> torch.Tensor:
+    """(N, 2): log pi(y_c|x) and log pi(y_r|x) of every pair, batch_size pairs per forward (--batch-size: no
+    more than a training step holds, so that a batch size lowered to fit memory fits here too)."""
     columns = []
     for start in range(0, len(pairs), batch_size):
         columns.append(batch_logprobs(model, pairs[start : start + batch_size], pad_id)[0])
@@ -236,7 +238,7 @@ def all_logprobs(model, pairs: list, pad_id: int, batch_size: int = 64) -> torch
 
 def main(args: Args) -> dict:
     # DDP: the same seed on every rank: the same pairs and batch order, of which each rank takes its share
-    run = Run("dpo", args)
+    run = Run("dpo", args, learning_rate=(5e-4, 1e-6))
     args = run.args  # --resume: the run's own settings
     if args.batch_size % run.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {run.world} processes")
@@ -245,9 +247,14 @@ def main(args: Args) -> dict:
             f"--label-smoothing is cDPO's and applies to --loss-type sigmoid only, not {args.loss_type}"
         )
 
-    # 1. the policy (fp32 master weights), its frozen reference (may be bf16; dropout off in both), the judge
+    # 1. the policy (fp32 master weights), its frozen reference (dropout off in both), the judge
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
-    ref_model = copy.deepcopy(model).to(run.dtype).eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # NOTE: the reference is an fp32 copy run under the same autocast: it computes exactly what the policy
+    # computed at step 0 (a bf16 copy keeps norms and residuals in bf16: margins of rounding noise)
+    # and, copied after the checkpointing flag, takes the policy's forward path (plain, not prompt-shared)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     judge = get_judge(args.judge, args.device)
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     pad_id = tokenizer.pad_token_id
@@ -263,20 +270,18 @@ def main(args: Args) -> dict:
         save_to=run.dir if run.active else None, quiet=not run.active, **paint,
     )  # fmt: skip
     with run.autocast():
-        heldout_ref = all_logprobs(ref_model, heldout, pad_id)  # (N_eval, 2), once
+        heldout_ref = all_logprobs(ref_model, heldout, pad_id, args.batch_size)  # (N_eval, 2), once
     ref_logps = None
     # NOTE: the same numbers as per batch; saves a forward per step and pi_ref's memory
     start_model = ref_model  # eval/kl's starting policy
     if args.precompute_ref_logps:
         with run.autocast():
-            ref_logps, ref_model = all_logprobs(ref_model, train, pad_id), None  # (N, 2)
+            ref_logps, ref_model = all_logprobs(ref_model, train, pad_id, args.batch_size), None  # (N, 2)
         start_model = start_model.to("cpu") if run.active else None  # in host memory
     steps_per_epoch = max(1, len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.num_epochs
     if run.active:
         print(f"{len(train)} training pairs, {len(heldout)} held-out pairs, {total_steps} steps")
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ddp_model = run.wrap(model)  # DDP: averages the gradients in backward
     # NOTE: fused: one kernel for all the parameters, not a loop over them (TRL's default adamw_torch_fused)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
@@ -287,7 +292,7 @@ def main(args: Args) -> dict:
             model, tokenizer, judge, eval_rows, T, args.max_new_tokens, run.dtype, start_model
         )  # fmt: skip
         with run.autocast():
-            logps = all_logprobs(model, heldout, pad_id)  # (N_eval, 2)
+            logps = all_logprobs(model, heldout, pad_id, args.batch_size)  # (N_eval, 2)
         margins = (logps - heldout_ref) @ torch.tensor([1.0, -1.0])
         # held-out pairs the implicit reward gets right; NOTE: a margin under 1e-4 nats is a tie (wrong):
         # two forwards of the same weights can differ by float rounding (~4e-6), deciding ties at random

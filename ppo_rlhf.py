@@ -112,8 +112,9 @@ class Args:
     """minibatches per epoch (M = N / num_minibatches); one optimiser step each"""
     num_ppo_epochs: int = 4
     """passes over each rollout (TRL and SFD: 4)"""
-    learning_rate: float = 2e-4
-    """Adam learning rate of policy and value, annealed linearly to 0 (SFD, N-blog detail 5)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate of policy and value, annealed linearly to 0 (SFD, N-blog detail 5); None = 2e-4 for
+    the painter, 3e-6 for a --model (TRL's PPO default)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm (policy and value together) to this"""
     # eval and logging
@@ -147,9 +148,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 @torch.no_grad()
 def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Entropy (N, T) of the sampling distribution softmax(logits / T), a block of rows at a time."""
+
+    def block_entropy(block):  # NOTE: each block reduced before the next: one fp32 block exists at a time
+        logp = torch.log_softmax(block.float() / temperature, dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
     rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
-    blocks = [torch.log_softmax(block.float() / temperature, dim=-1) for block in logits.split(rows)]
-    return torch.cat([-(logp.exp() * logp).sum(-1) for logp in blocks])
+    return torch.cat([block_entropy(block) for block in logits.split(rows)])
 
 
 def completion_mask_from(
@@ -203,9 +208,8 @@ def forward_values(value_model, input_ids, attention_mask, n_prompt: int) -> tor
     """V(s_t) (N, T): the scalar head on every hidden state, read where the policy's logits for y_t are."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     # NOTE: the model's own forward (so that DDP syncs the gradients); its last hidden state feeds the head
-    out = value_model(
-        input_ids, attention_mask=attention_mask, position_ids=positions, output_hidden_states=True
-    )
+    out = value_model(input_ids, attention_mask=attention_mask, position_ids=positions,
+                      output_hidden_states=True, use_cache=False)  # fmt: skip
     head = getattr(value_model, "module", value_model).score  # DDP: the wrapped model's head
     # NOTE: the state s_t before token y_t is the prefix ending at P-1+t, the same shift as the logits
     return head(out.hidden_states[-1][:, n_prompt - 1 : -1]).squeeze(-1).float()
@@ -304,7 +308,8 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_episodes: int, 
 
 
 def main(args: Args) -> dict:
-    run = Run("ppo_rlhf", args, seed_per_rank=True)  # DDP: each rank samples its own completions
+    # DDP: each rank samples its own completions; --learning-rate: the painter's, or TRL's for a --model
+    run = Run("ppo_rlhf", args, seed_per_rank=True, learning_rate=(2e-4, 3e-6))
     args = run.args  # --resume: the run's own settings
     N = args.batch_size // run.world  # DDP: this rank's share of the prompts
     if args.batch_size % run.world or N % args.num_minibatches or N // args.num_minibatches < 2:
@@ -316,10 +321,18 @@ def main(args: Args) -> dict:
     M = N // args.num_minibatches
     rows, eval_rows = load_prompts(args.prompts, args.eval_prompts, args.batch_size, args.eval_size)
 
-    # the four roles, dropout off in all (N-blog detail 9); trained ones in fp32, frozen ones may be bf16
+    # the four roles, dropout off in all (N-blog detail 9); the trained ones and the reference in fp32, the
+    # frozen reward model may be bf16
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)  # policy
-    ref_model = copy.deepcopy(model).to(run.dtype).eval().requires_grad_(False)  # reference
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # NOTE: train mode, or transformers never recomputes a checkpointed layer (dropout is off all the same)
+    model.train()
+    # NOTE: the reference is an fp32 copy run under the same autocast: it computes exactly what the policy
+    # computed at step 0 (a bf16 copy keeps norms and residuals in bf16: a KL to rounding noise)
+    # and, copied after the checkpointing flag, takes the policy's forward path (plain, not prompt-shared)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # reference
     reward_model = None
     if args.reward_model is not None:  # reward; the value model starts from it (SFD ppo.py:482, TRL)
         reward_model = load_model_and_tokenizer(args.reward_model, args.device, reward_model_for=tokenizer)[0]
@@ -328,10 +341,9 @@ def main(args: Args) -> dict:
     else:  # the backbone with a scalar head; NOTE: V = 0 at first (OAI's N(0, 0), N-blog detail 8)
         value_model = load_model_and_tokenizer(args.model, args.device, scalar_head=True)[0]
         torch.nn.init.zeros_(value_model.score.weight)
-    value_model.train()
     if args.gradient_checkpointing:
-        for trained in (model, value_model):
-            trained.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        value_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    value_model.train()
     # the sampler: softmax(logits / temperature) from our flags only; its stop ids also end the masks
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
     stop_ids = torch.tensor(sampling.eos_token_id, device=run.device)

@@ -87,8 +87,8 @@ class Args:
     micro_batch_size: int = 64
     """sequences per forward/backward pass (gradient accumulated; when smaller than B * G it must divide it
     and hold whole groups or an equal part of one)"""
-    learning_rate: float = 2e-4
-    """Adam learning rate (constant)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate (constant); None = 2e-4 for the painter, 1e-6 for a --model (TRL's RLOO default)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
     # eval and logging
@@ -156,9 +156,13 @@ def reinforce_loss(
 @torch.no_grad()
 def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Entropy (N, T) of the sampling distribution softmax(logits / T), a block of rows at a time."""
+
+    def block_entropy(block):  # NOTE: each block reduced before the next: one fp32 block exists at a time
+        logp = torch.log_softmax(block.float() / temperature, dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
     rows = max(1, LOGITS_PER_BLOCK // max(1, logits.shape[1] * logits.shape[2]))
-    blocks = [torch.log_softmax(block.float() / temperature, dim=-1) for block in logits.split(rows)]
-    return torch.cat([-(logp.exp() * logp).sum(-1) for logp in blocks])
+    return torch.cat([block_entropy(block) for block in logits.split(rows)])
 
 
 def completion_mask_from(
@@ -209,7 +213,8 @@ def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
 
 
 def main(args: Args) -> dict:
-    run = Run("reinforce", args, seed_per_rank=True)  # DDP: each rank samples its own completions
+    # DDP: each rank samples its own completions; --learning-rate: the painter's, or TRL's for a --model
+    run = Run("reinforce", args, seed_per_rank=True, learning_rate=(2e-4, 1e-6))
     args = run.args  # --resume: the run's own settings
     B, G = args.batch_size // run.world, args.group_size  # DDP: B: this rank's prompts, each with its group
     N = B * G  # this rank's completions
@@ -224,18 +229,23 @@ def main(args: Args) -> dict:
             f"groups of {G} or an equal part of one"
         )
 
-    # the prompts, the judge, the policy (fp32 master weights) and its frozen reference (may be bf16)
+    # the prompts, the judge, the policy (fp32 master weights) and its frozen reference
     rows, eval_rows = load_prompts(args.prompts, args.eval_prompts, args.batch_size, args.eval_size)
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
-    ref_model = None
-    if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
-        ref_model = copy.deepcopy(model).to(run.dtype).eval().requires_grad_(False)
-    start_model = ref_model  # eval/kl's starting policy: the reference, or (rank 0 evaluates) a host copy
-    if start_model is None and run.active:
-        start_model = copy.deepcopy(model).to("cpu", run.dtype).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # NOTE: train mode, or transformers never recomputes a checkpointed layer (dropout is off all the same)
+    model.train()
+    # NOTE: the reference is an fp32 copy run under the same autocast: it computes exactly what the policy
+    # computed at step 0 (a bf16 copy keeps norms and residuals in bf16: a KL to rounding noise)
+    # and, copied after the checkpointing flag, takes the policy's forward path (plain, not prompt-shared)
+    ref_model = None
+    if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    start_model = ref_model  # eval/kl's starting policy: the reference, or (rank 0 evaluates) a host copy
+    if start_model is None and run.active:
+        start_model = copy.deepcopy(model).to("cpu").eval().requires_grad_(False)
     # the sampler: softmax(logits / temperature) from our flags only; its stop ids also end the masks
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
     stop_ids = torch.tensor(sampling.eos_token_id, device=run.device)

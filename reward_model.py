@@ -93,8 +93,9 @@ class Args:
     """passes over the training pairs"""
     batch_size: int = 64
     """pairs per optimiser step (2B sequences in one forward)"""
-    learning_rate: float = 1e-3
-    """peak learning rate, linearly decayed to 0 (SFD / N-blog: anneal to zero)"""
+    learning_rate: Optional[float] = None
+    """peak learning rate, linearly decayed to 0 (SFD / N-blog: anneal to zero); None = 1e-3 for the painter,
+    1e-5 for a --model (OpenRLHF's 9e-6; TRL's 1e-4 is high for a full fine-tune)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
@@ -186,7 +187,7 @@ def evaluate_pairs(
 
 def main(args: Args) -> dict:
     # DDP: the same seed on every rank: the same head, pairs and batch order, of which each rank takes a share
-    run = Run("reward_model", args)
+    run = Run("reward_model", args, learning_rate=(1e-3, 1e-5))
     args = run.args  # --resume: the run's own settings
     if args.batch_size % run.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {run.world} processes")

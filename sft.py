@@ -26,7 +26,7 @@ import torch
 import tyro
 from torch.utils.checkpoint import checkpoint
 
-from common.models import forward_sharing_prompts, load_model_and_tokenizer, new_painter, save_atomic  # model
+from common.models import forward_sharing_prompts, load_model_and_tokenizer, save_atomic  # the model
 from common.task import evaluate, get_judge, load_examples  # the task: SFT rows, the judge, the eval
 from common.run import Run  # the run: process group, seeds, run folder, logging, checkpoints, resume
 
@@ -87,8 +87,9 @@ class Args:
     """sequences per optimiser step"""
     grad_accum_steps: int = 1
     """split each batch into this many micro-batches (same gradient, less memory)"""
-    learning_rate: float = 5e-3
-    """peak learning rate (from scratch; use ~1e-5 to fine-tune a pretrained model)"""
+    learning_rate: Optional[float] = None
+    """peak learning rate; None = 5e-3 for the painter (from scratch), 2e-5 for a --model (TRL's SFT
+    default)"""
     warmup_steps: int = 50
     """linear warm-up steps, then cosine decay"""
     min_lr_ratio: float = 0.1
@@ -183,7 +184,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 
 def main(args: Args) -> dict:
     # DDP: the same seed on every rank: the same initial weights and batches, of which each takes its share
-    run = Run("sft", args)
+    run = Run("sft", args, learning_rate=(5e-3, 2e-5))
     args = run.args  # --resume: the run's own settings
     if args.batch_size % (run.world * args.grad_accum_steps):
         parts = f"--grad-accum-steps {args.grad_accum_steps} x {run.world} processes"
@@ -191,13 +192,15 @@ def main(args: Args) -> dict:
 
     # 1. the model: a pretrained one, or the painter's recipe (a tokenizer of the data's words, a small
     # Llama); fp32 weights either way, the forward in bf16 under autocast when --dtype says so
-    if args.model is None:
+    if args.model is None:  # the paint task's recipe, which a copy of this file may leave out
+        from common.recipe import new_painter
+
         architecture = (args.tokenizer, args.d_model, args.n_layers, args.n_heads, args.d_ff)
         model, tokenizer = new_painter(args.data, args.eval_data, *architecture)
         model = model.to(run.device)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, args.device)
-    context = model.config.max_position_embeddings
+    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30  # some configs lack it
 
     # 2. the data: (prompt_ids, completion_ids + end token) pairs of the user's JSONL rows, or without --data
     # a function that draws new colours named by the built-in colour names (common/colours.py); the judge
@@ -207,8 +210,9 @@ def main(args: Args) -> dict:
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in eval_rows])
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # eval/kl's starting policy: a frozen copy in host memory
-    start_model = copy.deepcopy(model).to("cpu", run.dtype).eval().requires_grad_(False)
+    # eval/kl's starting policy: a frozen fp32 copy in host memory, run where the model runs and under the
+    # same autocast, so that it computes exactly what the model computed at step 0 (eval/kl 0, in bf16 too)
+    start_model = copy.deepcopy(model).to("cpu").eval().requires_grad_(False)
     ddp_model = run.wrap(model)  # DDP: averages the gradients in backward
 
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -17,15 +17,13 @@ PAINTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "painter")
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """The device and the COMPUTE dtype: auto = cuda with bf16 when a GPU is present, else cpu with fp32."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
     return torch.device(device), getattr(torch, dtype)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision: matmuls in `dtype` (bf16), weights, optimizer state and reductions in fp32 (as TRL's
-    GRPOTrainer @f2cd577 and verl's fsdp_workers.py). NOTE: a bf16 weight cannot hold a small update: at lr
-    1e-6 one AdamW step changes ~0.2% of the painter's weights in bf16, ~all in fp32. fp32: autocast off."""
+    """Mixed precision: matmuls in `dtype` (bf16), weights, optimizer state and reductions in fp32 (TRL's
+    GRPOTrainer @f2cd577, verl's fsdp_workers.py): a bf16 weight cannot hold a 1e-6 update. fp32: off."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
@@ -38,8 +36,10 @@ def load_model_and_tokenizer(
     model). reward_model_for=tokenizer: reward_model.py's output, checked to be one, with that tokenizer."""
     path = os.path.expanduser(model or PAINTER)
     looks_local = model is None or model.startswith((".", "/", "~")) or os.path.exists(path)
-    if looks_local and not os.path.isdir(path):
-        raise FileNotFoundError(f"model path {path!r} is not a directory: pass a model folder or a hub id")
+    if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
+        what = "has no config.json" if os.path.isdir(path) else "is not a directory"
+        raise FileNotFoundError(f"model path {path!r} {what}: pass a folder written by save_pretrained "
+                                "(config.json, *.safetensors, the tokenizer) or a hub id")  # fmt: skip
     head = dict(num_labels=1) if scalar_head or reward_model_for else {}
     model_class = AutoModelForSequenceClassification if head else AutoModelForCausalLM
     try:
@@ -64,20 +64,12 @@ def load_model_and_tokenizer(
     if policy is not None and tokenizer.get_vocab() != policy.get_vocab():
         raise ValueError(f"--reward-model {path!r} has a different tokenizer from the policy's: train it "
                          "from the policy (reward_model.py --model ...) or use --judge rm:PATH")
-    for name in list(vars(net.config)):  # dropout off: the training forward must be the sampler's policy
-        if name.endswith(("dropout", "_pdrop")):
-            setattr(net.config, name, 0.0)
-    for module in net.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    # dropout off: the training forward must be the sampler's policy
+    for name in [name for name in vars(net.config) if name.endswith(("dropout", "_pdrop"))]:
+        setattr(net.config, name, 0.0)
+    for module in [module for module in net.modules() if isinstance(module, torch.nn.Dropout)]:
+        module.p = 0.0
     return net.to(resolve_device_dtype(device)[0]), tokenizer
-
-
-def new_painter(data, eval_data, tokenizer: str, *architecture: int):
-    """A new painter by its recipe (sft.py without --model), the paint task's: common/recipe.py."""
-    from .recipe import new_painter as build
-
-    return build(data, eval_data, tokenizer, *architecture)
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -103,15 +95,16 @@ def end_of_turn_id(tokenizer) -> int:
 
 def encode_completion(tokenizer, prompt: str, completion: str) -> list[int]:
     """Completion token ids, ending with the token that teaches the model to stop (EOS, or a chat template's
-    end-of-turn). NOTE: cut from prompt and completion tokenised TOGETHER, as TRL's SFT trainer: alone, a
-    SentencePiece tokenizer puts its space marker on the first word, a token never seen after the prompt."""
+    end-of-turn), all a template puts after encode_prompt's ids (Qwen3's empty think block too, which the
+    model emits itself). NOTE: cut from prompt and completion tokenised TOGETHER, as TRL's SFT trainer: alone,
+    a SentencePiece tokenizer puts its space marker on the first word, a token never seen after the prompt."""
     prompt_ids, end = encode_prompt(tokenizer, prompt), end_of_turn_id(tokenizer)
     if getattr(tokenizer, "chat_template", None):
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
         whole = tokenizer(tokenizer.apply_chat_template(turns, tokenize=False), add_special_tokens=False)
         whole, alone = whole["input_ids"], completion
-    else:
-        whole, alone = tokenizer(prompt + " " + completion.strip())["input_ids"], " " + completion.strip()
+    else:  # NOTE: as written (" name", indentation), as TRL: trl/trainer/sft_trainer.py @f2cd577, line 1476
+        whole, alone = tokenizer(prompt + completion)["input_ids"], completion
     if whole[: len(prompt_ids)] == prompt_ids:
         ids = whole[len(prompt_ids) :]
     else:  # the template rewrites the prompt, or a token spans the boundary: the completion on its own
@@ -133,6 +126,9 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 def sampling_config(tokenizer, model, temperature: float, max_new_tokens: int) -> GenerationConfig:
     """Plain sampling from softmax(logits / temperature): no top-k, top-p, min-p or penalty, built from our
     flags only (as TRL: trl/trainer/grpo_trainer.py @f2cd577, lines 1108-1124), stopping on every stop id."""
+    if not temperature > 0:  # NOTE: 0 would divide by zero: NaN probabilities, one garbage token
+        raise ValueError(f"--temperature {temperature}: the sampler divides the logits by it; pass a "
+                         "positive value (1.0 samples the model as it is, 0.1 nearly greedily)")
     return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                             max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer, model),
                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
@@ -149,10 +145,9 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], config, repeats=1, return_logprobs=False):
     """`repeats` completions of each text prompt from softmax(logits / temperature), nothing else, in eval
-    mode with a KV cache: prompt_ids, prompt_mask (b, P), left padded, and completion_ids (b*r, T), rows i*r
-    .. i*r+r-1 prompt i's, pad_token_id after a stop id (and each drawn token's log-prob, return_logprobs).
-    NOTE: not model.generate, which fills what the config leaves unset from the checkpoint's own (a
-    repetition_penalty on several instruct models): another policy than the loss's. Each prompt runs once."""
+    mode with a KV cache, each prompt run once: prompt_ids, prompt_mask (b, P), left padded, completion_ids
+    (b*r, T), rows i*r .. i*r+r-1 prompt i's, pad after a stop id (and each token's log-prob). NOTE: not
+    model.generate, which fills unset settings from the checkpoint's (repetition_penalty): another policy."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     if max(map(len, ids)) + config.max_new_tokens > context:
@@ -216,9 +211,8 @@ def forward_sharing_prompts(
     r times (rows i*r .. i*r+r-1), with each prompt run ONCE; exactly (tests/test_common.py: float64, grads)
         model(input_ids, attention_mask=..., position_ids=..., logits_to_keep=L - P + 1).logits  (N, L-P+1, V)
         or, hidden=True, model(..., output_hidden_states=True).hidden_states[-1][:, P:]         (N, L-P, D)
-    The columns all prompts share run once for the batch, each prompt's rest once for its r rows, which attend
-    to copies of its keys and values (their gradients add up in backward): a GRPO step 2.4x faster on the
-    painter. With gradient checkpointing (which drops the cache), the plain forward."""
+    The shared columns run once for the batch, each prompt's rest once for its r rows, which attend to copies
+    of its keys and values: a GRPO step 2.4x faster here. Under gradient checkpointing (no cache): plain."""
     P, L, r = prompt_length, input_ids.shape[1], repeats
     prompt_ids, prompt_mask, positions = (t[::r, :P] for t in (input_ids, attention_mask, position_ids))
     last = {} if hidden else {"logits_to_keep": 1}

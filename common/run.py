@@ -50,12 +50,15 @@ class Run:
     """rank, world: this process and how many (torchrun; 1 under python); device, dtype: where and in what the
     forward computes; rng: the data order, the same on every rank; dir: the run folder; active: rank 0."""
 
-    def __init__(self, script: str, args, seed_per_rank: bool = False):
+    def __init__(self, script: str, args, seed_per_rank: bool = False, learning_rate=(None, None)):
         one_line_errors(script)
         if args.resume:  # the run's own settings (common/resume.py, which a copy may leave out)
             from .resume import resumed_args
 
             args = resumed_args(script, args)
+        if getattr(args, "learning_rate", 0) is None:  # not given: learning_rate = (the painter's, another's)
+            painter = args.model is None or os.path.realpath(args.model) == os.path.realpath(PAINTER)
+            args = dataclasses.replace(args, learning_rate=learning_rate[0] if painter else learning_rate[1])
         self.args = args
         self.rank, self.world = 0, 1
         if "WORLD_SIZE" in os.environ:  # torchrun: NCCL between GPUs (this rank's), gloo between CPUs
@@ -129,9 +132,8 @@ class Run:
         return torch.cat(parts).to(x.device)
 
     def begin(self, models: dict, optimizer, tokenizer, run_eval) -> tuple[int, dict]:
-        """--resume: load the newest checkpoint (weights, optimizer, random states); else evaluate the start
-        (step 0). models: what a checkpoint holds, "model" the one evaluated and saved; run_eval() ->
-        (metrics, samples or None). Returns the first step to run and the method's saved state."""
+        """--resume: the newest checkpoint; else the eval of step 0. models: what a checkpoint holds ("model",
+        evaluated and saved); run_eval() -> (metrics, samples or None). Returns (first step, saved state)."""
         self.models, self.optimizer, self.tokenizer, self.run_eval = models, optimizer, tokenizer, run_eval
         if not self.args.resume:
             self.evaluate(0)
@@ -161,8 +163,8 @@ class Run:
                                      f"{self.dir}/model: {advice}")  # fmt: skip
 
     def close(self) -> dict:
-        """Wait for rank 0's last eval and save; the closing line (the run folder, the eval's headline metric
-        before -> after). Returns the last eval's metrics and the run folder."""
+        """After rank 0's last eval and save, the closing line (the run folder, the eval's headline metric
+        before -> after); returns the last eval's metrics and the run folder."""
         if self.world > 1:
             dist.barrier()
         if self.active:

@@ -95,11 +95,13 @@ def load_examples(path, eval_path, tokenizer, context: int, eval_size: int, **pa
 
 def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Full texts (prompt + answer, prompt + other answer) -> (prompt, chosen, rejected): the prompt is their
-    common beginning, cut back to a whitespace so that no word is split ("... Red" vs "... Reddish")."""
+    common beginning, cut back to a whitespace so that no word is split ("... Red" vs "... Reddish"); the
+    whitespace goes with the answers, so that prompt + answer is the text given (as TRL's extract_prompt)."""
     n = len(os.path.commonprefix([chosen, rejected]))
     while n and not chosen[n - 1].isspace() and not ((chosen + " ")[n] + (rejected + " ")[n]).isspace():
         n -= 1
-    return chosen[:n].rstrip(), chosen[n:].strip(), rejected[n:].strip()
+    prompt = chosen[:n].rstrip()
+    return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
 
 
 def read_pairs(path: str) -> list[dict]:
@@ -150,12 +152,12 @@ def encode_pairs(tokenizer, pairs: list, context: int, identical="skip", too_lon
 
 def load_pairs(data, eval_data, tokenizer, context: int, identical="skip", too_long="truncate", eval_size=64,
                save_to=None, quiet=False, **paint) -> tuple[list, list, list[dict]]:  # fmt: skip
-    """Pairs encoded (encode_pairs), for training and held out (eval_data, or a tenth of data's prompts),
-    and the eval's rows. None: the paint task's, names sampled, ranked by a judge (**paint: its settings).
-    save_to gets the first 200 training pairs as pairs.jsonl, a look at what the model learns from."""
+    """Pairs encoded (encode_pairs), for training and held out (eval_data, or a tenth of data's prompts), the
+    eval's rows; None: the paint task's (**paint). save_to gets the first 200 training pairs (pairs.jsonl)."""
     if data is None:
         colours = paint_task("colours", "training without --data")
-        built = colours.paint_pairs(eval_size, quiet=quiet, build_heldout=eval_data is None, **paint)
+        built = colours.paint_pairs(eval_size, quiet=quiet, build_heldout=eval_data is None,
+                                    written_for=tokenizer, **paint)  # fmt: skip
         train, heldout, eval_rows = built
     else:
         train = read_pairs(data)
@@ -231,8 +233,7 @@ def import_judge(spec: str):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], temperature=1.0, max_new_tokens=8, seed=None, dtype=None):
-    """One completion per prompt from the training's sampler, under autocast in dtype, seeded without
-    touching the training's random stream: the texts, prompt_ids, prompt_mask and completion_ids."""
+    """One completion per prompt by the training's sampler, seeded apart from the training's random stream."""
     config = sampling_config(tokenizer, model, temperature, max_new_tokens)
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         if seed is not None:
@@ -247,16 +248,18 @@ def generate(model, tokenizer, prompts: list[str], temperature=1.0, max_new_toke
 def sequence_kl(model, reference, prompt_ids, prompt_mask, completion_ids, stop_ids, temperature, dtype):
     """eval/kl: KL(pi || pi_start) per completion on the eval's samples from pi, mean_i sum_t log pi(y_it) -
     log pi_start(y_it) (k1, unbiased; Schulman 2020) at the sampling temperature, over each completion's
-    tokens up to its stop token. The reference may live on another device (the host)."""
+    tokens up to its stop token. The reference may live on another device (the host): it runs on the model's
+    for this pass, in the same dtype under the same autocast, so that at step 0 the two compute the same."""
     P, sequences = prompt_ids.shape[1], torch.cat([prompt_ids, completion_ids], 1)
     is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
     first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])
     mask = torch.arange(completion_ids.shape[1], device=completion_ids.device)[None] <= first_stop[:, None]
     attention_mask = torch.cat([prompt_mask, mask.long()], 1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+    device, home = next(model.parameters()).device, next(reference.parameters()).device
 
     def logprobs(m) -> torch.Tensor:  # (N, T) on the CPU, rows at a time, dropout off (eval mode)
-        device, out, was_training = next(m.parameters()).device, [], m.training
+        out, was_training = [], m.training
         for s in torch.arange(len(sequences)).split(16):
             ids, att, pos = (t[s].to(device) for t in (sequences, attention_mask, position_ids))
             with autocast(device, dtype):
@@ -266,14 +269,15 @@ def sequence_kl(model, reference, prompt_ids, prompt_mask, completion_ids, stop_
         m.train(was_training)
         return torch.cat(out)
 
-    return float(((logprobs(model) - logprobs(reference)) * mask.cpu()).sum(1).mean())
+    policy, start = logprobs(model), logprobs(reference.to(device))
+    reference.to(home)
+    return float(((policy - start) * mask.cpu()).sum(1).mean())
 
 
 def evaluate(model, tokenizer, judge, rows: list[dict], temperature=1.0, max_new_tokens=8, dtype=None,
              reference=None, seed=0) -> tuple[dict, list[dict]]:  # fmt: skip
-    """One name per held-out row, sampled as in training (seeded): eval/reward (the judge, the rows' other
-    columns its keyword arguments), eval/distinct (the share of unique ones), eval/kl (to the reference, the
-    starting policy), on the paint task eval/correct and eval/accuracy (an "answer" column); the samples."""
+    """One name per held-out row, sampled as in training (seeded): eval/reward (the judge, given the rows'
+    other columns), eval/distinct, eval/kl (to the starting policy), the paint task's metrics; the samples."""
     prompts = [row["prompt"] for row in rows]
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
     names, prompt_ids, prompt_mask, completion_ids = generate(

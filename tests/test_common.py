@@ -371,13 +371,13 @@ def plain_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mas
         (["#d48475", "#0a0b0c", "#ffffff"], 1, 6),  # one completion per prompt (SFT, PPO)
     ],
 )
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-4)])
 def test_the_shared_prompt_gives_the_log_probs_and_gradient_of_separate_forwards(
     painter, dtype, tolerance, hexes, r, shared_columns, monkeypatch
 ):
     """Exact in float64 (measured: log-probs 5e-16, gradients 2e-13 of each tensor's largest entry); in fp32
     the two paths' kernels round differently (log-probs 4e-7, gradients up to 4.4e-5 of each tensor's largest
-    entry, where the common columns' gradient sums the batch's rows)."""
+    entry with 2 threads, 1.1e-4 with one, where the common columns' gradient sums the batch's rows)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     import common.models

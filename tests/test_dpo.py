@@ -184,7 +184,7 @@ def test_padding_and_batch_neighbours_do_not_change_log_probs(painter):
     assert torch.allclose(together, alone, atol=1e-5)
     assert lengths.tolist() == [[3, 2], [5, 2]]  # words + EOS
     # precomputed in big batches equals per-batch
-    assert torch.allclose(dpo.all_logprobs(model, pairs, tokenizer.pad_token_id), together, atol=1e-5)
+    assert torch.allclose(dpo.all_logprobs(model, pairs, tokenizer.pad_token_id, 64), together, atol=1e-5)
 
 
 def test_concat_pairs_is_the_same_in_dpo_and_reward_model():
