@@ -69,6 +69,13 @@ def paint_prompts(eval_size: int) -> tuple[list[dict], list[dict]]:
     return rows, [{"prompt": p} for p in eval_prompts(eval_size)]
 
 
+def as_completion(tokenizer, name: str) -> str:
+    """A name (or the judge's "Yes") as the text that completes its prompt, which ends in no space: in plain
+    text after one space ("...: #d48475 Sunset Dust", the painter's and a base model's reading), as TRL's
+    prompt-completion data writes it (" blue."); under a chat template the assistant's content as it is."""
+    return name if getattr(tokenizer, "chat_template", None) else " " + name.strip()
+
+
 def paint_examples(tokenizer, context: int, eval_size: int, synthetic_frac: float, jitter: int):
     """SFT on the paint task: a function (rng, n) -> n encoded (prompt_ids, completion_ids) of colours drawn
     fresh every call (sample_colour_pairs), with names the tokenizer can spell; and the eval's rows."""
@@ -79,7 +86,7 @@ def paint_examples(tokenizer, context: int, eval_size: int, synthetic_frac: floa
 
     def draw(rng: np.random.Generator, n: int) -> list[tuple[list[int], list[int]]]:
         pairs = sample_colour_pairs(rng, n, synthetic_frac, jitter, names, plain_names)
-        return encode_examples(tokenizer, pairs, context)
+        return encode_examples(tokenizer, [(p, as_completion(tokenizer, name)) for p, name in pairs], context)
 
     return draw, [{"prompt": p} for p in eval_prompts(eval_size)]
 
@@ -160,10 +167,12 @@ def rank_pairs(
 
 def paint_pairs(eval_size: int, judge, sampler=None, num_prompts=0, eval_pairs=0, names_per_prompt=4,
                 source="policy", flip_prob=0.0, seed=0, temperature=1.0, max_new_tokens=8, dtype=None,
-                quiet=False, build_heldout=True) -> tuple[list[dict], list[dict], list[dict]]:  # fmt: skip
+                quiet=False, build_heldout=True, written_for=None
+                ) -> tuple[list[dict], list[dict], list[dict]]:  # fmt: skip
     """Preference pairs of the paint task, built by AI feedback: for num_prompts training hexes and eval_pairs
     held-out ones, names_per_prompt names sampled from sampler = (model, tokenizer) (source "policy") or
-    random training names ("names"), ranked by the judge (rank_pairs); and the eval's rows, held-out hexes."""
+    random training names ("names"), ranked by the judge (rank_pairs), written for the tokenizer that trains
+    on them (written_for, as_completion; None: plain text); and the eval's rows, held-out hexes."""
     model, tokenizer = sampler or (None, None)
     built = []
     for split, n, flip in (("train", num_prompts, flip_prob), ("heldout", eval_pairs, 0.0)):
@@ -175,6 +184,9 @@ def paint_pairs(eval_size: int, judge, sampler=None, num_prompts=0, eval_pairs=0
         names = candidate_names(prompts, names_per_prompt, source, split_seed, model, tokenizer, temperature,
                                 max_new_tokens, dtype)  # fmt: skip
         built.append(rank_pairs(prompts, names, judge, flip, seed))
+        for pair in built[-1]:  # the names as the texts that complete their prompts
+            pair["chosen"] = as_completion(written_for, pair["chosen"])
+            pair["rejected"] = as_completion(written_for, pair["rejected"])
         if not quiet:
             name = getattr(judge, "__name__", "the judge")
             print(f"{split}: {len(built[-1])} pairs ranked by {name} from {n} "

@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .colours import HEX_RE, ciede2000, color_names, hex_to_rgb, parse_hex, srgb_to_lab
+from .colours import HEX_RE, as_completion, ciede2000, color_names, hex_to_rgb, parse_hex, srgb_to_lab
 
 STYLE_EXAMPLES = {  # positive examples, then counter-examples, of each taste
     "poet": (
@@ -195,29 +195,53 @@ def sentence_embedder():
 
 
 EMBEDDINGS_KEPT = 50_000  # distinct texts whose embedding is remembered (1.5 KB each)
+EMBED_LENGTHS, EMBED_POSITIONS = (8, 16, 32), 256  # a MiniLM batch: 32 texts of 8 tokens, 16 of 16, 8 of 32
 _embeddings: OrderedDict = OrderedDict()  # text -> its embedding, the least recently used first
 
 
 @torch.no_grad()
 def embed(texts: list[str]) -> torch.Tensor:
     """Mean-pooled, L2-normalised MiniLM sentence embeddings, (N, 384), as sentence-transformers does.
-    NOTE: memoised per distinct text: names repeat within a step (a group often says one name twice) and
-    across steps, and the embedder is the judges' whole cost. The texts not seen before go through MiniLM in
-    one batch; past EMBEDDINGS_KEPT texts the least recently used are forgotten."""
+    NOTE: a text's embedding must not depend on what is embedded with it, or before it through the memo: a
+    resumed run never saw those batches and would score its names in other last bits. In one batch padded to
+    its longest text it would: a matmul's result for a row depends on the number of rows. So every batch has
+    one of three fixed shapes, 256 token positions as 32 texts of 8 tokens, 16 of 16 or 8 of 32 (the shortest
+    that holds the text), and texts never mix (attention is per text, its pads masked): a text meets the
+    same computation in any batch (tests/test_resume.py), at 1.3x the time of one padded batch (one text at a
+    time: 8x). Memoised per distinct text, a pure cache: names repeat within a step and across steps, and the
+    embedder is the judges' whole cost; past EMBEDDINGS_KEPT texts the least recently used are forgotten."""
     new = [t for t in dict.fromkeys(texts) if t not in _embeddings]
     if new:
         tokenizer, model = sentence_embedder()
-        batch = tokenizer(new, padding=True, truncation=True, max_length=32, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state  # (n, L, 384)
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-        _embeddings.update(zip(new, pooled))
+        token_ids = tokenizer(new, truncation=True, max_length=EMBED_LENGTHS[-1])["input_ids"]
+        by_length: dict[int, list] = {}  # the batches' length -> (text, its token ids)
+        for text, ids in zip(new, token_ids):
+            by_length.setdefault(min(n for n in EMBED_LENGTHS if n >= len(ids)), []).append((text, ids))
+        for length, group in by_length.items():
+            size = EMBED_POSITIONS // length  # texts per batch
+            for start in range(0, len(group), size):
+                _embeddings.update(embed_batch(model, group[start : start + size], length))
     for text in texts:
         _embeddings.move_to_end(text)
     embeddings = torch.stack([_embeddings[t] for t in texts])
     while len(_embeddings) > EMBEDDINGS_KEPT:
         _embeddings.popitem(last=False)
     return embeddings
+
+
+def embed_batch(model, texts: list[tuple[str, list[int]]], length: int) -> dict:
+    """MiniLM on one batch of the fixed shape (EMBED_POSITIONS // length, length): up to that many (text,
+    token ids), the rest filled with copies of the last; each text's embedding from its own tokens."""
+    rows = texts + texts[-1:] * (EMBED_POSITIONS // length - len(texts))
+    # NOTE: the pads' id changes nothing: masked, they get exactly zero attention
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (_, ids) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (n, length, 384)
+    pooled = [hidden[row, : len(ids)].mean(0) for row, (_, ids) in enumerate(texts)]  # its real tokens' mean
+    return {text: torch.nn.functional.normalize(p, dim=-1) for (text, _), p in zip(texts, pooled)}
 
 
 @lru_cache(maxsize=None)
@@ -258,23 +282,40 @@ def style_judge(style: str):
 # ---- judges made of models: an LLM asked a question, a trained reward model ------------------------------
 
 LLM_QUESTION = "Is '{completion}' a good, evocative name for the paint color {hex}? Answer Yes or No."
+# NOTE: questions per forward of the llm: judge, which bounds the forward's activations (freed after it: no
+# grad, no cache): 128 questions of ~60 tokens (with a chat template) are 7.7k positions, ~1 GB of MLP
+# activations in bf16 on Qwen2.5-7B, and 39 MB of last-position logits. The 1,024 questions of a ranking chunk
+# in one forward, with the logits of every position (151,936 wide), would hold 19 GB of logits alone
+LLM_QUESTIONS_PER_FORWARD = 128
+
+
+def answer_start(tokenizer) -> tuple[list[int], list[int]]:
+    """How the answer to the question starts, as encode_completion writes it: the tokens that open every
+    answer (a template's, such as Qwen3's empty "<think>\n\n</think>\n\n"; most have none), then the first
+    token of "Yes" and of "No" after them."""
+    from .models import encode_completion
+
+    question = LLM_QUESTION.format(completion="Sunset Dust", hex="#d48475")
+    yes, no = (encode_completion(tokenizer, question, as_completion(tokenizer, a)) for a in ("Yes", "No"))
+    # where the two answers part (the last token if never: the judge then refuses the tokenizer)
+    n = next((i for i, (a, b) in enumerate(zip(yes, no)) if a != b), min(len(yes), len(no)) - 1)
+    return yes[:n], [yes[n], no[n]]
 
 
 def yes_no_ids(tokenizer) -> list[int]:
     """The first token of the answers "Yes" and "No" as they follow the question: "Yes" after a chat
-    template's generation prompt, " Yes" (with its leading space, "ĠYes" or "▁Yes") after plain text."""
-    from .models import encode_completion
-
-    question = LLM_QUESTION.format(completion="Sunset Dust", hex="#d48475")
-    return [encode_completion(tokenizer, question, answer)[0] for answer in ("Yes", "No")]
+    template's generation prompt (and after Qwen3's empty think block, not "<think>"), " Yes" (with its
+    leading space, "ĠYes" or "▁Yes") after plain text."""
+    return answer_start(tokenizer)[1]
 
 
 def llm_judge(path: str, device: str = "auto"):
-    """P("Yes") / (P("Yes") + P("No")) for the next token after the question (LLM-as-a-judge)."""
+    """P("Yes") / (P("Yes") + P("No")) for the next token after the question (LLM-as-a-judge), and after the
+    tokens a template opens every answer with (answer_start): Qwen3 answers without thinking."""
     from .models import encode_prompt, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="auto")  # frozen: bf16 on a GPU
-    answer_ids = yes_no_ids(tokenizer)
+    lead_in, answer_ids = answer_start(tokenizer)
     if tokenizer.unk_token_id in answer_ids or answer_ids[0] == answer_ids[1]:
         raise ValueError(f"llm judge {path!r}: its tokenizer has no token for 'Yes' and 'No'")
 
@@ -284,16 +325,22 @@ def llm_judge(path: str, device: str = "auto"):
             LLM_QUESTION.format(completion=completion_text(c).strip(), hex="#%02x%02x%02x" % parse_hex(p))
             for p, c in zip(prompts, completions)
         ]
-        input_ids, attention_mask = left_pad(
-            [encode_prompt(tokenizer, q) for q in questions], tokenizer.pad_token_id
-        )
-        logits = model(
-            input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
-            position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0).to(model.device),
-        ).logits
-        yes_no = logits[:, -1, answer_ids].float().softmax(-1)
-        return yes_no[:, 0].tolist()
+        scores = []
+        for start in range(0, len(questions), LLM_QUESTIONS_PER_FORWARD):
+            batch = questions[start : start + LLM_QUESTIONS_PER_FORWARD]
+            ids = [encode_prompt(tokenizer, q) + lead_in for q in batch]
+            input_ids, attention_mask = left_pad(ids, tokenizer.pad_token_id)
+            # NOTE: left padding puts every question's last token at position -1: only its logits are needed
+            logits = model(
+                input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
+                position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0).to(model.device),
+                use_cache=False,
+                logits_to_keep=1,
+            ).logits  # (n, 1, V)
+            yes_no = logits[:, -1, answer_ids].float().softmax(-1)
+            scores += yes_no[:, 0].tolist()
+        return scores
 
     judge.__name__ = f"llm:{path}"
     return judge
@@ -314,7 +361,9 @@ def reward_model_judge(path: str, device: str = "auto"):
     def judge(prompts, completions, truncated=None, **kwargs) -> list[float]:
         sequences = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            completion_ids = encode_completion(tokenizer, prompt, completion_text(completion))
+            # the sampler's text comes stripped: in plain text the name follows the prompt after a space
+            text = as_completion(tokenizer, completion_text(completion))
+            completion_ids = encode_completion(tokenizer, prompt, text)
             if truncated is not None and truncated[i]:
                 # NOTE: a completion cut at max_new_tokens gets no end token: the reward model reads it
                 # unfinished (as ppo_rlhf.py's reward model reads the policy's tokens), not as a finished name

@@ -6,7 +6,7 @@ from collections import Counter
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .colours import PROMPT, color_names, xkcd_names
+from .colours import PROMPT, as_completion, color_names, xkcd_names
 from .models import encode_completion, encode_prompt
 
 HEX_DIGIT = Regex(
@@ -87,7 +87,7 @@ def trainable_names(tokenizer, context: int) -> tuple[tuple[tuple[str, str], ...
     room = context - len(encode_prompt(tokenizer, prompt))
 
     def fits(name: str) -> bool:
-        ids = encode_completion(tokenizer, prompt, name)
+        ids = encode_completion(tokenizer, prompt, as_completion(tokenizer, name))
         return len(ids) <= room and tokenizer.unk_token_id not in ids
 
     return tuple(r for r in color_names("train") if fits(r[0])), tuple(

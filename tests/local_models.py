@@ -1,6 +1,8 @@
 """Small models built on this machine, with the quirks of real ones, for tests/ and tests/bench/gpu_check.py.
 
 - `chatml_tokenizer`: a chat template whose end-of-turn token (<|im_end|>) is not EOS, as Qwen2.5's;
+- `qwen3_tokenizer`: ChatML whose assistant turn opens with an empty think block, as Qwen3's template renders
+  a turn without reasoning, and whose generation prompt holds the block only with enable_thinking=False;
 - `sentencepiece_tokenizer`: no template, a leading-space marker on every word, as Llama-2's and Mistral's,
   so that a completion tokenised alone gets an extra "▁" token;
 - `save_random_model`: a random-init Llama or Qwen2 with a saved generation_config of our choosing (a
@@ -58,6 +60,31 @@ def chatml_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
     )
     wrapped.chat_template = CHATML
     return wrapped
+
+
+# Qwen3's template (Qwen/Qwen3-8B, tokenizer_config.json) reduced to what matters here: the last assistant
+# turn is "<think>\n" + reasoning + "\n</think>\n\n" + content, the block empty without reasoning; the
+# generation prompt is "<|im_start|>assistant\n", the model opening the block itself, unless
+# enable_thinking=False
+QWEN3 = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def qwen3_tokenizer(enable_thinking: bool = True) -> PreTrainedTokenizerFast:
+    """chatml_tokenizer with Qwen3's template; <think> and </think> are added tokens that are not special, as
+    in Qwen3's tokenizer. enable_thinking=False: the template as Qwen3 renders it with that flag, the empty
+    block in the generation prompt."""
+    tokenizer = chatml_tokenizer()
+    tokenizer.add_tokens(["<think>", "</think>"])
+    flag = "" if enable_thinking else "{% set enable_thinking = false %}"
+    tokenizer.chat_template = flag + QWEN3
+    return tokenizer
 
 
 def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:

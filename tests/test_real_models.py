@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from local_models import chatml_tokenizer, save_random_model, sentencepiece_tokenizer
+from local_models import chatml_tokenizer, qwen3_tokenizer, save_random_model, sentencepiece_tokenizer
 
 import dpo
 import grpo
@@ -17,7 +17,7 @@ import reward_model
 import sft
 from common.models import PAINTER, encode_completion, encode_prompt, load_model_and_tokenizer, sample
 from common.models import sampling_config, stop_token_ids
-from common.judges import yes_no_ids
+from common.judges import LLM_QUESTION, llm_judge, yes_no_ids
 from common.models import end_of_turn_id
 from common.recipe import build_tokenizer
 from conftest import TINY, saved_weights
@@ -90,6 +90,93 @@ def test_the_llm_judge_reads_the_answer_token_as_it_follows_the_question():
     assert "Yes" in plain.get_vocab()  # the token the old lookup took, which never follows the question
     chat = chatml_tokenizer()
     assert chat.convert_ids_to_tokens(yes_no_ids(chat)) == ["Yes", "No"]  # after "<|im_start|>assistant\n"
+
+
+def test_a_plain_text_completion_is_joined_to_the_prompt_as_it_is():
+    code = ["def f(x):\n    return x\n", "def g(y):\n\n    return y\n"] * 10
+    plain = build_tokenizer("bpe", code + [PROMPT + " Sunset Dust"] * 10, vocab_size=300)
+    assert not plain.chat_template
+    # a leading newline and indentation, after a prompt with or without its own newline: all of it kept
+    for prompt, completion in [("def f(x):\n", "    return x"), ("def g(y):\n", "\n    return y")]:
+        ids = encode_completion(plain, prompt, completion)
+        assert ids[-1] == plain.eos_token_id
+        assert plain.decode(ids, skip_special_tokens=True) == completion
+    # the space a plain-text completion begins with is its own, as in TRL's data (" Sunset Dust")
+    ids = encode_completion(plain, PROMPT, " Sunset Dust")
+    assert encode_prompt(plain, PROMPT) + ids[:-1] == plain(PROMPT + " Sunset Dust")["input_ids"]
+
+
+def questions_and_answer_probabilities(model, tokenizer, prompts, names, lead_in=()) -> list[float]:
+    """What the llm: judge computes, the plain way: each question alone (no padding), a full forward over all
+    its logits, P("Yes") / (P("Yes") + P("No")) at the last position after the template's lead-in."""
+    yes, no = yes_no_ids(tokenizer)
+    scores = []
+    for prompt, name in zip(prompts, names):
+        question = LLM_QUESTION.format(completion=name, hex=prompt[-7:])
+        ids = torch.tensor([encode_prompt(tokenizer, question) + list(lead_in)])
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1]  # (V,)
+        scores.append(float(logits[[yes, no]].softmax(-1)[0]))
+    return scores
+
+
+def recorded_forwards(monkeypatch, model_class) -> list[dict]:
+    """Each call of model_class's forward from now on: its batch size ("rows") and keyword arguments."""
+    calls, forward = [], model_class.forward
+
+    def record(self, input_ids=None, **kwargs):
+        calls.append({"rows": len(input_ids), **kwargs})
+        return forward(self, input_ids, **kwargs)
+
+    monkeypatch.setattr(model_class, "forward", record)
+    return calls
+
+
+JUDGED_PROMPTS = [f"Name this paint color: #{h}" for h in ("d48475", "1f4e79", "a1b2c3", "000000", "ffffff")]
+JUDGED_NAMES = ["Sunset Dust", "Navy", "Slate Grey", "Deep Sea", "Mist"]
+
+
+def test_the_llm_judge_reads_only_the_last_logits_in_bounded_batches_without_a_cache(tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    path = save_random_model(str(tmp_path / "m"), chatml_tokenizer(vocab_size=500), layers=1)
+    monkeypatch.setattr("common.judges.LLM_QUESTIONS_PER_FORWARD", 2, raising=False)
+    calls = recorded_forwards(monkeypatch, LlamaForCausalLM)
+    prompts, names = JUDGED_PROMPTS, JUDGED_NAMES
+    scores = llm_judge(path, device="cpu")(prompts, names)
+    assert [c["rows"] for c in calls] == [2, 2, 1]  # 5 questions, at most 2 a forward
+    assert all(c.get("logits_to_keep") == 1 and c.get("use_cache") is False for c in calls)
+    model, tokenizer = load_model_and_tokenizer(path)
+    expected = questions_and_answer_probabilities(model, tokenizer, prompts, names)
+    assert torch.allclose(torch.tensor(scores), torch.tensor(expected), atol=1e-5)
+
+
+def test_an_empty_think_block_is_the_models_to_emit_and_the_judge_reads_the_answer_after_it(tmp_path):
+    tokenizer = qwen3_tokenizer()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tokenizer) == im_end
+    # the generation prompt stops at "<|im_start|>assistant\n": the sampled policy opens and closes the block
+    # itself, so SFT's completion holds it, and prompt + completion is the template's rendering of the turn
+    ids = encode_completion(tokenizer, PROMPT, "Sunset Dust")
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<think>", "</think>", "Sunset", "Dust", "<|im_end|>"]
+    turns = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "Sunset Dust"}]
+    rendered = tokenizer(tokenizer.apply_chat_template(turns, tokenize=False), add_special_tokens=False)
+    prompt = encode_prompt(tokenizer, PROMPT)
+    assert rendered["input_ids"][: len(prompt) + len(ids)] == prompt + ids
+    # with enable_thinking=False the generation prompt holds the block, and the completion does not
+    no_thinking = qwen3_tokenizer(enable_thinking=False)
+    ids = encode_completion(no_thinking, PROMPT, "Sunset Dust")
+    assert no_thinking.convert_ids_to_tokens(ids) == ["Sunset", "Dust", "<|im_end|>"]
+    # the judge's answer comes after the block, not "<think>"
+    assert tokenizer.convert_ids_to_tokens(yes_no_ids(tokenizer)) == ["Yes", "No"]
+    assert no_thinking.convert_ids_to_tokens(yes_no_ids(no_thinking)) == ["Yes", "No"]
+    path = save_random_model(str(tmp_path / "m"), tokenizer, layers=1)
+    prompts, names = JUDGED_PROMPTS, JUDGED_NAMES
+    scores = llm_judge(path, device="cpu")(prompts, names)
+    model, tokenizer = load_model_and_tokenizer(path)
+    lead_in = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    expected = questions_and_answer_probabilities(model, tokenizer, prompts, names, lead_in)
+    assert torch.allclose(torch.tensor(scores), torch.tensor(expected), atol=1e-5)
 
 
 # ---- the sampler samples the policy the loss differentiates ------------------------------------------------
@@ -321,7 +408,9 @@ def test_gradient_checkpointing_gives_the_same_step(script, tmp_path, monkeypatc
     # (tests/test_common.py). Adam's first step is +-lr for any gradient well above its eps, so only weights
     # whose gradient is near 0 may move differently.
     diffs = torch.cat([(plain[k] - checkpointed[k]).abs().flatten() for k in plain])
-    assert (diffs > 1e-6).float().mean() < 0.01 and diffs.max() <= 2 * script.Args.learning_rate + 1e-6
+    (args_file,) = (tmp_path / "plain").glob("*/args.json")  # the painter's learning rate, as resolved
+    lr = json.load(open(args_file))["learning_rate"]
+    assert (diffs > 1e-6).float().mean() < 0.01 and diffs.max() <= 2 * lr + 1e-6
     # it trained
     assert any(not torch.equal(plain[k], painter_weights()[k]) for k in plain if k in painter_weights())
 
@@ -335,21 +424,41 @@ def test_the_gpu_check_runs_here_on_its_small_config(tmp_path):
     result = run_script(
         "tests/bench/gpu_check.py", "--small", "--out", str(tmp_path / "report.json"), timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.load(open(tmp_path / "report.json"))
+    with open(tmp_path / "report.json") as f:
+        report = json.load(f)
+    failed = {name: check["detail"] for name, check in report["checks"].items() if not check["passed"]}
+    assert result.returncode == 0 and not failed, (failed, result.stderr[-3000:])
+    assert set(report["checks"]) == {
+        "talks like a trained model",
+        "sampler vs trainer",
+        "one bf16 step changes the weights",
+        "step-0 KL in bf16",
+        "gradient checkpointing lowers the peak",
+        "resume grpo",
+        "resume dpo",
+    }
+    # left padding, and a model that stops early, on its second EOS id too, with a trained model's entropy
+    talks = report["talks"]
+    assert len(talks["prompt_lengths"]) > 1 and talks["stopped_share"] >= 0.5
+    assert talks["stops"]["<|endoftext|>"] > 0 and 0.5 <= talks["entropy_nats"] <= 4
+    # on a CPU the fp32 sampler and trainer agree to rounding
     gap = report["sampler_trainer_gap"]
-    assert gap["float32"]["max_abs"] < 1e-5 and gap["float32"]["tokens"] > 100
-    # bf16 kernels differ between the cached sampler and the full forward
-    assert gap["bfloat16"]["max_abs"] < 0.1
-    assert (
-        report["throughput_bf16"]["generated_tokens_per_s"] > 0
-        and report["throughput_bf16"]["trained_tokens_per_s"] > 0
-    )
+    assert gap["float32"]["max_abs"] < 1e-4 and gap["float32"]["tokens"] > 100
+    assert gap["bfloat16"]["mean_abs"] < 0.05
+    assert report["throughput_bf16"]["generated_tokens_per_s"] > 0
     scripts = report["scripts"]
     assert set(scripts) == {"sft", "reward_model", "dpo", "grpo", "reinforce", "ppo_rlhf"}
-    assert all(s["saved_dtype"] == "torch.float32" for s in scripts.values())
-    assert all(
-        scripts[name]["changed_share"] >= 0.99 for name in ("sft", "dpo", "grpo", "reinforce", "ppo_rlhf")
-    )
-    # no softmax over the vocabulary: unseen tokens' rows stay
-    assert scripts["reward_model"]["changed_share"] > 0.1
+    for name, entry in scripts.items():
+        assert entry["saved_dtype"] == "torch.float32" and entry["changed_share_layers"] >= 0.99, name
+        # checkpointing lowers the peak of forward and backward
+        assert entry["checkpointing"]["backward_mb"] < entry["plain"]["backward_mb"], name
+        # before the first update the reference and the eval's starting copy compute what the policy does
+        for variant in ("plain", "checkpointing"):
+            values = entry[variant]["kl_at_start"]
+            assert all(value == 0.0 for value in values.values()), (name, variant, values)
+            assert len(values) == {"sft": 1, "reward_model": 0, "dpo": 3}.get(name, 2), (name, values)
+    # the step-1 checkpoint resumed: step 2 and the final weights as in the unbroken run, bit for bit
+    for name in ("grpo", "dpo"):
+        resume = report["resume"][name]
+        assert resume["rows_equal"] and resume["weights_max_abs_diff"] == 0.0
+        assert resume["steps_compared"] == [2]

@@ -175,13 +175,14 @@ def test_heldout_pair_prompts_are_fixed_and_disjoint_from_training_and_eval():
 
 
 def test_full_text_pairs_split_at_their_shared_prefix(tmp_path):
+    # the space goes with the answers: prompt + answer is the text given
     assert split_shared_prefix(
         "Name this paint color: #d48475 Sunset Dust", "Name this paint color: #d48475 Navy"
-    ) == ("Name this paint color: #d48475", "Sunset Dust", "Navy")
+    ) == ("Name this paint color: #d48475", " Sunset Dust", " Navy")
     # one answer a prefix of the other: the cut stays at the word boundary, whichever is chosen
     short, long = "Name this paint color: #d48475 Red", "Name this paint color: #d48475 Reddish"
-    assert split_shared_prefix(short, long) == ("Name this paint color: #d48475", "Red", "Reddish")
-    assert split_shared_prefix(long, short) == ("Name this paint color: #d48475", "Reddish", "Red")
+    assert split_shared_prefix(short, long) == ("Name this paint color: #d48475", " Red", " Reddish")
+    assert split_shared_prefix(long, short) == ("Name this paint color: #d48475", " Reddish", " Red")
     path = tmp_path / "pairs.jsonl"
     path.write_text(
         json.dumps({"prompt": "P #123456", "chosen": "A", "rejected": "B"})
@@ -191,7 +192,7 @@ def test_full_text_pairs_split_at_their_shared_prefix(tmp_path):
     )
     assert read_pairs(str(path)) == [
         {"prompt": "P #123456", "chosen": "A", "rejected": "B"},
-        {"prompt": "Q #123456 Sunset", "chosen": "Dust", "rejected": "Glow"},
+        {"prompt": "Q #123456 Sunset", "chosen": " Dust", "rejected": " Glow"},
     ]
 
 
