@@ -37,6 +37,19 @@ def resumed_args(script: str, args):
     return type(args)(**merged)
 
 
+def drop_rows_after(path: str, step: int) -> None:
+    """The rows of a JSONL log up to `step`: a run killed after its checkpoint may have logged later steps
+    (and half a line), which the resumed run logs again. The eval of the checkpoint's step stays: it is logged
+    before the checkpoint is saved. Rewritten atomically: a kill now leaves the file as it was."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 def load_checkpoint(run, models: dict, optimizer) -> tuple[int, dict]:
     """The newest checkpoint of run.dir into models, optimizer and this rank's random generators; returns the
     step to continue from and the method's saved state."""
@@ -49,7 +62,12 @@ def load_checkpoint(run, models: dict, optimizer) -> tuple[int, dict]:
                          f"{run.world}: resume with as many (each one's random state is saved)")
     for name, model in models.items():
         load_model(model, f"{folder}/{name}.safetensors", device=str(next(model.parameters()).device))
-    optimizer.load_state_dict(torch.load(f"{folder}/optimizer.pt", weights_only=True))
+    # NOTE: what the saver had on a GPU loads onto this process's (not onto cuda:0 on every rank, and a CUDA
+    # run resumes on a CPU); what it had on the CPU stays there, as a non-fused Adam keeps its `step` on the
+    # CPU (load_state_dict moves the rest, and a fused Adam's step, to the parameters)
+    device = optimizer.param_groups[0]["params"][0].device
+    on_device = lambda storage, saved_on: storage if saved_on == "cpu" else storage.to(device=device)
+    optimizer.load_state_dict(torch.load(f"{folder}/optimizer.pt", map_location=on_device, weights_only=True))
     states = torch.load(f"{folder}/rng-rank{run.rank}.pt", weights_only=True)
     random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
     kind, keys, *rest = states["numpy"]
@@ -60,6 +78,8 @@ def load_checkpoint(run, models: dict, optimizer) -> tuple[int, dict]:
     run.rng.bit_generator.state = states["data"]
     run.t_start -= meta["train_s"] - (time.perf_counter() - run.t_start - run.eval_s)  # perf/train_s goes on
     if run.active:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            drop_rows_after(os.path.join(run.dir, name), meta["step"])
         print(f"resumed from step {meta['step']} of {run.dir}", flush=True)
     return meta["step"] + 1, meta["state"]
 
