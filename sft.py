@@ -27,7 +27,7 @@ import tyro
 from torch.utils.checkpoint import checkpoint
 
 from common.models import forward_sharing_prompts, load_model_and_tokenizer, save_atomic  # the model
-from common.task import evaluate, get_judge, load_examples  # the task: SFT rows, the judge, the eval
+from common.task import evaluate, get_judge, load_examples, paint_task  # the task: rows, judge, eval
 from common.run import Run  # the run: process group, seeds, run folder, logging, checkpoints, resume
 
 
@@ -192,9 +192,8 @@ def main(args: Args) -> dict:
 
     # 1. the model: a pretrained one, or the painter's recipe (a tokenizer of the data's words, a small
     # Llama); fp32 weights either way, the forward in bf16 under autocast when --dtype says so
-    if args.model is None:  # the paint task's recipe, which a copy of this file may leave out
-        from common.recipe import new_painter
-
+    if args.model is None:  # the paint task's recipe (common/recipe.py), which a copy may leave out
+        new_painter = paint_task("recipe", "sft.py without --model").new_painter
         architecture = (args.tokenizer, args.d_model, args.n_layers, args.n_heads, args.d_ff)
         model, tokenizer = new_painter(args.data, args.eval_data, *architecture)
         model = model.to(run.device)

@@ -20,7 +20,7 @@ def paint_task(module: str, needed_for: str):
     """common.colours or common.judges, the built-in paint task's; a clear error where a copy left it out."""
     if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{module}.py")):
         raise ValueError(f"{needed_for} is the built-in paint-colour task's, not here (common/{module}.py): "
-                         "pass your own data and --judge file.py:function")  # fmt: skip
+                         "pass --model, your own data and --judge file.py:function")  # fmt: skip
     return importlib.import_module(f"{__package__}.{module}")
 
 

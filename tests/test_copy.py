@@ -108,10 +108,12 @@ def test_ppo_in_the_copy_takes_the_copys_reward_model(project):
         (["grpo.py", "--prompts", "prompts.jsonl", "--judge", "my_rewards.py:short_yes"], "model path"),
         (["grpo.py", "--model", "model", "--judge", "poet"], "paint-colour task"),
         (["grpo.py", "--model", "model", "--judge", "my_rewards.py:short_yes"], "paint-colour task"),
+        (["sft.py", "--data", "sft.jsonl", "--judge", "my_rewards.py:short_yes"], "sft.py without --model"),
     ],
 )
 def test_what_belongs_to_the_paint_task_is_a_one_line_error_in_the_copy(project, argv, message):
-    """No --model (the shipped painter), a built-in judge, no --prompts (the built-in hexes)."""
+    """No --model (the shipped painter, or a new one for sft), a built-in judge, no --prompts (the built-in
+    hexes)."""
     result = run_copy(project, *argv, "--output-dir", "runs_errors")
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
