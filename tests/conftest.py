@@ -27,6 +27,17 @@ TINY = {
 }
 
 
+# one optimiser step of each script (dpo and reward_model: 12 prompts make one batch of pairs)
+ONE_STEP = {name: dict(TINY[name], total_steps=1) for name in ("grpo", "reinforce", "ppo_rlhf", "sft")}
+ONE_STEP.update(dpo=TINY["dpo"], reward_model=TINY["reward_model"])
+
+
+def run_one_step(script, tmp_path, **overrides) -> str:
+    """One optimiser step of `script` (a module) on the painter, logged; returns its run folder."""
+    flags = {**ONE_STEP[script.__name__], **overrides}
+    return script.main(script.Args(output_dir=str(tmp_path), seed=3, log_every=1, **flags))["run_dir"]
+
+
 def saved_weights(folder: str) -> dict:
     """The tensors of a saved model folder (its safetensors file), by name."""
     from safetensors.torch import load_file

@@ -20,7 +20,7 @@ from common.models import sampling_config, stop_token_ids
 from common.judges import LLM_QUESTION, llm_judge, yes_no_ids
 from common.models import end_of_turn_id
 from common.recipe import build_tokenizer
-from conftest import TINY, saved_weights
+from conftest import run_one_step, saved_weights
 
 PROMPT = "Name this paint color: #d48475"
 RL_SCRIPTS = [grpo, reinforce, ppo_rlhf]
@@ -327,16 +327,12 @@ def test_entropy_in_blocks_equals_one_pass(script, monkeypatch):
 
 # ---- mixed precision and gradient checkpointing in every script that trains --------------------------------
 
-# one optimiser step of each script on the painter (dpo and reward_model: 12 prompts make one batch of pairs)
-ONE_STEP = {script: dict(TINY[script.__name__], total_steps=1) for script in (grpo, reinforce, ppo_rlhf, sft)}
-ONE_STEP.update({dpo: TINY["dpo"], reward_model: TINY["reward_model"]})
+ONE_STEP = [grpo, reinforce, ppo_rlhf, sft, dpo, reward_model]  # each one step: conftest.run_one_step
 
 
 def one_step(script, tmp_path, **overrides) -> dict:
     """The trained weights (fp32 tensors by name) after one step of `script`."""
-    args = script.Args(output_dir=str(tmp_path), seed=3, **{**ONE_STEP[script], **overrides})
-    run_dir = script.main(args)["run_dir"]
-    return saved_weights(f"{run_dir}/model")
+    return saved_weights(f"{run_one_step(script, tmp_path, **overrides)}/model")
 
 
 def painter_weights() -> dict:

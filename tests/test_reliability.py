@@ -17,15 +17,9 @@ import reward_model
 import sft
 from common.models import load_model_and_tokenizer, sampling_config
 from common.run import Run
-from conftest import TINY, assert_one_line_error, read_jsonl, run_script
+from conftest import assert_one_line_error, read_jsonl, run_one_step, run_script
 
-ONE_STEP = {script: dict(TINY[script.__name__], total_steps=1) for script in (grpo, reinforce, ppo_rlhf, sft)}
-ONE_STEP.update({dpo: TINY["dpo"], reward_model: TINY["reward_model"]})
-
-
-def run_one_step(script, tmp_path, **overrides) -> str:
-    args = script.Args(output_dir=str(tmp_path), seed=3, log_every=1, **{**ONE_STEP[script], **overrides})
-    return script.main(args)["run_dir"]
+ONE_STEP = [grpo, reinforce, ppo_rlhf, sft, dpo, reward_model]  # each one step: conftest.run_one_step
 
 
 # ---- gradient checkpointing really recomputes ----------------------------------------------------------
