@@ -144,10 +144,10 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], config, repeats=1, return_logprobs=False):
-    """`repeats` completions of each text prompt from softmax(logits / temperature), nothing else, in eval
-    mode with a KV cache, each prompt run once: prompt_ids, prompt_mask (b, P), left padded, completion_ids
-    (b*r, T), rows i*r .. i*r+r-1 prompt i's, pad after a stop id (and each token's log-prob). NOTE: not
-    model.generate, which fills unset settings from the checkpoint's (repetition_penalty): another policy."""
+    """`repeats` completions of each prompt from softmax(logits / temperature), nothing else (NOTE: not
+    model.generate, which fills unset settings from the checkpoint's, e.g. repetition_penalty: another policy),
+    in eval mode with a KV cache, each prompt run once: prompt_ids, prompt_mask (b, P), left padded,
+    completion_ids (b*r, T), rows i*r .. i*r+r-1 prompt i's, pad after a stop id (and each token's log-prob)."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     if max(map(len, ids)) + config.max_new_tokens > context:
@@ -184,9 +184,8 @@ def sample(model, tokenizer, prompts: list[str], config, repeats=1, return_logpr
             out = model(token[:, None], attention_mask=attention_mask, position_ids=position,
                         past_key_values=cache, use_cache=True)  # fmt: skip
             logits = out.logits[:, -1].float()
-        completion_ids = torch.stack(tokens, 1)
         logprobs = (torch.cat(logprobs, 1),) if return_logprobs else ()
-        return (prompt_ids, prompt_mask, completion_ids, *logprobs)
+        return (prompt_ids, prompt_mask, torch.stack(tokens, 1), *logprobs)
     finally:
         model.train(was_training)
 

@@ -10,6 +10,7 @@ and checkpoints/step-<k>/ (models, optimizer, state.json, each rank's random sta
 by an atomic rename: a run killed at any moment resumes from a whole one). Only rank 0 writes or prints."""
 
 import atexit
+import collections
 import contextlib
 import dataclasses
 import json
@@ -203,6 +204,14 @@ class Run:
         self.log(step, metrics, samples, kind="eval")
         if samples:
             print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
+        distinct = metrics.get("eval/distinct", 1)  # NOTE: below 0.8 is also any fall of more than 0.2 from 1
+        if distinct < 0.8:  # a collapse: one name for many prompts
+            top, count = collections.Counter(s["completion"] for s in samples).most_common(1)[0]
+            fix = "--scale-rewards none, " * (getattr(self.args, "scale_rewards", "none") != "none")
+            fix += f"a --beta above {self.args.beta}, " * hasattr(self.args, "beta")
+            print(f"collapse: {distinct:.0%} distinct names, {top!r} answers {count} of {len(samples)} eval "
+                  "prompts: the policy has found what the judge loves (reward hacking); counter it with "
+                  f"{fix}a lower --learning-rate or a judge that also scores the fit (+correct)", flush=True)
         save_atomic(self.models["model"], self.tokenizer, os.path.join(self.dir, "model"))
         self.eval_s += time.perf_counter() - t_eval
         self.evals.append(metrics)

@@ -156,9 +156,8 @@ def load_pairs(data, eval_data, tokenizer, context: int, identical="skip", too_l
     eval's rows; None: the paint task's (**paint). save_to gets the first 200 training pairs (pairs.jsonl)."""
     if data is None:
         colours = paint_task("colours", "training without --data")
-        built = colours.paint_pairs(eval_size, quiet=quiet, build_heldout=eval_data is None,
-                                    written_for=tokenizer, **paint)  # fmt: skip
-        train, heldout, eval_rows = built
+        built = dict(quiet=quiet, build_heldout=eval_data is None, written_for=tokenizer, **paint)
+        train, heldout, eval_rows = colours.paint_pairs(eval_size, **built)
     else:
         train = read_pairs(data)
         if eval_data is None and len({pair["prompt"] for pair in train}) < 2:
@@ -203,8 +202,7 @@ def get_judge(spec: str, device: str = "auto", prompts: list[str] | None = None)
         if len(scores) != len(completions) or not all(map(math.isfinite, scores)):
             bad = sum(not math.isfinite(s) for s in scores)
             raise ValueError(f"judge {spec!r} returned {len(scores)} scores for {len(completions)} "
-                             f"completions, {bad} non-finite (NaN or inf): it must return one finite score "
-                             "each")  # fmt: skip
+                             f"completions, {bad} non-finite (NaN, inf): it must return one finite score each")
         return scores
 
     judge.__name__ = spec
@@ -246,10 +244,9 @@ def generate(model, tokenizer, prompts: list[str], temperature=1.0, max_new_toke
 
 @torch.no_grad()
 def sequence_kl(model, reference, prompt_ids, prompt_mask, completion_ids, stop_ids, temperature, dtype):
-    """eval/kl: KL(pi || pi_start) per completion on the eval's samples from pi, mean_i sum_t log pi(y_it) -
-    log pi_start(y_it) (k1, unbiased; Schulman 2020) at the sampling temperature, over each completion's
-    tokens up to its stop token. The reference may live on another device (the host): it runs on the model's
-    for this pass, in the same dtype under the same autocast, so that at step 0 the two compute the same."""
+    """eval/kl = KL(pi || pi_start) per completion on the eval's samples: mean_i sum_t log pi(y_it) - log
+    pi_start(y_it) (k1; Schulman 2020) at the sampling temperature, up to each stop token. The reference (maybe
+    on the host) runs on the model's device, in the same dtype and autocast: at step 0 the two agree exactly."""
     P, sequences = prompt_ids.shape[1], torch.cat([prompt_ids, completion_ids], 1)
     is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
     first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])
@@ -284,6 +281,7 @@ def evaluate(model, tokenizer, judge, rows: list[dict], temperature=1.0, max_new
         model, tokenizer, prompts, temperature, max_new_tokens, seed, dtype)  # fmt: skip
     rewards = judge(prompts, names, **columns)
     metrics = {"eval/reward": float(np.mean(rewards)), "eval/distinct": len(set(names)) / len(names)}
+    metrics["eval/top_name_share"] = max(map(names.count, set(names))) / len(names)  # a collapse: one name
     if os.path.exists(os.path.join(os.path.dirname(__file__), "judges.py")):  # the paint task's metrics
         metrics.update(paint_task("judges", "eval/correct").paint_metrics(prompts, names, columns))
     if reference is not None:

@@ -263,8 +263,10 @@ def rows(prompts: list[str]) -> list[dict]:
 def test_eval_reports_the_shared_metrics(painter):
     model, tokenizer = painter
     metrics, samples = evaluate(model, tokenizer, correct, rows(eval_prompts(16)), reference=model)
-    assert set(metrics) == {"eval/reward", "eval/correct", "eval/distinct", "eval/kl"}
+    assert set(metrics) == {"eval/reward", "eval/correct", "eval/distinct", "eval/top_name_share", "eval/kl"}
     assert metrics["eval/kl"] == 0.0  # to itself
+    names = [s["completion"] for s in samples]
+    assert metrics["eval/top_name_share"] == max(names.count(n) for n in names) / 16
     assert metrics["eval/reward"] == metrics["eval/correct"] and 0 < metrics["eval/distinct"] <= 1
     assert len(samples) == 16 and all(isinstance(s["completion"], str) for s in samples)
     again, _ = evaluate(model, tokenizer, correct, rows(eval_prompts(16)), reference=model)

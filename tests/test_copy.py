@@ -1,5 +1,5 @@
 """A script copied into another project, as the README's "To copy a file" says: the script and the plumbing
-it imports (common/__init__.py, models.py, task.py, run.py; at most 800 lines, none of the paint task) in an
+it imports (common/__init__.py, models.py, task.py, run.py; at most 810 lines, none of the paint task) in an
 empty folder, run there on a small local model (a chat template, pad = EOS) with the user's own reward
 function from a file, SFT rows and preference pairs. The paint task is not there, so none of it can load."""
 
@@ -54,7 +54,7 @@ def run_copy(project, *argv: str) -> subprocess.CompletedProcess:
 
 def test_the_plumbing_a_copy_takes_is_small_and_holds_no_paint_task():
     lines = sum(len(open(os.path.join(ROOT, "common", name)).readlines()) for name in PLUMBING)
-    assert lines <= 800, lines
+    assert lines <= 810, lines
     for name in PLUMBING:
         source = open(os.path.join(ROOT, "common", name)).read()
         imported = [line for line in source.splitlines() if line.startswith(("from .", "import "))]

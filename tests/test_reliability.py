@@ -275,3 +275,32 @@ def test_every_readme_command_parses_as_pasted():
             tyro.cli(scripts[name].Args, args=flags)
         except SystemExit:
             pytest.fail(f"README: {name}.py {' '.join(flags)} does not parse")
+
+
+# ---- a collapse is announced -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script, fixes", [(grpo, "--scale-rewards none, a --beta above 0.04, a lower"),
+                                           (dpo, "with a --beta above 0.1, a lower --learning-rate")])  # fmt: skip
+def test_an_eval_whose_names_collapse_says_so_on_one_line(script, fixes, tmp_path, capsys, monkeypatch):
+    """Distinct names below 0.8 of the eval (which any fall of more than 0.2 from all distinct is): one line
+    with the commonest name and how many prompts it answers; 0.8 and above: nothing."""
+    run = Run(script.__name__, script.Args(output_dir=str(tmp_path)))
+    names = iter([[f"Name {i}" for i in range(10)], ["Poop"] * 3 + [f"Name {i}" for i in range(7)],
+                  ["Poop"] * 4 + ["Dust"] * 2 + [f"Name {i}" for i in range(4)]])  # distinct 1.0, 0.8, 0.6
+
+    def run_eval():
+        batch = next(names)
+        samples = [{"prompt": f"#{i:06x}", "completion": n, "reward": 0.0} for i, n in enumerate(batch)]
+        return {"eval/reward": 0.0, "eval/distinct": len(set(batch)) / len(batch)}, samples
+
+    monkeypatch.setattr("common.run.save_atomic", lambda *args: None)
+    collapses = []
+    for step in (0, 1, 2):
+        run.begin({"model": None}, None, None, run_eval) if step == 0 else run.evaluate(step)
+        out = capsys.readouterr().out.splitlines()
+        collapses.append([line for line in out if line.startswith("collapse:")])
+    assert collapses[:2] == [[], []]  # 1.0, then 0.8: not a collapse
+    (line,) = collapses[2]
+    assert "60% distinct names, 'Poop' answers 4 of 10 eval prompts" in line and "reward hacking" in line
+    assert fixes in line, line
