@@ -16,7 +16,7 @@ starting policy (on-policy pairs, as the paper's "preferred-FT" data), not by pe
 starting checkpoint itself (the paper first runs SFT on the chosen answers; the painter is already SFT'd);
 (3) rewards/* always use summed log-probs, also for IPO.
 Shapes: B pairs, P prompt tokens (left padded), T completion tokens (right padded), V vocab.
-# poet-ranked pairs from the painter, ~1.5 min on 2 CPU cores
+# pairs of the painter's names ranked by poet+correct, ~1.5 min on 2 CPU cores
 Run: python dpo.py
      python dpo.py --loss-type ipo --beta 0.5 --judge architect
      python dpo.py --data my_pairs.jsonl --precompute-ref-logps
@@ -68,8 +68,9 @@ class Args:
     """JSONL of {prompt, chosen, rejected} (or full texts {chosen, rejected}); None = judge-ranked pairs"""
     eval_data: Optional[str] = None
     """JSONL of held-out pairs; None = built-in held-out pairs (with --data: the last 10% of its rows)"""
-    judge: str = "poet"
-    """the judge that ranks the built-in pairs, and eval/reward"""
+    judge: str = "poet+correct"
+    """the judge that ranks the built-in pairs, and eval/reward (poet alone: the pairs' accuracy rises while
+    the names drift from their colours, README)"""
     num_prompts: int = 2048
     """built-in pairs: training prompts (at most one pair each: the judge's best vs worst name)"""
     names_per_prompt: int = 4
@@ -94,7 +95,7 @@ class Args:
     precompute_ref_logps: bool = False
     """compute pi_ref's log-probs for every pair once before training and free the reference model"""
     # optimisation
-    num_epochs: int = 2
+    num_epochs: int = 4
     """passes over the training pairs"""
     batch_size: int = 32
     """pairs per optimiser step (2B sequences in one forward)"""

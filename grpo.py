@@ -8,14 +8,14 @@ and we maximise the clipped surrogate with a KL penalty towards a frozen referen
     rho_it = pi(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
     KL_it  = k3 = pi_ref/pi - log(pi_ref/pi) - 1   (Schulman's unbiased, positive estimator; Eq. 4)
 Each choice on which later work departs from the paper is a flag, so these are settings of one loop:
-    paper GRPO  --scale-rewards group --loss-agg seq-mean   --beta 0.04 (the defaults)
+    paper GRPO  --scale-rewards group --loss-agg seq-mean   --beta 0.04 (--learning-rate 2e-4 on the painter)
     Dr. GRPO    --scale-rewards none  --loss-agg constant   --beta 0     (Liu et al. 2025, arXiv:2503.20783)
-    DAPO        --loss-agg token-mean --clip-eps-high 0.28 --beta 0 --mask-truncated  (Yu et al. 2025,
-                2503.14476), without its dynamic sampling and overlong reward shaping
+    DAPO        --scale-rewards group --loss-agg token-mean --clip-eps-high 0.28 --beta 0 --mask-truncated
+                (Yu et al. 2025, arXiv:2503.14476), without its dynamic sampling and overlong reward shaping
     RLOO, REINFORCE: see reinforce.py (same loop, no ratio, a leave-one-out baseline, KL in the reward)
-Differences from the paper: (1) none in the update: one policy update per batch (mu = 1, as DeepSeekMath's
-own runs, TRL and verl), so rho = 1 and the clip never binds; --num-iterations > 1 reuses each batch;
-(2) a judge, not a reward model; (3) constant learning rate, no warm-up.
+Differences from the paper: (1) defaults of no std, beta 0.1 (with the group's std any reward gap is +-1, the
+KL never binds and the names collapse: README); (2) one update per batch (mu = 1, as DeepSeekMath's runs, TRL,
+verl), so rho = 1; --num-iterations > 1 reuses each batch; (3) a judge; (4) constant lr, no warm-up.
 Shapes: B prompts per step, G completions per prompt, N = B*G sequences, P prompt tokens (left padded),
 T completion tokens, V vocab.
 Run: python grpo.py --group-size 8     (several processes: torchrun --nproc_per_node 2 grpo.py)
@@ -70,7 +70,7 @@ class Args:
     # algorithm
     group_size: int = 8
     """G: completions sampled per prompt"""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    scale_rewards: Literal["group", "batch", "none"] = "none"
     """divide advantages by the group's std (GRPO), the batch's std (TRL "batch"), or not (Dr. GRPO)"""
     loss_agg: Literal["seq-mean", "token-mean", "constant"] = "seq-mean"
     """mean over each sequence's tokens then over sequences (GRPO); over all tokens of the batch (DAPO);
@@ -81,7 +81,7 @@ class Args:
     """the ratio is clipped above at 1 + clip_eps_high (DAPO's clip-higher: 0.28)"""
     num_iterations: int = 1
     """mu: policy updates per generated batch (old log-probs kept from before the first)"""
-    beta: float = 0.04
+    beta: float = 0.1
     """beta: weight of the KL penalty towards the frozen reference (0 = no reference loaded; TRL's default)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """per-token KL estimator in the loss: k1 = log(pi/pi_ref), k2 = (log ratio)^2 / 2, k3 (the paper's);
@@ -101,7 +101,7 @@ class Args:
     """sequences per forward/backward pass (gradient accumulated; when smaller than B * G it must divide it
     and hold whole groups or an equal part of one)"""
     learning_rate: Optional[float] = None
-    """Adam learning rate (constant); None = 2e-4 for the painter, 1e-6 for a --model (TRL's GRPO default)"""
+    """Adam learning rate (constant); None = 1e-3 for the painter, 1e-6 for a --model (TRL's GRPO default)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
     # eval and logging
@@ -245,7 +245,7 @@ def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
 
 def main(args: Args) -> dict:
     # DDP: each rank samples its own completions; --learning-rate: the painter's, or TRL's for a --model
-    run = Run("grpo", args, seed_per_rank=True, learning_rate=(2e-4, 1e-6))
+    run = Run("grpo", args, seed_per_rank=True, learning_rate=(1e-3, 1e-6))
     args = run.args  # --resume: the run's own settings
     B, G = args.batch_size // run.world, args.group_size  # DDP: B: this rank's prompts, each with its group
     N = B * G  # this rank's completions

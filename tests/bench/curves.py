@@ -12,7 +12,7 @@ budget" is the last eval row with perf/train_s <= budget.
                it never sees the judge, which only scores its eval)
     dpo        dpo.py --judge poet+correct   (the default pair building: 2048 hexes x 4 names ranked by
                the judge, counts against the budget; epochs raised so the pairs never run out)
-    grpo       grpo.py (defaults: 8 prompts x 8 names, beta 0.04)
+    grpo       grpo.py (defaults: 8 prompts x 8 names, no std in the advantages, beta 0.1)
     rloo       reinforce.py (defaults: RLOO baseline, k1 KL in the reward)
     ppo        ppo_rlhf.py with the judge as the score
     rm+ppo     reward_model.py --judge poet+correct --num-prompts 1024 --eval-prompts 128, run to the end,

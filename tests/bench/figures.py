@@ -1,6 +1,7 @@
 """The README's GRPO figures and the painters' matrix, from fresh runs (one process at a time, OMP_NUM_THREADS=1).
 
-(a) reward_hacking.png: grpo.py --judge unhinged --learning-rate 5e-4 (400 steps, eval of 256 held-out hexes
+(a) reward_hacking.png: paper GRPO, grpo.py --judge unhinged --scale-rewards group --learning-rate 5e-4
+    (400 steps, eval of 256 held-out hexes
     every 25 steps, seed 1) at beta 0 (the hack) and beta 0.2, and --judge unhinged+correct at beta 0 (the
     mitigation): the share of distinct names, the share of the three commonest names, and eval/reward against
     the step, and per colour region (the hex's nearest basic colour term) the commonest final name.
@@ -41,7 +42,7 @@ from common.judges import WORD_RE  # noqa: E402
 from common.task import get_judge  # noqa: E402
 from common.tasks import basic_colour  # noqa: E402
 
-HACK_BASE = ["--learning-rate", "5e-4", "--total-steps", "400", "--eval-every", "25", "--eval-size", "256", "--seed", "1"]
+HACK_BASE = ["--scale-rewards", "group", "--learning-rate", "5e-4", "--total-steps", "400", "--eval-every", "25", "--eval-size", "256", "--seed", "1"]
 HACK_RUNS = {
     "unhinged, β 0": ["--judge", "unhinged", "--beta", "0", *HACK_BASE],
     "unhinged, β 0.2": ["--judge", "unhinged", "--beta", "0.2", *HACK_BASE],
@@ -173,7 +174,7 @@ def hacking_figure(runs: dict[str, str], path: str) -> dict:
     axes[0].set_ylim(-0.02, 1.05)
     axes[1].set_ylim(-0.02, 1.05)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Reward hacking: grpo.py --learning-rate 5e-4, seed 1; names for 256 held-out hexes every 25 steps",
+    fig.suptitle("Reward hacking: grpo.py --scale-rewards group --learning-rate 5e-4, seed 1; names for 256 held-out hexes every 25 steps",
                  fontsize=10)
     fig.tight_layout()
     save_small(fig, path)
