@@ -14,10 +14,11 @@ no reward model, no sampling during training.
 Differences from the paper: (1) the pairs are ranked by a judge (AI feedback) among names sampled from the
 starting policy (on-policy pairs, as the paper's "preferred-FT" data), not by people; (2) pi_ref is the
 starting checkpoint itself (the paper first runs SFT on the chosen answers; the painter is already SFT'd);
-(3) rewards/* always use summed log-probs, also for IPO.
+(3) rewards/* always use summed log-probs, also for IPO; (4) by default + the chosen's NLL (RPO, alpha 1):
+without it both names' log-probs fall, and on the painter the names lose their stop token (README).
 Shapes: B pairs, P prompt tokens (left padded), T completion tokens (right padded), V vocab.
-# pairs of the painter's names ranked by poet+correct, ~1.5 min on 2 CPU cores
-Run: python dpo.py
+Run: python dpo.py                    (the painter's names, ranked by poet+correct, ~1.5 min on 2 CPUs)
+     python dpo.py --rpo-alpha 0       (DPO as in the paper)
      python dpo.py --loss-type ipo --beta 0.5 --judge architect
      python dpo.py --data my_pairs.jsonl --precompute-ref-logps
 """
@@ -90,8 +91,8 @@ class Args:
     """beta: strength of the implicit KL to pi_ref (IPO's tau)"""
     label_smoothing: float = 0.0
     """eps: cDPO's assumed probability that a label is flipped (sigmoid loss only)"""
-    rpo_alpha: float = 0.0
-    """alpha: weight of the NLL of the chosen completion per token (RPO); 0 = off"""
+    rpo_alpha: float = 1.0
+    """alpha: weight of the NLL of the chosen completion per token (RPO); 0 = DPO as in the paper"""
     precompute_ref_logps: bool = False
     """compute pi_ref's log-probs for every pair once before training and free the reference model"""
     # optimisation

@@ -199,7 +199,7 @@ def read_metrics(run: str) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"precompute_ref_logps": True, "loss_type": "ipo", "rpo_alpha": 1.0}]
+    "overrides", [{}, {"precompute_ref_logps": True, "loss_type": "ipo", "rpo_alpha": 0.0}]
 )
 def test_main_writes_metrics_samples_and_model(tmp_path, overrides):
     metrics = dpo.main(tiny_args(tmp_path, **overrides))
@@ -224,8 +224,9 @@ def test_main_writes_metrics_samples_and_model(tmp_path, overrides):
 
 
 def test_precomputed_reference_trains_like_the_per_batch_one(tmp_path):
-    a = dpo.main(tiny_args(tmp_path / "a", num_prompts=24, eval_every=100))
-    b = dpo.main(tiny_args(tmp_path / "b", num_prompts=24, eval_every=100, precompute_ref_logps=True))
+    paper = dict(num_prompts=24, eval_every=100, rpo_alpha=0.0)  # the loss alone: log 2 at step 1
+    a = dpo.main(tiny_args(tmp_path / "a", **paper))
+    b = dpo.main(tiny_args(tmp_path / "b", **paper, precompute_ref_logps=True))
     first = [read_metrics(r["run_dir"])[1] for r in (a, b)]
     assert first[0]["train/loss"] == pytest.approx(LOG2, abs=1e-5)  # step 1: policy = reference
     assert first[0]["train/loss"] == pytest.approx(first[1]["train/loss"], abs=1e-5)
