@@ -208,7 +208,8 @@ class Run:
         if distinct < 0.8:  # a collapse: one name for many prompts
             top, count = collections.Counter(s["completion"] for s in samples).most_common(1)[0]
             fix = "--scale-rewards none, " * (getattr(self.args, "scale_rewards", "none") != "none")
-            fix += f"a --beta above {self.args.beta}, " * hasattr(self.args, "beta")
+            kl = next((name for name in ("beta", "kl_coef") if hasattr(self.args, name)), None)  # ppo_rlhf
+            fix += f"a --{kl.replace('_', '-')} above {getattr(self.args, kl)}, " if kl else ""
             print(f"collapse: {distinct:.0%} distinct names, {top!r} answers {count} of {len(samples)} eval "
                   "prompts: the policy has found what the judge loves (reward hacking); counter it with "
                   f"{fix}a lower --learning-rate or a judge that also scores the fit (+correct)", flush=True)

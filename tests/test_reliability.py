@@ -280,12 +280,17 @@ def test_every_readme_command_parses_as_pasted():
 # ---- a collapse is announced -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script, fixes", [(grpo, "--scale-rewards none, a --beta above 0.04, a lower"),
-                                           (dpo, "with a --beta above 0.1, a lower --learning-rate")])  # fmt: skip
-def test_an_eval_whose_names_collapse_says_so_on_one_line(script, fixes, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("script, overrides, fixes", [
+    (grpo, {}, "with a --beta above 0.1, a lower --learning-rate"),
+    (grpo, {"scale_rewards": "group", "beta": 0.0}, "with --scale-rewards none, a --beta above 0.0, a lower"),
+    (dpo, {}, "with a --beta above 0.1, a lower --learning-rate"),
+    (ppo_rlhf, {}, "with a --kl-coef above 0.05, a lower --learning-rate"),
+    (sft, {}, "with a lower --learning-rate")])  # fmt: skip
+def test_an_eval_whose_names_collapse_says_so_on_one_line(script, overrides, fixes, tmp_path, capsys,
+                                                          monkeypatch):
     """Distinct names below 0.8 of the eval (which any fall of more than 0.2 from all distinct is): one line
     with the commonest name and how many prompts it answers; 0.8 and above: nothing."""
-    run = Run(script.__name__, script.Args(output_dir=str(tmp_path)))
+    run = Run(script.__name__, script.Args(output_dir=str(tmp_path), **overrides))
     names = iter([[f"Name {i}" for i in range(10)], ["Poop"] * 3 + [f"Name {i}" for i in range(7)],
                   ["Poop"] * 4 + ["Dust"] * 2 + [f"Name {i}" for i in range(4)]])  # distinct 1.0, 0.8, 0.6
 
