@@ -204,8 +204,8 @@ class Run:
         self.log(step, metrics, samples, kind="eval")
         if samples:
             print("   " + " · ".join(f"{s['prompt'][-7:]} → {s['completion']}" for s in samples[:6]))
-        distinct = metrics.get("eval/distinct", 1)  # NOTE: below 0.8 is also any fall of more than 0.2 from 1
-        if distinct < 0.8:  # a collapse: one name for many prompts
+        distinct = metrics.get("eval/distinct", 1)  # below 0.8: a collapse (so is any fall of 0.2 from 1);
+        if distinct < 0.8 * metrics.get("eval/distinct_answers", 1):  # right answers may repeat: 0.8 x theirs
             top, count = collections.Counter(s["completion"] for s in samples).most_common(1)[0]
             fix = "--scale-rewards none, " * (getattr(self.args, "scale_rewards", "none") != "none")
             kl = next((name for name in ("beta", "kl_coef") if hasattr(self.args, name)), None)  # ppo_rlhf

@@ -309,3 +309,33 @@ def test_an_eval_whose_names_collapse_says_so_on_one_line(script, overrides, fix
     (line,) = collapses[2]
     assert "60% distinct names, 'Poop' answers 4 of 10 eval prompts" in line and "reward hacking" in line
     assert fixes in line, line
+
+
+def test_a_task_whose_right_answers_repeat_is_no_collapse_until_below_theirs(tmp_path, capsys, monkeypatch):
+    """Basic colour terms: 64 hexes have about 11 right answers, so 'Grey' for 16 of them is right, not a
+    hack. The eval reports the answers' own share of distinct ones; the line comes below 0.8 of it."""
+    from common.models import load_model_and_tokenizer as load
+    from common.task import evaluate, get_judge
+
+    model, tokenizer = load()
+    rows = [{"prompt": f"Name this paint color: #{i:02x}{i:02x}{i:02x}", "answer": ["White", "Grey"][i % 2]}
+            for i in range(10)]  # fmt: skip
+    metrics, _ = evaluate(model, tokenizer, get_judge("answer"), rows)
+    assert metrics["eval/distinct_answers"] == 0.2
+    plain = [{"prompt": row["prompt"]} for row in rows]
+    assert "eval/distinct_answers" not in evaluate(model, tokenizer, get_judge("correct"), plain)[0]
+    run = Run("grpo", grpo.Args(output_dir=str(tmp_path)))
+    shares = iter([1.0, 0.3, 0.15])  # against the answers' 0.25: fine, fine, a collapse
+
+    def run_eval():
+        share = next(shares)
+        names = [f"Name {i}" for i in range(round(20 * share))] + ["Grey"] * (20 - round(20 * share))
+        samples = [{"prompt": "#", "completion": name} for name in names]
+        return {"eval/distinct": share, "eval/distinct_answers": 0.25}, samples
+
+    monkeypatch.setattr("common.run.save_atomic", lambda *args: None)
+    lines = []
+    for step in (0, 1, 2):
+        run.begin({"model": None}, None, None, run_eval) if step == 0 else run.evaluate(step)
+        lines.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("collapse:")])
+    assert lines[:2] == [[], []] and len(lines[2]) == 1 and "'Grey' answers 17 of 20" in lines[2][0]

@@ -36,6 +36,7 @@ RUNS = {  # the longest first (sft: 8000 steps), then the defaults' checks, then
     **{f"grpo_seed{s}": ["grpo.py", "--group-size", "8", "--seed", str(s)] for s in (1, 2, 3)},
     **{f"rloo_seed{s}": ["reinforce.py", "--seed", str(s)] for s in (1, 2, 3)},
     "hack": HACK,
+    "grpo_paper": ["grpo.py", "--scale-rewards", "group", "--beta", "0.04", "--learning-rate", "2e-4"],
     "reward_model": ["reward_model.py"],
     "dpo_poet": ["dpo.py", "--judge", "poet"],
     **{f"ppo_beta{b}": ["ppo_rlhf.py", "--kl-coef", b, "--total-steps", "150"] for b in ("0", "0.05", "0.2", "1.0")},
