@@ -39,6 +39,7 @@ RUNS = {  # the longest first (sft: 8000 steps), then the defaults' checks, then
     "grpo_paper": ["grpo.py", "--scale-rewards", "group", "--beta", "0.04", "--learning-rate", "2e-4"],
     "reward_model": ["reward_model.py"],
     "dpo_poet": ["dpo.py", "--judge", "poet"],
+    "dpo_paper": ["dpo.py", "--rpo-alpha", "0"],
     **{f"ppo_beta{b}": ["ppo_rlhf.py", "--kl-coef", b, "--total-steps", "150"] for b in ("0", "0.05", "0.2", "1.0")},
     **{f"rlvr_seed{s}": ["grpo.py", "--prompts", f"{BASIC}/train.jsonl", "--eval-prompts", f"{BASIC}/eval.jsonl",
                          "--judge", "answer", "--total-steps", "200", "--seed", str(s)] for s in (1, 2, 3)},
