@@ -124,7 +124,7 @@ def local_model(tmp_path_factory):
         (sft, 5e-3, 2e-5),
         (reward_model, 1e-3, 1e-5),
         (dpo, 5e-4, 1e-6),
-        (grpo, 2e-4, 1e-6),
+        (grpo, 1e-3, 1e-6),
         (reinforce, 2e-4, 1e-6),
         (ppo_rlhf, 2e-4, 3e-6),
     ],  # fmt: skip
@@ -162,7 +162,7 @@ def test_a_resumed_run_keeps_its_learning_rate(local_model, tmp_path):
                      batch_size=2, group_size=2, eval_size=2, max_new_tokens=2)  # fmt: skip
     run_dir = grpo.main(args)["run_dir"]
     assert json.load(open(f"{run_dir}/args.json"))["learning_rate"] == 1e-6
-    run = Run("grpo", grpo.Args(resume=run_dir), learning_rate=(2e-4, 1e-6))
+    run = Run("grpo", grpo.Args(resume=run_dir), learning_rate=(1e-3, 1e-6))
     assert run.args.learning_rate == 1e-6 and run.args.model == local_model
 
 

@@ -175,7 +175,7 @@ def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch):
 
 def test_resume_refuses_other_settings_and_other_scripts(tmp_path):
     run = grpo.main(grpo.Args(output_dir=str(tmp_path), **SHORT[grpo]))["run_dir"]
-    assert_one_line_error(run_script("grpo.py", "--resume", run, "--beta", "0.1"), "--beta 0.04, not 0.1")
+    assert_one_line_error(run_script("grpo.py", "--resume", run, "--beta", "0.2"), "--beta 0.1, not 0.2")
     assert_one_line_error(run_script("reinforce.py", "--resume", run), "is not a reinforce.py run")
     assert_one_line_error(run_script("grpo.py", "--resume", str(tmp_path / "nope")), "has no args.json")
     assert_one_line_error(
