@@ -145,9 +145,9 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], config, repeats=1, return_logprobs=False):
     """`repeats` completions of each prompt from softmax(logits / temperature), nothing else (NOTE: not
-    model.generate, which fills unset settings from the checkpoint's, e.g. repetition_penalty: another policy),
-    in eval mode with a KV cache, each prompt run once: prompt_ids, prompt_mask (b, P), left padded,
-    completion_ids (b*r, T), rows i*r .. i*r+r-1 prompt i's, pad after a stop id (and each token's log-prob)."""
+    model.generate, which fills unset settings from the checkpoint's, e.g. repetition_penalty: another
+    policy), in eval mode with a KV cache, each prompt run once: prompt_ids, prompt_mask (b, P), left padded,
+    completion_ids (b*r, T), rows i*r..i*r+r-1 prompt i's, pad after a stop id (and each token's log-prob)."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     if max(map(len, ids)) + config.max_new_tokens > context:

@@ -202,7 +202,7 @@ def get_judge(spec: str, device: str = "auto", prompts: list[str] | None = None)
         if len(scores) != len(completions) or not all(map(math.isfinite, scores)):
             bad = sum(not math.isfinite(s) for s in scores)
             raise ValueError(f"judge {spec!r} returned {len(scores)} scores for {len(completions)} "
-                             f"completions, {bad} non-finite (NaN, inf): it must return one finite score each")
+                             f"completions, {bad} non-finite (NaN/inf): it must return one finite score each")
         return scores
 
     judge.__name__ = spec
@@ -245,8 +245,8 @@ def generate(model, tokenizer, prompts: list[str], temperature=1.0, max_new_toke
 @torch.no_grad()
 def sequence_kl(model, reference, prompt_ids, prompt_mask, completion_ids, stop_ids, temperature, dtype):
     """eval/kl = KL(pi || pi_start) per completion on the eval's samples: mean_i sum_t log pi(y_it) - log
-    pi_start(y_it) (k1; Schulman 2020) at the sampling temperature, up to each stop token. The reference (maybe
-    on the host) runs on the model's device, in the same dtype and autocast: at step 0 the two agree exactly."""
+    pi_start(y_it) (k1; Schulman 2020) at the sampling temperature, up to each stop token. The reference
+    (maybe on the host) runs on the model's device, same dtype and autocast: at step 0 the two agree."""
     P, sequences = prompt_ids.shape[1], torch.cat([prompt_ids, completion_ids], 1)
     is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
     first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])

@@ -281,7 +281,7 @@ def test_every_readme_command_parses_as_pasted():
 
 
 @pytest.mark.parametrize("script, fixes", [(grpo, "--scale-rewards none, a --beta above 0.04, a lower"),
-                                           (dpo, "with a --beta above 0.1, a lower --learning-rate")])  # fmt: skip
+                                           (dpo, "a --beta above 0.1, a lower --learning-rate")])  # fmt: skip
 def test_an_eval_whose_names_collapse_says_so_on_one_line(script, fixes, tmp_path, capsys, monkeypatch):
     """Distinct names below 0.8 of the eval (which any fall of more than 0.2 from all distinct is): one line
     with the commonest name and how many prompts it answers; 0.8 and above: nothing."""
