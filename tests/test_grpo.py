@@ -296,11 +296,12 @@ def test_main_runs_and_logs_the_shared_metrics(tmp_path, overrides):
     assert os.path.exists(os.path.join(final["run_dir"], "model", "model.safetensors"))
 
 
-def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, monkeypatch):
-    seen = {"answer": []}
+def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, monkeypatch, painter):
+    seen = {"answer": [], "ids": []}
 
-    def judge(prompts, completions, answer, **kwargs):
+    def judge(prompts, completions, answer, completion_ids, **kwargs):
         seen["answer"] += answer
+        seen["ids"] += list(zip(completions, completion_ids))
         return [float(len(c)) for c in completions]
 
     monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
@@ -317,6 +318,12 @@ def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, mon
         "00aa00",
         "aa0000",
     ]  # training and held-out rows' answers
+    # TRL's completion_ids: each completion's tokens through its stop token, in training and in the eval
+    _, tokenizer = painter
+    stops = set(grpo.sampling_config(tokenizer, painter[0], 1.0, 6).eos_token_id)
+    for text, ids in seen["ids"]:
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == text
+        assert (ids[-1] in stops or len(ids) == 6) and not stops & set(ids[:-1])
 
 
 @pytest.mark.parametrize(
@@ -342,6 +349,19 @@ def test_a_bad_judge_is_a_clear_error(tmp_path, judge_output, message):
 )
 def test_cli_bad_input_is_one_line(flags, message):
     assert_one_line_error(run_script("grpo.py", *flags), message)
+
+
+def test_the_judge_counts_a_truncated_completions_tokens_before_the_mask_drops_it(tmp_path, monkeypatch):
+    """--mask-truncated drops them from the loss after the judge, which sees all their tokens (overlong)."""
+    seen = []
+
+    def judge(prompts, completions, completion_ids, truncated=None, **kwargs):
+        seen.extend(zip(completion_ids, truncated or [None] * len(completions)))
+        return [float(len(c)) for c in completions]
+
+    monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
+    grpo.main(tiny_args(tmp_path, max_new_tokens=2, mask_truncated=True, total_steps=1, eval_every=1))
+    assert any(t for _, t in seen) and all(len(ids) == 2 for ids, t in seen if t)
 
 
 def test_cli_runs(tmp_path):
