@@ -11,8 +11,15 @@ Each choice on which later work departs from the paper is a flag, so these are s
     paper GRPO  --scale-rewards group --loss-agg seq-mean   --beta 0.04 (--learning-rate 2e-4 on the painter)
     Dr. GRPO    --scale-rewards none  --loss-agg constant   --beta 0     (Liu et al. 2025, arXiv:2503.20783)
     DAPO        --scale-rewards group --loss-agg token-mean --clip-eps-high 0.28 --beta 0 --mask-truncated
-                (Yu et al. 2025, arXiv:2503.14476), without its dynamic sampling and overlong reward shaping
+                --judge JUDGE+overlong:20480:4096 (Yu et al. 2025, arXiv:2503.14476), without dynamic sampling
+    GSPO        --scale-rewards group --loss-agg seq-mean --importance-sampling-level sequence --beta 0
+                --clip-eps-low 3e-4 --clip-eps-high 4e-4 --num-iterations 2 (Zheng et al. 2025, 2507.18071)
+    CISPO       --scale-rewards group --loss-agg token-mean --policy-loss cispo --clip-eps-high 4 --beta 0
+                (MiniMax-M1, arXiv:2506.13585; the weight capped at 1 + 4 = 5, ScaleRL's eps_max)
     RLOO, REINFORCE: see reinforce.py (same loop, no ratio, a leave-one-out baseline, KL in the reward)
+GSPO's per-sequence ratio, like all, is 1 while mu = 1 (GSPO is then GRPO with seq-mean): it acts off-policy
+(--num-iterations > 1). Its loss is one number per sequence, averaged by seq-mean as in the paper; token-mean
+and constant weigh it by length (TRL warns). CISPO is here, not in reinforce.py: its weight needs pi_old.
 Differences from the paper: (1) defaults of no std, beta 0.1 (with the group's std any reward gap is +-1, the
 KL never binds and the names collapse: README); (2) one update per batch (mu = 1, as DeepSeekMath's runs, TRL,
 verl), so rho = 1; --num-iterations > 1 reuses each batch; (3) a judge; (4) constant lr, no warm-up.
@@ -80,6 +87,10 @@ class Args:
     """epsilon: the ratio is clipped below at 1 - clip_eps_low"""
     clip_eps_high: float = 0.2
     """the ratio is clipped above at 1 + clip_eps_high (DAPO's clip-higher: 0.28)"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """one ratio per token (GRPO), or one per sequence, the geometric mean of its tokens' ratios (GSPO)"""
+    policy_loss: Literal["clip", "cispo"] = "clip"
+    """clip: PPO's clipped surrogate; cispo: -sg(min(rho, 1 + clip_eps_high)) A log pi (MiniMax-M1)"""
     num_iterations: int = 1
     """mu: policy updates per generated batch (old log-probs kept from before the first)"""
     beta: float = 0.1
@@ -173,16 +184,22 @@ def aggregate(per_token, mask, mode: str, n_sequences: int, n_tokens: float, max
 
 
 # ALGO: the clipped surrogate with the KL penalty in the loss (Eq. 3 of DeepSeekMath; PPO's Eq. 7)
-def grpo_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, beta, kl, **agg):
-    """-(clipped surrogate - beta KL), aggregated; also the share of tokens where the clip is active."""
-    ratio = torch.exp(logprobs - old_logprobs)  # (n, T)
-    unclipped = ratio * advantages[:, None]
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages[:, None]
-    per_token = -torch.min(unclipped, clipped) + beta * kl
-    clip_active = ((ratio < 1 - eps_low) & (advantages[:, None] < 0)) | (
-        (ratio > 1 + eps_high) & (advantages[:, None] > 0)
-    )
-    return aggregate(per_token, mask, **agg), (clip_active.float() * mask).sum()
+def grpo_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, beta, kl, level="token",
+              policy_loss="clip", **agg):  # fmt: skip
+    """-(surrogate - beta KL), aggregated; also the number of tokens where the clip is active. level
+    "sequence" (GSPO Eq. 7): each token of o_i gets s_i = exp(1/|o_i| sum_t log rho_it). policy_loss "cispo"
+    (MiniMax-M1 Eq. 4; no lower bound, as TRL): -sg(min(rho, 1 + eps_high)) A log pi, sg: stop-gradient."""
+    log_ratio = logprobs - old_logprobs  # (n, T)
+    if level == "sequence":  # NOTE: the mean over the sequence's real tokens, then one ratio for all of them
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logprobs)
+    ratio, A = torch.exp(log_ratio), advantages[:, None]
+    if policy_loss == "cispo":  # every token keeps a gradient, where clip drops those past 1 + eps
+        weight = torch.clamp(ratio, max=1 + eps_high).detach()
+        per_token, clip_active = -weight * A * logprobs, ratio > 1 + eps_high
+    else:
+        per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+        clip_active = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+    return aggregate(per_token + beta * kl, mask, **agg), (clip_active.float() * mask).sum()
 
 
 @torch.no_grad()
@@ -359,6 +376,8 @@ def main(args: Args) -> dict:
                     eps_high=args.clip_eps_high,
                     beta=args.beta,
                     kl=kl,
+                    level=args.importance_sampling_level,
+                    policy_loss=args.policy_loss,
                     **agg,
                 )
                 loss.backward()

@@ -82,7 +82,10 @@ def test_micro_batches_give_the_full_batch_gradient(mode):
     )
 
 
-def test_clipped_surrogate_with_ratio_one_has_the_reinforce_gradient():
+@pytest.mark.parametrize("level, policy_loss", [("token", "clip"), ("sequence", "clip"), ("token", "cispo")])
+def test_clipped_surrogate_with_ratio_one_has_the_reinforce_gradient(level, policy_loss):
+    """On-policy (mu = 1) GRPO, GSPO and CISPO all take the token-mean REINFORCE step: the variants differ off
+    policy only."""
     torch.manual_seed(1)
     logits = torch.randn(4, 3, 7, requires_grad=True)
     tokens = torch.randint(0, 7, (4, 3))
@@ -98,6 +101,8 @@ def test_clipped_surrogate_with_ratio_one_has_the_reinforce_gradient():
         eps_high=0.2,
         beta=0.0,
         kl=torch.zeros_like(logprobs),
+        level=level,
+        policy_loss=policy_loss,
         mode="token-mean",
         n_sequences=4,
         n_tokens=int(mask.sum()),
@@ -203,6 +208,98 @@ def test_kl_estimators_against_the_exact_kl_of_a_tiny_model(painter):
     assert (grpo.kl_estimate(lp, lq, "k3") >= 0).all()
 
 
+def test_gspo_with_one_token_per_sequence_is_grpo():
+    """One token per completion: the geometric mean of one ratio is that ratio, so GSPO's loss and gradient
+    are GRPO's, off-policy and clipped too. The padding's log ratios differ: a mean with them would not."""
+    torch.manual_seed(2)
+    logits = torch.randn(6, 3, 7, requires_grad=True)
+    tokens = torch.randint(0, 7, (6, 3))
+    mask = torch.tensor([[1.0, 0.0, 0.0]] * 6)  # completions of one token (its stop token), then padding
+    # log pi - log pi_old: the token's (ratios 0.55 to 1.65), and other values in the two padding slots
+    shift = torch.tensor([0.5, -0.1, 0.3, -0.6, 0.05, 0.2])[:, None] + torch.tensor([0.0, 0.7, -0.9])
+    old = grpo.token_logprobs(logits, tokens, 1.0).detach() - shift
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    for mode in ["seq-mean", "token-mean", "constant"]:
+        results = []
+        for level in ["token", "sequence"]:
+            logits.grad = None
+            loss, clipped = grpo.grpo_loss(
+                logprobs=grpo.token_logprobs(logits, tokens, 1.0),
+                old_logprobs=old,
+                advantages=advantages,
+                mask=mask,
+                eps_low=0.2,
+                eps_high=0.2,
+                beta=0.0,
+                kl=torch.zeros(6, 3),
+                level=level,
+                mode=mode,
+                n_sequences=6,
+                n_tokens=6,
+                max_new_tokens=3,
+            )
+            loss.backward()
+            results.append((loss.item(), clipped.item(), logits.grad.clone()))
+        (token_loss, token_clipped, token_grad), (seq_loss, seq_clipped, seq_grad) = results
+        assert token_clipped == seq_clipped >= 2  # the clip binds on both sides here
+        assert seq_loss == pytest.approx(token_loss, abs=1e-6)
+        assert torch.allclose(seq_grad, token_grad, atol=1e-7)
+
+
+def surrogate_by_hand(logprobs, advantages, eps_low, eps_high, **kw):
+    """grpo_loss against old log-probs of 0 (rho = pi), one sequence of three slots, the last one padding."""
+    defaults = dict(old_logprobs=torch.zeros(1, 3), mask=torch.tensor([[1.0, 1.0, 0.0]]), beta=0.0)
+    defaults.update(kl=torch.zeros(1, 3), mode="seq-mean", n_sequences=1, n_tokens=2, max_new_tokens=3)
+    return grpo.grpo_loss(
+        logprobs=logprobs, advantages=advantages, eps_low=eps_low, eps_high=eps_high, **{**defaults, **kw}
+    )
+
+
+def test_gspo_clips_the_geometric_mean_of_the_ratios_by_hand():
+    # token ratios 1.44 and 1.0 (9.0 in the padding): s = sqrt(1.44 * 1.0) = 1.2, one ratio for both tokens
+    logprobs = torch.log(torch.tensor([[1.44, 1.0, 9.0]])).requires_grad_()
+    A = torch.tensor([1.0])
+    # inside [0.7, 1.3]: the loss is -s A, and d(-s)/d log pi_t = -s / |o| = -0.6 on each real token
+    loss, clipped = surrogate_by_hand(logprobs, A, 0.3, 0.3, level="sequence")
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert loss.item() == pytest.approx(-1.2) and clipped.item() == 0
+    assert grad.tolist()[0] == pytest.approx([-0.6, -0.6, 0.0])
+    # GRPO on the same tokens: 1.44 is clipped to 1.3 (no gradient), 1.0 is not: -(1.3 + 1.0) / 2
+    loss, clipped = surrogate_by_hand(logprobs, A, 0.3, 0.3, level="token")
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert loss.item() == pytest.approx(-1.15) and clipped.item() == 1
+    assert grad.tolist()[0] == pytest.approx([0.0, -0.5, 0.0])
+    # GSPO's range is tight (the paper's 3e-4, 4e-4): 1 + 0.1 clips the sequence, both tokens, no gradient
+    loss, clipped = surrogate_by_hand(logprobs, A, 0.1, 0.1, level="sequence")
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert loss.item() == pytest.approx(-1.1) and clipped.item() == 2 and not grad.any()
+    # a negative advantage: s = 1.2 is below 1 + 0.3, so min(s A, clip(s) A) = -1.2: the loss is +1.2
+    loss, _ = surrogate_by_hand(logprobs, -A, 0.3, 0.3, level="sequence")
+    assert loss.item() == pytest.approx(1.2)
+
+
+def test_cispo_caps_and_detaches_the_weight_by_hand():
+    # ratios 1.5, 0.5, 6.0 (old log-probs 0), A = 2, the cap 1 + 4 = 5 (ScaleRL's 5.0), token-mean over 3
+    ratios = torch.tensor([[1.5, 0.5, 6.0]])
+    logprobs = torch.log(ratios).requires_grad_()
+    kw = dict(mask=torch.ones(1, 3), mode="token-mean", n_tokens=3, policy_loss="cispo")
+    loss, clipped = surrogate_by_hand(logprobs, torch.tensor([2.0]), 0.2, 4.0, **kw)
+    weights = [1.5, 0.5, 5.0]  # no lower bound: 0.5 stays 0.5; 6.0 is capped at 5
+    expected = -2 / 3 * sum(w * math.log(r) for w, r in zip(weights, [1.5, 0.5, 6.0]))  # -A w log pi
+    assert loss.item() == pytest.approx(expected)
+    assert clipped.item() == 1
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    # sg(weight): the gradient is -A w / 3 for every token, the capped one included (no w' log pi term)
+    assert grad.tolist()[0] == pytest.approx([-2 / 3 * w for w in weights])
+    # a capped weight is counted whatever the advantage's sign (TRL's cispo_clip_ratio counts A > 0 only)
+    assert surrogate_by_hand(logprobs, torch.tensor([-2.0]), 0.2, 4.0, **kw)[1].item() == 1
+    # the clipped surrogate with eps 0.2 drops the first and last tokens' gradients (ratio > 1.2, A > 0)
+    kw["policy_loss"] = "clip"
+    loss, clipped = surrogate_by_hand(logprobs, torch.tensor([2.0]), 0.2, 0.2, **kw)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert clipped.item() == 2 and grad.tolist()[0] == pytest.approx([0.0, -2 / 3 * 0.5, 0.0])
+
+
 def test_completion_mask_stops_at_the_first_eos_even_when_pad_is_eos():
     eos = 2
     ids = torch.tensor([[5, 6, eos, eos, eos], [5, eos, 7, eos, eos], [5, 6, 7, 8, 9]])
@@ -276,6 +373,7 @@ def tiny_args(tmp_path, **overrides) -> grpo.Args:
             "loss_agg": "constant",
             "max_new_tokens": 2,
         },
+        {"num_iterations": 2, "importance_sampling_level": "sequence", "policy_loss": "cispo"},
     ],
 )
 def test_main_runs_and_logs_the_shared_metrics(tmp_path, overrides):
@@ -388,6 +486,7 @@ def test_cli_runs(tmp_path):
     assert_help_lists(
         "grpo.py",
         (
-            "--scale-rewards --loss-agg --clip-eps-high --num-iterations --kl-estimator --mask-truncated"
+            "--scale-rewards --loss-agg --clip-eps-high --num-iterations --kl-estimator --mask-truncated "
+            "--importance-sampling-level --policy-loss overlong"
         ).split(),
     )
