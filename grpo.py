@@ -11,7 +11,7 @@ Each choice on which later work departs from the paper is a flag, so these are s
     paper GRPO  --scale-rewards group --loss-agg seq-mean   --beta 0.04 (--learning-rate 2e-4 on the painter)
     Dr. GRPO    --scale-rewards none  --loss-agg constant   --beta 0     (Liu et al. 2025, arXiv:2503.20783)
     DAPO        --scale-rewards group --loss-agg token-mean --clip-eps-high 0.28 --beta 0 --mask-truncated
-                --judge JUDGE+overlong:20480:4096 (Yu et al. 2025, arXiv:2503.14476), without dynamic sampling
+                --dynamic-sampling --judge JUDGE+overlong:20480:4096 (Yu et al. 2025, arXiv:2503.14476)
     GSPO        --scale-rewards group --loss-agg seq-mean --importance-sampling-level sequence --beta 0
                 --clip-eps-low 3e-4 --clip-eps-high 4e-4 --num-iterations 2 (Zheng et al. 2025, 2507.18071)
     CISPO       --scale-rewards group --loss-agg token-mean --policy-loss cispo --clip-eps-high 4 --beta 0
@@ -35,6 +35,7 @@ from typing import Literal, Optional
 
 import torch
 import tyro
+from torch.nn.functional import pad
 from torch.utils.checkpoint import checkpoint
 
 from common.models import forward_sharing_prompts, load_model_and_tokenizer, sample, sampling_config  # model
@@ -100,6 +101,10 @@ class Args:
     k1's expected gradient in the loss is zero (it belongs in the reward, as reinforce.py puts it)"""
     mask_truncated: bool = False
     """drop completions that never stop from the loss (DAPO; TRL mask_truncated_completions)"""
+    dynamic_sampling: bool = False
+    """train only on groups whose rewards are not all equal, sampling more prompts to fill the batch (DAPO)"""
+    max_sampling_rounds: int = 4
+    """--dynamic-sampling: at most this many batches sampled per step; then the groups kept so far"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed from logits / temperature to match the sampler"""
     max_new_tokens: int = 8
@@ -252,13 +257,30 @@ def micro_batches(N: int, G: int, size: int) -> list[tuple[torch.Tensor, torch.T
 
 def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, parts):
     """forward_logprobs over the whole batch, a micro-batch at a time (for no-grad passes)."""
-    return torch.cat(
-        [
-            forward_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], completion_mask[s],
-                             temperature)[0]
-            for s, p in parts
-        ]
-    )  # fmt: skip
+    micro = [(prompt_ids[p], prompt_mask[p], completion_ids[s], completion_mask[s]) for s, p in parts]
+    return torch.cat([forward_logprobs(model, *inputs, temperature)[0] for inputs in micro])
+
+
+# ALGO: DAPO's dynamic sampling (§3.2 of arXiv:2503.14476): train only on groups whose rewards differ
+def dynamic_sampling(rollout, sampled: tuple, B: int, G: int, max_rounds: int, run):
+    """Batches (prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, rewards) from rollout()
+    until every rank holds B groups whose rewards differ (all equal: each A_i = 0, only weight in normalisers)
+    or max_rounds are sampled; DDP: the same number of whole groups on each rank. -> them, rounds, dropped"""
+    kept = []
+    for rounds in range(1, max_rounds + 1):
+        sampled = sampled if rounds == 1 else rollout()
+        groups = sampled[-1].view(-1, G)
+        keep = groups.max(1).values > groups.min(1).values  # (b,) NOTE: not std > 0: float noise passes that
+        kept.append([t[keep.repeat_interleave(len(t) // len(keep)).to(t.device)] for t in sampled])  # b, b*G
+        counts = run.all_gather(torch.tensor([sum(len(k[0]) for k in kept)]))  # DDP: every rank's kept groups
+        if counts.min() >= B:
+            break
+    n, P, T = min(B, int(counts.min())), *(max(k[i].shape[1] for k in kept) for i in (0, 2))
+    # the first n groups, prompts left padded to the rounds' longest P, completions right to T (id 0: masked)
+    sampled = [torch.cat([pad(k[i], (P - k[i].shape[1], 0)) for k in kept])[:n] for i in (0, 1)]
+    sampled += [torch.cat([pad(k[i], (0, T - k[i].shape[1])) for k in kept])[: n * G] for i in (2, 3)]
+    sampled += [torch.cat([k[i] for k in kept])[: n * G] for i in (4, 5)]  # truncated, rewards
+    return sampled, rounds, rounds * B * run.world - int(counts.sum())
 
 
 def main(args: Args) -> dict:
@@ -306,10 +328,7 @@ def main(args: Args) -> dict:
         T = args.temperature
         return evaluate(model, tokenizer, judge, eval_rows, T, args.max_new_tokens, run.dtype, start_model)
 
-    # --resume: the last checkpoint's weights, optimizer, random states and step; else the eval of step 0
-    start, state = run.begin({"model": model}, optimizer, tokenizer, run_eval)
-    for step in range(start, args.total_steps + 1):
-        t0 = time.perf_counter()
+    def rollout() -> tuple:  # 1.-3. of a step (below): B prompts, G completions of each, scored
         # 1. sample the batch's prompts; each is repeated G times, so rows i*G .. i*G+G-1 are prompt i's group
         batch_rows = [rows[i] for i in run.rng.choice(len(rows), size=args.batch_size, replace=False)]
         batch_rows = batch_rows[run.rank * B : (run.rank + 1) * B]  # DDP: this rank's prompts, whole groups
@@ -329,6 +348,20 @@ def main(args: Args) -> dict:
         ids = [row[m > 0].tolist() for row, m in zip(completion_ids.cpu(), completion_mask.cpu())]
         scores = judge(prompts, completions, completion_ids=ids, truncated=truncated.tolist(), **columns)
         rewards = torch.tensor(scores, dtype=torch.float32)  # (N,)
+        return prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, rewards
+
+    # --resume: the last checkpoint's weights, optimizer, random states and step; else the eval of step 0
+    start, state = run.begin({"model": model}, optimizer, tokenizer, run_eval)
+    for step in range(start, args.total_steps + 1):
+        t0 = time.perf_counter()
+        sampled, rounds, dropped = rollout(), 1, 0  # 1.-3. (above)
+        if args.dynamic_sampling:  # DAPO: more prompts until this rank holds B groups whose rewards differ
+            sampled, rounds, dropped = dynamic_sampling(rollout, sampled, B, G, args.max_sampling_rounds, run)
+        prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, rewards = sampled
+        N = len(completion_ids)  # this rank's completions: B * G, or fewer with --dynamic-sampling
+        if N == 0:  # --dynamic-sampling kept no group: no update this step
+            run.end_step(step, args.total_steps)
+            continue
         completion_len = completion_mask.sum(1).mean()
         if args.mask_truncated:  # NOTE: after the judge, which may count the tokens of every completion
             completion_mask = completion_mask * (~truncated)[:, None]
@@ -368,18 +401,10 @@ def main(args: Args) -> dict:
                 if ref_model is not None:
                     kl = kl_estimate(logprobs, ref_logprobs[s], args.kl_estimator)
                 loss, clipped = grpo_loss(
-                    logprobs=logprobs,
-                    old_logprobs=old,
-                    advantages=advantages[s],
-                    mask=mask,
-                    eps_low=args.clip_eps_low,
-                    eps_high=args.clip_eps_high,
-                    beta=args.beta,
-                    kl=kl,
-                    level=args.importance_sampling_level,
-                    policy_loss=args.policy_loss,
-                    **agg,
-                )
+                    logprobs=logprobs, old_logprobs=old, advantages=advantages[s], mask=mask, kl=kl,
+                    beta=args.beta, eps_low=args.clip_eps_low, eps_high=args.clip_eps_high,
+                    level=args.importance_sampling_level, policy_loss=args.policy_loss, **agg,
+                )  # fmt: skip
                 loss.backward()
             loss_sum += loss.detach().cpu()
             clipped_sum += clipped.detach().cpu()
@@ -413,6 +438,8 @@ def main(args: Args) -> dict:
             }
             if ref_model is not None:
                 metrics["train/kl"] = kl_sum.double() / tokens
+            if args.dynamic_sampling:  # groups of equal rewards dropped (all ranks), batches after the first
+                metrics.update({"train/dropped_groups": dropped, "train/extra_rounds": rounds - 1})
         run.end_step(step, args.total_steps, metrics)
     return run.close()
 

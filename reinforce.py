@@ -204,13 +204,8 @@ def micro_batches(N: int, G: int, size: int) -> list[tuple[torch.Tensor, torch.T
 
 def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, parts):
     """forward_logprobs over the whole batch, a micro-batch at a time (for no-grad passes)."""
-    return torch.cat(
-        [
-            forward_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], completion_mask[s],
-                             temperature)[0]
-            for s, p in parts
-        ]
-    )  # fmt: skip
+    micro = [(prompt_ids[p], prompt_mask[p], completion_ids[s], completion_mask[s]) for s, p in parts]
+    return torch.cat([forward_logprobs(model, *inputs, temperature)[0] for inputs in micro])
 
 
 def main(args: Args) -> dict:

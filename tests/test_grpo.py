@@ -300,6 +300,63 @@ def test_cispo_caps_and_detaches_the_weight_by_hand():
     assert clipped.item() == 2 and grad.tolist()[0] == pytest.approx([0.0, -2 / 3 * 0.5, 0.0])
 
 
+class OneRank:
+    """Run.all_gather in a world of `world` ranks, each of the others holding `others` groups."""
+
+    def __init__(self, world=1, others=0):
+        self.world, self.others = world, others
+
+    def all_gather(self, x):
+        return torch.cat([x] + [torch.tensor([self.others])] * (self.world - 1))
+
+
+def batch_of(rewards: list[list[float]], P: int, T: int, first_id: int) -> tuple:
+    """A fake rollout: a group per row of rewards; prompt and completion ids numbered from first_id."""
+    b, G = len(rewards), len(rewards[0])
+    prompt_ids = torch.arange(first_id, first_id + b)[:, None].repeat(1, P)
+    completion_ids = torch.arange(first_id, first_id + b * G)[:, None].repeat(1, T)
+    ones = torch.ones(b * G, T)
+    prompt_mask, truncated = torch.ones(b, P, dtype=torch.long), torch.zeros(b * G, dtype=torch.bool)
+    return prompt_ids, prompt_mask, completion_ids, ones, truncated, torch.tensor(rewards).view(-1)
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ_and_pads_the_rounds_by_hand():
+    rounds = iter([batch_of([[1.0, 1.0], [0.7, 0.7]], P=2, T=5, first_id=20),
+                   batch_of([[0.0, 0.5], [1.0, 1.0]], P=4, T=2, first_id=30)])  # fmt: skip
+    first = batch_of([[0.0, 1.0], [0.3, 0.3]], P=3, T=3, first_id=10)  # group 0 kept, group 1 dropped
+    sampled, n_rounds, dropped = grpo.dynamic_sampling(lambda: next(rounds), first, B=2, G=2, max_rounds=4,
+                                                       run=OneRank())  # fmt: skip
+    prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, rewards = sampled
+    assert n_rounds == 3 and dropped == 4  # round 2 keeps none; round 3 fills the batch
+    assert rewards.tolist() == [0.0, 1.0, 0.0, 0.5]
+    # prompts left padded to the longest of the rounds (4), completions right padded to the longest (5)
+    assert prompt_ids.tolist() == [[0, 10, 10, 10], [30, 30, 30, 30]]
+    assert prompt_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    assert completion_ids.tolist() == [[10, 10, 10, 0, 0], [11, 11, 11, 0, 0], [30, 30, 0, 0, 0],
+                                       [31, 31, 0, 0, 0]]  # fmt: skip
+    assert completion_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]
+    # equal rewards are equal, whatever rounding makes of their std (float32 [0.9] * 3 has std 7e-8, not 0)
+    equal = batch_of([[0.9, 0.9, 0.9]], P=1, T=1, first_id=0)
+    assert equal[-1].std() > 0
+    sampled, n_rounds, dropped = grpo.dynamic_sampling(lambda: equal, equal, 1, 3, 2, run=OneRank())
+    assert len(sampled[0]) == 0 and n_rounds == 2 and dropped == 2
+
+
+def test_dynamic_sampling_keeps_as_many_groups_on_every_rank():
+    """DDP: each rank trains on the fewest groups any rank kept, so every rank has the same whole groups."""
+    varied = batch_of([[0.0, 1.0], [0.0, 1.0]], P=1, T=1, first_id=0)
+    equal = batch_of([[0.0, 0.0], [1.0, 1.0]], P=1, T=1, first_id=0)
+    # this rank has its 2 groups at once, the other rank has 1: both go on, up to max_rounds, then keep 1
+    sampled, n_rounds, dropped = grpo.dynamic_sampling(lambda: equal, varied, B=2, G=2, max_rounds=3,
+                                                       run=OneRank(world=2, others=1))  # fmt: skip
+    assert n_rounds == 3 and len(sampled[0]) == 1 and len(sampled[5]) == 2
+    assert dropped == 3 * 2 * 2 - (2 + 1)  # sampled: rounds x B x ranks; kept: 2 here, 1 there
+    # the other rank full as well: one round
+    sampled, n_rounds, _ = grpo.dynamic_sampling(lambda: equal, varied, B=2, G=2, max_rounds=3,
+                                                 run=OneRank(world=2, others=2))  # fmt: skip
+    assert n_rounds == 1 and len(sampled[0]) == 2
+
+
 def test_completion_mask_stops_at_the_first_eos_even_when_pad_is_eos():
     eos = 2
     ids = torch.tensor([[5, 6, eos, eos, eos], [5, eos, 7, eos, eos], [5, 6, 7, 8, 9]])
@@ -374,6 +431,7 @@ def tiny_args(tmp_path, **overrides) -> grpo.Args:
             "max_new_tokens": 2,
         },
         {"num_iterations": 2, "importance_sampling_level": "sequence", "policy_loss": "cispo"},
+        {"dynamic_sampling": True, "judge": "correct+overlong:6:3", "micro_batch_size": 2},
     ],
 )
 def test_main_runs_and_logs_the_shared_metrics(tmp_path, overrides):
@@ -392,6 +450,33 @@ def test_main_runs_and_logs_the_shared_metrics(tmp_path, overrides):
         assert all(math.isfinite(m[key]) for m in train), key
     assert ("train/kl" in train[0]) == (overrides.get("beta", 0.04) > 0)
     assert os.path.exists(os.path.join(final["run_dir"], "model", "model.safetensors"))
+
+
+def test_dynamic_sampling_never_trains_on_a_group_of_equal_rewards(tmp_path, monkeypatch):
+    """A judge that scores half the hexes the same whatever the name: their groups are dropped, more prompts
+    are sampled, and group_advantages never sees a row of equal rewards; the counts are logged."""
+
+    def judge(prompts, completions, **kwargs):
+        return [float(len(c)) if p[-1] in "01234567" else 0.5 for p, c in zip(prompts, completions)]
+
+    seen = []
+
+    def group_advantages(rewards, scale, eps=1e-4):
+        seen.append(rewards.clone())
+        return real_group_advantages(rewards, scale, eps)
+
+    real_group_advantages = grpo.group_advantages
+    monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
+    monkeypatch.setattr(grpo, "group_advantages", group_advantages)
+    args = tiny_args(tmp_path, dynamic_sampling=True, max_sampling_rounds=3, total_steps=4, eval_every=4)
+    final = grpo.main(args)
+    assert seen and all((r.max(1).values > r.min(1).values).all() for r in seen)
+    assert all(r.shape[1] == 4 and 1 <= r.shape[0] <= 2 for r in seen)
+    lines = open(os.path.join(final["run_dir"], "metrics.jsonl")).readlines()
+    train = [json.loads(line) for line in lines if "train/loss" in line]
+    assert len(train) == len(seen) and all(m["train/frac_zero_std"] == 0 for m in train)
+    assert sum(m["train/dropped_groups"] for m in train) > 0
+    assert any(m["train/extra_rounds"] > 0 for m in train)
 
 
 def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, monkeypatch, painter):
@@ -487,6 +572,6 @@ def test_cli_runs(tmp_path):
         "grpo.py",
         (
             "--scale-rewards --loss-agg --clip-eps-high --num-iterations --kl-estimator --mask-truncated "
-            "--importance-sampling-level --policy-loss overlong"
+            "--importance-sampling-level --policy-loss --dynamic-sampling --max-sampling-rounds overlong"
         ).split(),
     )
