@@ -17,7 +17,7 @@ Each choice on which later work departs from the paper is a flag, so these are s
     CISPO       --scale-rewards group --loss-agg token-mean --policy-loss cispo --clip-eps-high 4 --beta 0
                 (MiniMax-M1, arXiv:2506.13585; the weight capped at 1 + 4 = 5, ScaleRL's eps_max)
     RLOO, REINFORCE: see reinforce.py (same loop, no ratio, a leave-one-out baseline, KL in the reward)
-GSPO's per-sequence ratio, like all, is 1 while mu = 1 (GSPO is then GRPO with seq-mean): it acts off-policy
+GSPO's per-sequence ratio, like all, is 1 while mu = 1 (GSPO's gradient is then GRPO's): it acts off-policy
 (--num-iterations > 1). Its loss is one number per sequence, averaged by seq-mean as in the paper; token-mean
 and constant weigh it by length (TRL warns). CISPO is here, not in reinforce.py: its weight needs pi_old.
 Differences from the paper: (1) defaults of no std, beta 0.1 (with the group's std any reward gap is +-1, the
