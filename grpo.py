@@ -354,13 +354,14 @@ def main(args: Args) -> dict:
     start, state = run.begin({"model": model}, optimizer, tokenizer, run_eval)
     for step in range(start, args.total_steps + 1):
         t0 = time.perf_counter()
-        sampled, rounds, dropped = rollout(), 1, 0  # 1.-3. (above)
+        sampled, counts = rollout(), {}  # 1.-3. (above)
         if args.dynamic_sampling:  # DAPO: more prompts until this rank holds B groups whose rewards differ
             sampled, rounds, dropped = dynamic_sampling(rollout, sampled, B, G, args.max_sampling_rounds, run)
+            counts = {"train/dropped_groups": dropped, "train/extra_rounds": rounds - 1}  # dropped: all ranks
         prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, rewards = sampled
         N = len(completion_ids)  # this rank's completions: B * G, or fewer with --dynamic-sampling
-        if N == 0:  # --dynamic-sampling kept no group: no update this step
-            run.end_step(step, args.total_steps)
+        if N == 0:  # --dynamic-sampling kept no group: no update this step, only its counts logged
+            run.end_step(step, args.total_steps, counts)
             continue
         completion_len = completion_mask.sum(1).mean()
         if args.mask_truncated:  # NOTE: after the judge, which may count the tokens of every completion
@@ -438,8 +439,7 @@ def main(args: Args) -> dict:
             }
             if ref_model is not None:
                 metrics["train/kl"] = kl_sum.double() / tokens
-            if args.dynamic_sampling:  # groups of equal rewards dropped (all ranks), batches after the first
-                metrics.update({"train/dropped_groups": dropped, "train/extra_rounds": rounds - 1})
+            metrics.update(counts)  # --dynamic-sampling: groups dropped, batches sampled after the first
         run.end_step(step, args.total_steps, metrics)
     return run.close()
 

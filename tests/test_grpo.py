@@ -11,7 +11,8 @@ import torch
 import grpo
 from common.colours import eval_prompts
 from common.models import encode_prompt
-from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
+from conftest import ROOT, assert_run_console, assert_help_lists, assert_one_line_error, run_script
+from conftest import saved_weights
 
 
 def test_group_advantages_by_hand():
@@ -477,6 +478,22 @@ def test_dynamic_sampling_never_trains_on_a_group_of_equal_rewards(tmp_path, mon
     assert len(train) == len(seen) and all(m["train/frac_zero_std"] == 0 for m in train)
     assert sum(m["train/dropped_groups"] for m in train) > 0
     assert any(m["train/extra_rounds"] > 0 for m in train)
+
+
+def test_dynamic_sampling_makes_no_update_when_no_group_has_a_signal(tmp_path, monkeypatch):
+    """Every reward equal: each step samples --max-sampling-rounds batches, keeps none, logs its counts and
+    leaves the weights as they were."""
+    judge = lambda prompts, completions, **kwargs: [1.0] * len(completions)  # noqa: E731
+    monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
+    final = grpo.main(tiny_args(tmp_path, dynamic_sampling=True, max_sampling_rounds=2, total_steps=2))
+    rows = [json.loads(line) for line in open(os.path.join(final["run_dir"], "metrics.jsonl"))]
+    steps = [r for r in rows if "train/extra_rounds" in r]
+    counts = [(r["step"], r["train/extra_rounds"], r["train/dropped_groups"]) for r in steps]
+    assert counts == [(1, 1, 4), (2, 1, 4)]  # each step: 2 batches of 2 groups, all dropped
+    assert not any("train/loss" in r for r in rows)
+    start = saved_weights(os.path.join(ROOT, "common", "painter"))
+    end = saved_weights(os.path.join(final["run_dir"], "model"))
+    assert all(torch.equal(start[k], end[k]) for k in start)
 
 
 def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, monkeypatch, painter):
