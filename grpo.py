@@ -11,8 +11,15 @@ Each choice on which later work departs from the paper is a flag, so these are s
     paper GRPO  --scale-rewards group --loss-agg seq-mean   --beta 0.04 (--learning-rate 2e-4 on the painter)
     Dr. GRPO    --scale-rewards none  --loss-agg constant   --beta 0     (Liu et al. 2025, arXiv:2503.20783)
     DAPO        --scale-rewards group --loss-agg token-mean --clip-eps-high 0.28 --beta 0 --mask-truncated
-                (Yu et al. 2025, arXiv:2503.14476), without its dynamic sampling and overlong reward shaping
+                --dynamic-sampling --judge JUDGE+overlong:20480:4096 (Yu et al. 2025, arXiv:2503.14476)
+    GSPO        --scale-rewards group --loss-agg seq-mean --importance-sampling-level sequence --beta 0
+                --clip-eps-low 3e-4 --clip-eps-high 4e-4 --num-iterations 2 (Zheng et al. 2025, 2507.18071)
+    CISPO       --scale-rewards group --loss-agg token-mean --policy-loss cispo --clip-eps-high 4 --beta 0
+                (MiniMax-M1, arXiv:2506.13585; the weight capped at 1 + 4 = 5, ScaleRL's eps_max)
     RLOO, REINFORCE: see reinforce.py (same loop, no ratio, a leave-one-out baseline, KL in the reward)
+GSPO's per-sequence ratio, like all, is 1 while mu = 1 (GSPO's gradient is then GRPO's): it acts off-policy
+(--num-iterations > 1). Its loss is one number per sequence, averaged by seq-mean as in the paper; token-mean
+and constant weigh it by length (TRL warns). CISPO is here, not in reinforce.py: its weight needs pi_old.
 Differences from the paper: (1) defaults of no std, beta 0.1 (with the group's std any reward gap is +-1, the
 KL never binds and the names collapse: README); (2) one update per batch (mu = 1, as DeepSeekMath's runs, TRL,
 verl), so rho = 1; --num-iterations > 1 reuses each batch; (3) a judge; (4) constant lr, no warm-up.
@@ -28,6 +35,7 @@ from typing import Literal, Optional
 
 import torch
 import tyro
+from torch.nn.functional import pad
 from torch.utils.checkpoint import checkpoint
 
 from common.models import forward_sharing_prompts, load_model_and_tokenizer, sample, sampling_config  # model
@@ -62,7 +70,8 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     judge: str = "poet+correct"
-    """reward: a judge or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct"""
+    """reward: a judge or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct;
+    +overlong:L_MAX:L_CACHE adds DAPO's soft overlong punishment (the paper's: overlong:20480:4096)"""
     prompts: Optional[str] = None
     """JSONL of {"prompt", ...} rows (other columns go to the judge); None = the training-split hexes"""
     eval_prompts: Optional[str] = None
@@ -79,6 +88,10 @@ class Args:
     """epsilon: the ratio is clipped below at 1 - clip_eps_low"""
     clip_eps_high: float = 0.2
     """the ratio is clipped above at 1 + clip_eps_high (DAPO's clip-higher: 0.28)"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """one ratio per token (GRPO), or one per sequence, the geometric mean of its tokens' ratios (GSPO)"""
+    policy_loss: Literal["clip", "cispo"] = "clip"
+    """clip: PPO's clipped surrogate; cispo: -sg(min(rho, 1 + clip_eps_high)) A log pi (MiniMax-M1)"""
     num_iterations: int = 1
     """mu: policy updates per generated batch (old log-probs kept from before the first)"""
     beta: float = 0.1
@@ -88,6 +101,10 @@ class Args:
     k1's expected gradient in the loss is zero (it belongs in the reward, as reinforce.py puts it)"""
     mask_truncated: bool = False
     """drop completions that never stop from the loss (DAPO; TRL mask_truncated_completions)"""
+    dynamic_sampling: bool = False
+    """train only on groups whose rewards are not all equal, sampling more prompts to fill the batch (DAPO)"""
+    max_sampling_rounds: int = 4
+    """--dynamic-sampling: at most this many batches sampled per step; then the groups kept so far"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed from logits / temperature to match the sampler"""
     max_new_tokens: int = 8
@@ -172,16 +189,22 @@ def aggregate(per_token, mask, mode: str, n_sequences: int, n_tokens: float, max
 
 
 # ALGO: the clipped surrogate with the KL penalty in the loss (Eq. 3 of DeepSeekMath; PPO's Eq. 7)
-def grpo_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, beta, kl, **agg):
-    """-(clipped surrogate - beta KL), aggregated; also the share of tokens where the clip is active."""
-    ratio = torch.exp(logprobs - old_logprobs)  # (n, T)
-    unclipped = ratio * advantages[:, None]
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages[:, None]
-    per_token = -torch.min(unclipped, clipped) + beta * kl
-    clip_active = ((ratio < 1 - eps_low) & (advantages[:, None] < 0)) | (
-        (ratio > 1 + eps_high) & (advantages[:, None] > 0)
-    )
-    return aggregate(per_token, mask, **agg), (clip_active.float() * mask).sum()
+def grpo_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, beta, kl, level="token",
+              policy_loss="clip", **agg):  # fmt: skip
+    """-(surrogate - beta KL), aggregated; also the number of tokens where the clip is active. level
+    "sequence" (GSPO Eq. 7): each token of o_i gets s_i = exp(1/|o_i| sum_t log rho_it). policy_loss "cispo"
+    (MiniMax-M1 Eq. 4; no lower bound, as TRL): -sg(min(rho, 1 + eps_high)) A log pi, sg: stop-gradient."""
+    log_ratio = logprobs - old_logprobs  # (n, T)
+    if level == "sequence":  # NOTE: the mean over the sequence's real tokens, then one ratio for all of them
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logprobs)
+    ratio, A = torch.exp(log_ratio), advantages[:, None]
+    if policy_loss == "cispo":  # every token keeps a gradient, where clip drops those past 1 + eps
+        weight = torch.clamp(ratio, max=1 + eps_high).detach()
+        per_token, clip_active = -weight * A * logprobs, ratio > 1 + eps_high
+    else:
+        per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+        clip_active = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+    return aggregate(per_token + beta * kl, mask, **agg), (clip_active.float() * mask).sum()
 
 
 @torch.no_grad()
@@ -234,13 +257,30 @@ def micro_batches(N: int, G: int, size: int) -> list[tuple[torch.Tensor, torch.T
 
 def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, parts):
     """forward_logprobs over the whole batch, a micro-batch at a time (for no-grad passes)."""
-    return torch.cat(
-        [
-            forward_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], completion_mask[s],
-                             temperature)[0]
-            for s, p in parts
-        ]
-    )  # fmt: skip
+    micro = [(prompt_ids[p], prompt_mask[p], completion_ids[s], completion_mask[s]) for s, p in parts]
+    return torch.cat([forward_logprobs(model, *inputs, temperature)[0] for inputs in micro])
+
+
+# ALGO: DAPO's dynamic sampling (§3.2 of arXiv:2503.14476): train only on groups whose rewards differ
+def dynamic_sampling(rollout, sampled: tuple, B: int, G: int, max_rounds: int, run):
+    """Batches (prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, rewards) from rollout()
+    until every rank holds B groups whose rewards differ (all equal: each A_i = 0, only weight in normalisers)
+    or max_rounds are sampled; DDP: the same number of whole groups on each rank. -> them, rounds, dropped"""
+    kept = []
+    for rounds in range(1, max_rounds + 1):
+        sampled = sampled if rounds == 1 else rollout()
+        groups = sampled[-1].view(-1, G)
+        keep = groups.max(1).values > groups.min(1).values  # (b,) NOTE: not std > 0: float noise passes that
+        kept.append([t[keep.repeat_interleave(len(t) // len(keep)).to(t.device)] for t in sampled])  # b, b*G
+        counts = run.all_gather(torch.tensor([sum(len(k[0]) for k in kept)]))  # DDP: every rank's kept groups
+        if counts.min() >= B:
+            break
+    n, P, T = min(B, int(counts.min())), *(max(k[i].shape[1] for k in kept) for i in (0, 2))
+    # the first n groups, prompts left padded to the rounds' longest P, completions right to T (id 0: masked)
+    sampled = [torch.cat([pad(k[i], (P - k[i].shape[1], 0)) for k in kept])[:n] for i in (0, 1)]
+    sampled += [torch.cat([pad(k[i], (0, T - k[i].shape[1])) for k in kept])[: n * G] for i in (2, 3)]
+    sampled += [torch.cat([k[i] for k in kept])[: n * G] for i in (4, 5)]  # truncated, rewards
+    return sampled, rounds, rounds * B * run.world - int(counts.sum())
 
 
 def main(args: Args) -> dict:
@@ -288,10 +328,7 @@ def main(args: Args) -> dict:
         T = args.temperature
         return evaluate(model, tokenizer, judge, eval_rows, T, args.max_new_tokens, run.dtype, start_model)
 
-    # --resume: the last checkpoint's weights, optimizer, random states and step; else the eval of step 0
-    start, state = run.begin({"model": model}, optimizer, tokenizer, run_eval)
-    for step in range(start, args.total_steps + 1):
-        t0 = time.perf_counter()
+    def rollout() -> tuple:  # 1.-3. of a step (below): B prompts, G completions of each, scored
         # 1. sample the batch's prompts; each is repeated G times, so rows i*G .. i*G+G-1 are prompt i's group
         batch_rows = [rows[i] for i in run.rng.choice(len(rows), size=args.batch_size, replace=False)]
         batch_rows = batch_rows[run.rank * B : (run.rank + 1) * B]  # DDP: this rank's prompts, whole groups
@@ -302,17 +339,33 @@ def main(args: Args) -> dict:
         with run.autocast():
             prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts[::G], sampling, G)
         completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)  # (N, T)
-        completion_len = completion_mask.sum(1).mean()
-        if args.mask_truncated:
-            completion_mask = completion_mask * (~truncated)[:, None]
 
         # 3. score every completion with the judge; TRL's reward signature: the rows' other columns ("answer")
-        # as keyword arguments, one value per completion, and which completions never stopped
+        # as keyword arguments, one value per completion, which completions never stopped, their token ids
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
         columns = {key: [r[key] for r in batch_rows for _ in range(G)] for key in batch_rows[0]}
         del columns["prompt"]
-        scores = judge(prompts, completions, truncated=truncated.tolist(), **columns)
+        ids = [row[m > 0].tolist() for row, m in zip(completion_ids.cpu(), completion_mask.cpu())]
+        scores = judge(prompts, completions, completion_ids=ids, truncated=truncated.tolist(), **columns)
         rewards = torch.tensor(scores, dtype=torch.float32)  # (N,)
+        return prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, rewards
+
+    # --resume: the last checkpoint's weights, optimizer, random states and step; else the eval of step 0
+    start, state = run.begin({"model": model}, optimizer, tokenizer, run_eval)
+    for step in range(start, args.total_steps + 1):
+        t0 = time.perf_counter()
+        sampled, counts = rollout(), {}  # 1.-3. (above)
+        if args.dynamic_sampling:  # DAPO: more prompts until this rank holds B groups whose rewards differ
+            sampled, rounds, dropped = dynamic_sampling(rollout, sampled, B, G, args.max_sampling_rounds, run)
+            counts = {"train/dropped_groups": dropped, "train/extra_rounds": rounds - 1}  # dropped: all ranks
+        prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, rewards = sampled
+        N = len(completion_ids)  # this rank's completions: B * G, or fewer with --dynamic-sampling
+        if N == 0:  # --dynamic-sampling kept no group: no update this step, only its counts logged
+            run.end_step(step, args.total_steps, counts)
+            continue
+        completion_len = completion_mask.sum(1).mean()
+        if args.mask_truncated:  # NOTE: after the judge, which may count the tokens of every completion
+            completion_mask = completion_mask * (~truncated)[:, None]
 
         # 4. advantages per group, from the whole batch's rewards, then this rank's rows
         all_rewards = run.all_gather(rewards)  # DDP: (world * N,), in rank order
@@ -349,16 +402,10 @@ def main(args: Args) -> dict:
                 if ref_model is not None:
                     kl = kl_estimate(logprobs, ref_logprobs[s], args.kl_estimator)
                 loss, clipped = grpo_loss(
-                    logprobs=logprobs,
-                    old_logprobs=old,
-                    advantages=advantages[s],
-                    mask=mask,
-                    eps_low=args.clip_eps_low,
-                    eps_high=args.clip_eps_high,
-                    beta=args.beta,
-                    kl=kl,
-                    **agg,
-                )
+                    logprobs=logprobs, old_logprobs=old, advantages=advantages[s], mask=mask, kl=kl,
+                    beta=args.beta, eps_low=args.clip_eps_low, eps_high=args.clip_eps_high,
+                    level=args.importance_sampling_level, policy_loss=args.policy_loss, **agg,
+                )  # fmt: skip
                 loss.backward()
             loss_sum += loss.detach().cpu()
             clipped_sum += clipped.detach().cpu()
@@ -392,6 +439,7 @@ def main(args: Args) -> dict:
             }
             if ref_model is not None:
                 metrics["train/kl"] = kl_sum.double() / tokens
+            metrics.update(counts)  # --dynamic-sampling: groups dropped, batches sampled after the first
         run.end_step(step, args.total_steps, metrics)
     return run.close()
 

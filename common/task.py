@@ -183,15 +183,15 @@ def get_judge(spec: str, device: str = "auto", prompts: list[str] | None = None)
     for term in spec.split("+"):
         weighted = re.match(r"^\s*([\d.]+)\s*\*(.*)$", term)
         weight, name = (float(weighted[1]), weighted[2].strip()) if weighted else (1.0, term.strip())
-        if name in PAINT_JUDGES or name.startswith(("llm:", "rm:")):
+        if name in PAINT_JUDGES or name.startswith(("llm:", "rm:", "overlong:")):
             judges = paint_task("judges", f"judge {name!r}")
             terms.append((weight, judges.built_in_judge(name, device, prompts, spec)))
         elif ":" in name:
             terms.append((weight, import_judge(name)))
         else:
             raise ValueError(f"unknown judge {name!r} in {spec!r}; known judges: {', '.join(PAINT_JUDGES)}, "
-                             "llm:PATH, rm:PATH, file.py:function, module:function and weighted sums such as "
-                             "0.7*poet+0.3*correct")  # fmt: skip
+                             "llm:PATH, rm:PATH, overlong:L_MAX:L_CACHE, file.py:function, module:function "
+                             "and weighted sums such as 0.7*poet+0.3*correct")  # fmt: skip
 
     def judge(prompts, completions, **kwargs) -> list[float]:
         if len(terms) == 1 and terms[0][0] == 1.0:
@@ -243,14 +243,11 @@ def generate(model, tokenizer, prompts: list[str], temperature=1.0, max_new_toke
 
 
 @torch.no_grad()
-def sequence_kl(model, reference, prompt_ids, prompt_mask, completion_ids, stop_ids, temperature, dtype):
+def sequence_kl(model, reference, prompt_ids, prompt_mask, completion_ids, mask, temperature, dtype):
     """eval/kl = KL(pi || pi_start) per completion on the eval's samples: mean_i sum_t log pi(y_it) - log
-    pi_start(y_it) (k1; Schulman 2020) at the sampling temperature, up to each stop token. The reference (on
-    the host, maybe) runs on the model's device, in the same dtype and autocast: at step 0 the two agree."""
+    pi_start(y_it) (k1; Schulman 2020) at the sampling temperature, through each stop token (mask). The
+    reference (maybe on the host) runs on the model's device, same dtype and autocast: equal at step 0."""
     P, sequences = prompt_ids.shape[1], torch.cat([prompt_ids, completion_ids], 1)
-    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
-    first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])
-    mask = torch.arange(completion_ids.shape[1], device=completion_ids.device)[None] <= first_stop[:, None]
     attention_mask = torch.cat([prompt_mask, mask.long()], 1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens start at 0
     device, home = next(model.parameters()).device, next(reference.parameters()).device
@@ -279,7 +276,12 @@ def evaluate(model, tokenizer, judge, rows: list[dict], temperature=1.0, max_new
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
     names, prompt_ids, prompt_mask, completion_ids = generate(
         model, tokenizer, prompts, temperature, max_new_tokens, seed, dtype)  # fmt: skip
-    rewards = judge(prompts, names, **columns)
+    stop_ids, dtype = stop_token_ids(tokenizer, model), dtype or torch.float32
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
+    first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), completion_ids.shape[1])
+    mask = torch.arange(completion_ids.shape[1], device=completion_ids.device)[None] <= first_stop[:, None]
+    ids = [row[m].tolist() for row, m in zip(completion_ids.cpu(), mask.cpu())]  # up to each stop token
+    rewards = judge(prompts, names, completion_ids=ids, **columns)
     metrics = {"eval/reward": float(np.mean(rewards)), "eval/distinct": len(set(names)) / len(names)}
     metrics["eval/top_name_share"] = max(map(names.count, set(names))) / len(names)  # a collapse: one name
     if all(isinstance(answer, str) for answer in columns.get("answer", [None])):  # right answers repeat too
@@ -287,8 +289,7 @@ def evaluate(model, tokenizer, judge, rows: list[dict], temperature=1.0, max_new
     if os.path.exists(os.path.join(os.path.dirname(__file__), "judges.py")):  # the paint task's metrics
         metrics.update(paint_task("judges", "eval/correct").paint_metrics(prompts, names, columns))
     if reference is not None:
-        stop_ids, dtype = stop_token_ids(tokenizer, model), dtype or torch.float32
-        args = (prompt_ids, prompt_mask, completion_ids, stop_ids, temperature, dtype)
+        args = (prompt_ids, prompt_mask, completion_ids, mask, temperature, dtype)
         metrics["eval/kl"] = sequence_kl(model, reference, *args)
     samples = [{"prompt": p, "completion": n, "reward": r} for p, n, r in zip(prompts, names, rewards)]
     return metrics, samples

@@ -203,6 +203,40 @@ def test_unknown_judge_lists_the_known_ones():
         get_judge("poet+critic")
 
 
+def test_soft_overlong_punishment_is_eq_13_of_dapo_at_its_three_pieces():
+    """L_max 10, L_cache 4: free up to 6 tokens, then (6 - |y|) / 4 down to -1 at 10 tokens, then -1."""
+    lengths = [1, 6, 7, 8, 9, 10, 11, 30]
+    ids = [[5] * n for n in lengths]
+    overlong = get_judge("overlong:10:4")
+    assert overlong(["p"] * 8, ["c"] * 8, completion_ids=ids) == [0, 0, -0.25, -0.5, -0.75, -1, -1, -1]
+    # a term of a weighted sum, beside the answer judge; the eval and the scripts pass completion_ids
+    scores = get_judge("answer+0.5*overlong:10:4")(["p"] * 3, ["Red", "Red", "Blue"], answer=["Red"] * 3,
+                                                   completion_ids=[[5] * 2, [5] * 8, [5] * 12])  # fmt: skip
+    assert scores == [1.0, 1.0 - 0.25, -0.5]
+    assert get_judge("overlong:10:0")(["p"] * 2, ["c"] * 2, completion_ids=[[5] * 10, [5] * 11]) == [0, -1]
+    with pytest.raises(ValueError, match="must pass completion_ids"):
+        overlong(["p"], ["c"])
+    for spec in ["overlong:10", "overlong:ten:4", "overlong:4:10"]:
+        with pytest.raises(ValueError, match="L_CACHE"):
+            get_judge(spec)
+
+
+def test_the_eval_gives_the_judge_each_completions_token_ids(painter):
+    model, tokenizer = painter
+    seen = []
+
+    def judge(prompts, completions, completion_ids, **kwargs):
+        seen.extend(zip(completions, completion_ids))
+        return [0.0] * len(completions)
+
+    evaluate(model, tokenizer, judge, rows(eval_prompts(8)), max_new_tokens=4)
+    stops = set(stop_token_ids(tokenizer, model))
+    assert len(seen) == 8 and any(ids[-1] in stops for _, ids in seen)
+    for text, ids in seen:  # through the first stop token, as TRL counts them (or all 4 when none came)
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == text
+        assert (ids[-1] in stops or len(ids) == 4) and not stops & set(ids[:-1])
+
+
 def test_llm_judge_gives_a_probability(tmp_path):
     from common.recipe import build_tokenizer, new_model
 

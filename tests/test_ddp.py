@@ -155,6 +155,20 @@ def test_every_script_runs_under_torchrun(tmp_path, argv, pairs_file):
     assert len(train_rows(run_dir)) >= 1
 
 
+def test_dynamic_sampling_under_torchrun_keeps_as_many_whole_groups_on_each_rank(tmp_path):
+    """Half the hexes score the same whatever the name: the ranks drop different numbers of groups, sample
+    more, and still step together (a rank with fewer groups would hang DDP or fail the step)."""
+    (tmp_path / "half.py").write_text(
+        "def half(prompts, completions, **kwargs):\n"
+        "    return [float(len(c)) if p[-1] in '01234567' else 0.5 for p, c in zip(prompts, completions)]\n"
+    )
+    argv = ["grpo.py", "--judge", f"{tmp_path / 'half.py'}:half", "--dynamic-sampling", "--batch-size", "4"]
+    argv += "--group-size 4 --micro-batch-size 4 --total-steps 3 --eval-size 4 --log-every 1".split()
+    rows = train_rows(run(argv, 2, tmp_path, "two"))
+    assert len(rows) == 3 and all(r["train/frac_zero_std"] == 0 for r in rows)
+    assert sum(r["train/dropped_groups"] for r in rows) > 0
+
+
 def test_a_batch_that_does_not_split_is_refused(tmp_path):
     result = subprocess.run(
         [

@@ -11,7 +11,8 @@ import torch
 import grpo
 from common.colours import eval_prompts
 from common.models import encode_prompt
-from conftest import assert_run_console, assert_help_lists, assert_one_line_error, run_script
+from conftest import ROOT, assert_run_console, assert_help_lists, assert_one_line_error, run_script
+from conftest import saved_weights
 
 
 def test_group_advantages_by_hand():
@@ -82,7 +83,10 @@ def test_micro_batches_give_the_full_batch_gradient(mode):
     )
 
 
-def test_clipped_surrogate_with_ratio_one_has_the_reinforce_gradient():
+@pytest.mark.parametrize("level, policy_loss", [("token", "clip"), ("sequence", "clip"), ("token", "cispo")])
+def test_clipped_surrogate_with_ratio_one_has_the_reinforce_gradient(level, policy_loss):
+    """On-policy (mu = 1) GRPO, GSPO and CISPO all take the token-mean REINFORCE step: the variants differ off
+    policy only."""
     torch.manual_seed(1)
     logits = torch.randn(4, 3, 7, requires_grad=True)
     tokens = torch.randint(0, 7, (4, 3))
@@ -98,6 +102,8 @@ def test_clipped_surrogate_with_ratio_one_has_the_reinforce_gradient():
         eps_high=0.2,
         beta=0.0,
         kl=torch.zeros_like(logprobs),
+        level=level,
+        policy_loss=policy_loss,
         mode="token-mean",
         n_sequences=4,
         n_tokens=int(mask.sum()),
@@ -203,6 +209,155 @@ def test_kl_estimators_against_the_exact_kl_of_a_tiny_model(painter):
     assert (grpo.kl_estimate(lp, lq, "k3") >= 0).all()
 
 
+def test_gspo_with_one_token_per_sequence_is_grpo():
+    """One token per completion: the geometric mean of one ratio is that ratio, so GSPO's loss and gradient
+    are GRPO's, off-policy and clipped too. The padding's log ratios differ: a mean with them would not."""
+    torch.manual_seed(2)
+    logits = torch.randn(6, 3, 7, requires_grad=True)
+    tokens = torch.randint(0, 7, (6, 3))
+    mask = torch.tensor([[1.0, 0.0, 0.0]] * 6)  # completions of one token (its stop token), then padding
+    # log pi - log pi_old: the token's (ratios 0.55 to 1.65), and other values in the two padding slots
+    shift = torch.tensor([0.5, -0.1, 0.3, -0.6, 0.05, 0.2])[:, None] + torch.tensor([0.0, 0.7, -0.9])
+    old = grpo.token_logprobs(logits, tokens, 1.0).detach() - shift
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    for mode in ["seq-mean", "token-mean", "constant"]:
+        results = []
+        for level in ["token", "sequence"]:
+            logits.grad = None
+            loss, clipped = grpo.grpo_loss(
+                logprobs=grpo.token_logprobs(logits, tokens, 1.0),
+                old_logprobs=old,
+                advantages=advantages,
+                mask=mask,
+                eps_low=0.2,
+                eps_high=0.2,
+                beta=0.0,
+                kl=torch.zeros(6, 3),
+                level=level,
+                mode=mode,
+                n_sequences=6,
+                n_tokens=6,
+                max_new_tokens=3,
+            )
+            loss.backward()
+            results.append((loss.item(), clipped.item(), logits.grad.clone()))
+        (token_loss, token_clipped, token_grad), (seq_loss, seq_clipped, seq_grad) = results
+        assert token_clipped == seq_clipped >= 2  # the clip binds on both sides here
+        assert seq_loss == pytest.approx(token_loss, abs=1e-6)
+        assert torch.allclose(seq_grad, token_grad, atol=1e-7)
+
+
+def surrogate_by_hand(logprobs, advantages, eps_low, eps_high, **kw):
+    """grpo_loss against old log-probs of 0 (rho = pi), one sequence of three slots, the last one padding."""
+    defaults = dict(old_logprobs=torch.zeros(1, 3), mask=torch.tensor([[1.0, 1.0, 0.0]]), beta=0.0)
+    defaults.update(kl=torch.zeros(1, 3), mode="seq-mean", n_sequences=1, n_tokens=2, max_new_tokens=3)
+    return grpo.grpo_loss(
+        logprobs=logprobs, advantages=advantages, eps_low=eps_low, eps_high=eps_high, **{**defaults, **kw}
+    )
+
+
+def test_gspo_clips_the_geometric_mean_of_the_ratios_by_hand():
+    # token ratios 1.44 and 1.0 (9.0 in the padding): s = sqrt(1.44 * 1.0) = 1.2, one ratio for both tokens
+    logprobs = torch.log(torch.tensor([[1.44, 1.0, 9.0]])).requires_grad_()
+    A = torch.tensor([1.0])
+    # inside [0.7, 1.3]: the loss is -s A, and d(-s)/d log pi_t = -s / |o| = -0.6 on each real token
+    loss, clipped = surrogate_by_hand(logprobs, A, 0.3, 0.3, level="sequence")
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert loss.item() == pytest.approx(-1.2) and clipped.item() == 0
+    assert grad.tolist()[0] == pytest.approx([-0.6, -0.6, 0.0])
+    # GRPO on the same tokens: 1.44 is clipped to 1.3 (no gradient), 1.0 is not: -(1.3 + 1.0) / 2
+    loss, clipped = surrogate_by_hand(logprobs, A, 0.3, 0.3, level="token")
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert loss.item() == pytest.approx(-1.15) and clipped.item() == 1
+    assert grad.tolist()[0] == pytest.approx([0.0, -0.5, 0.0])
+    # GSPO's range is tight (the paper's 3e-4, 4e-4): 1 + 0.1 clips the sequence, both tokens, no gradient
+    loss, clipped = surrogate_by_hand(logprobs, A, 0.1, 0.1, level="sequence")
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert loss.item() == pytest.approx(-1.1) and clipped.item() == 2 and not grad.any()
+    # a negative advantage: s = 1.2 is below 1 + 0.3, so min(s A, clip(s) A) = -1.2: the loss is +1.2
+    loss, _ = surrogate_by_hand(logprobs, -A, 0.3, 0.3, level="sequence")
+    assert loss.item() == pytest.approx(1.2)
+
+
+def test_cispo_caps_and_detaches_the_weight_by_hand():
+    # ratios 1.5, 0.5, 6.0 (old log-probs 0), A = 2, the cap 1 + 4 = 5 (ScaleRL's 5.0), token-mean over 3
+    ratios = torch.tensor([[1.5, 0.5, 6.0]])
+    logprobs = torch.log(ratios).requires_grad_()
+    kw = dict(mask=torch.ones(1, 3), mode="token-mean", n_tokens=3, policy_loss="cispo")
+    loss, clipped = surrogate_by_hand(logprobs, torch.tensor([2.0]), 0.2, 4.0, **kw)
+    weights = [1.5, 0.5, 5.0]  # no lower bound: 0.5 stays 0.5; 6.0 is capped at 5
+    expected = -2 / 3 * sum(w * math.log(r) for w, r in zip(weights, [1.5, 0.5, 6.0]))  # -A w log pi
+    assert loss.item() == pytest.approx(expected)
+    assert clipped.item() == 1
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    # sg(weight): the gradient is -A w / 3 for every token, the capped one included (no w' log pi term)
+    assert grad.tolist()[0] == pytest.approx([-2 / 3 * w for w in weights])
+    # a capped weight is counted whatever the advantage's sign (TRL's cispo_clip_ratio counts A > 0 only)
+    assert surrogate_by_hand(logprobs, torch.tensor([-2.0]), 0.2, 4.0, **kw)[1].item() == 1
+    # the clipped surrogate with eps 0.2 drops the first and last tokens' gradients (ratio > 1.2, A > 0)
+    kw["policy_loss"] = "clip"
+    loss, clipped = surrogate_by_hand(logprobs, torch.tensor([2.0]), 0.2, 0.2, **kw)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert clipped.item() == 2 and grad.tolist()[0] == pytest.approx([0.0, -2 / 3 * 0.5, 0.0])
+
+
+class OneRank:
+    """Run.all_gather in a world of `world` ranks, each of the others holding `others` groups."""
+
+    def __init__(self, world=1, others=0):
+        self.world, self.others = world, others
+
+    def all_gather(self, x):
+        return torch.cat([x] + [torch.tensor([self.others])] * (self.world - 1))
+
+
+def batch_of(rewards: list[list[float]], P: int, T: int, first_id: int) -> tuple:
+    """A fake rollout: a group per row of rewards; prompt and completion ids numbered from first_id."""
+    b, G = len(rewards), len(rewards[0])
+    prompt_ids = torch.arange(first_id, first_id + b)[:, None].repeat(1, P)
+    completion_ids = torch.arange(first_id, first_id + b * G)[:, None].repeat(1, T)
+    ones = torch.ones(b * G, T)
+    prompt_mask, truncated = torch.ones(b, P, dtype=torch.long), torch.zeros(b * G, dtype=torch.bool)
+    return prompt_ids, prompt_mask, completion_ids, ones, truncated, torch.tensor(rewards).view(-1)
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ_and_pads_the_rounds_by_hand():
+    rounds = iter([batch_of([[1.0, 1.0], [0.7, 0.7]], P=2, T=5, first_id=20),
+                   batch_of([[0.0, 0.5], [1.0, 1.0]], P=4, T=2, first_id=30)])  # fmt: skip
+    first = batch_of([[0.0, 1.0], [0.3, 0.3]], P=3, T=3, first_id=10)  # group 0 kept, group 1 dropped
+    sampled, n_rounds, dropped = grpo.dynamic_sampling(lambda: next(rounds), first, B=2, G=2, max_rounds=4,
+                                                       run=OneRank())  # fmt: skip
+    prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, rewards = sampled
+    assert n_rounds == 3 and dropped == 4  # round 2 keeps none; round 3 fills the batch
+    assert rewards.tolist() == [0.0, 1.0, 0.0, 0.5]
+    # prompts left padded to the longest of the rounds (4), completions right padded to the longest (5)
+    assert prompt_ids.tolist() == [[0, 10, 10, 10], [30, 30, 30, 30]]
+    assert prompt_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    assert completion_ids.tolist() == [[10, 10, 10, 0, 0], [11, 11, 11, 0, 0], [30, 30, 0, 0, 0],
+                                       [31, 31, 0, 0, 0]]  # fmt: skip
+    assert completion_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]
+    # equal rewards are equal, whatever rounding makes of their std (float32 [0.9] * 3 has std 7e-8, not 0)
+    equal = batch_of([[0.9, 0.9, 0.9]], P=1, T=1, first_id=0)
+    assert equal[-1].std() > 0
+    sampled, n_rounds, dropped = grpo.dynamic_sampling(lambda: equal, equal, 1, 3, 2, run=OneRank())
+    assert len(sampled[0]) == 0 and n_rounds == 2 and dropped == 2
+
+
+def test_dynamic_sampling_keeps_as_many_groups_on_every_rank():
+    """DDP: each rank trains on the fewest groups any rank kept, so every rank has the same whole groups."""
+    varied = batch_of([[0.0, 1.0], [0.0, 1.0]], P=1, T=1, first_id=0)
+    equal = batch_of([[0.0, 0.0], [1.0, 1.0]], P=1, T=1, first_id=0)
+    # this rank has its 2 groups at once, the other rank has 1: both go on, up to max_rounds, then keep 1
+    sampled, n_rounds, dropped = grpo.dynamic_sampling(lambda: equal, varied, B=2, G=2, max_rounds=3,
+                                                       run=OneRank(world=2, others=1))  # fmt: skip
+    assert n_rounds == 3 and len(sampled[0]) == 1 and len(sampled[5]) == 2
+    assert dropped == 3 * 2 * 2 - (2 + 1)  # sampled: rounds x B x ranks; kept: 2 here, 1 there
+    # the other rank full as well: one round
+    sampled, n_rounds, _ = grpo.dynamic_sampling(lambda: equal, varied, B=2, G=2, max_rounds=3,
+                                                 run=OneRank(world=2, others=2))  # fmt: skip
+    assert n_rounds == 1 and len(sampled[0]) == 2
+
+
 def test_completion_mask_stops_at_the_first_eos_even_when_pad_is_eos():
     eos = 2
     ids = torch.tensor([[5, 6, eos, eos, eos], [5, eos, 7, eos, eos], [5, 6, 7, 8, 9]])
@@ -276,6 +431,8 @@ def tiny_args(tmp_path, **overrides) -> grpo.Args:
             "loss_agg": "constant",
             "max_new_tokens": 2,
         },
+        {"num_iterations": 2, "importance_sampling_level": "sequence", "policy_loss": "cispo"},
+        {"dynamic_sampling": True, "judge": "correct+overlong:6:3", "micro_batch_size": 2},
     ],
 )
 def test_main_runs_and_logs_the_shared_metrics(tmp_path, overrides):
@@ -296,11 +453,55 @@ def test_main_runs_and_logs_the_shared_metrics(tmp_path, overrides):
     assert os.path.exists(os.path.join(final["run_dir"], "model", "model.safetensors"))
 
 
-def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, monkeypatch):
-    seen = {"answer": []}
+def test_dynamic_sampling_never_trains_on_a_group_of_equal_rewards(tmp_path, monkeypatch):
+    """A judge that scores half the hexes the same whatever the name: their groups are dropped, more prompts
+    are sampled, and group_advantages never sees a row of equal rewards; the counts are logged."""
 
-    def judge(prompts, completions, answer, **kwargs):
+    def judge(prompts, completions, **kwargs):
+        return [float(len(c)) if p[-1] in "01234567" else 0.5 for p, c in zip(prompts, completions)]
+
+    seen = []
+
+    def group_advantages(rewards, scale, eps=1e-4):
+        seen.append(rewards.clone())
+        return real_group_advantages(rewards, scale, eps)
+
+    real_group_advantages = grpo.group_advantages
+    monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
+    monkeypatch.setattr(grpo, "group_advantages", group_advantages)
+    args = tiny_args(tmp_path, dynamic_sampling=True, max_sampling_rounds=3, total_steps=4, eval_every=4)
+    final = grpo.main(args)
+    assert seen and all((r.max(1).values > r.min(1).values).all() for r in seen)
+    assert all(r.shape[1] == 4 and 1 <= r.shape[0] <= 2 for r in seen)
+    lines = open(os.path.join(final["run_dir"], "metrics.jsonl")).readlines()
+    train = [json.loads(line) for line in lines if "train/loss" in line]
+    assert len(train) == len(seen) and all(m["train/frac_zero_std"] == 0 for m in train)
+    assert sum(m["train/dropped_groups"] for m in train) > 0
+    assert any(m["train/extra_rounds"] > 0 for m in train)
+
+
+def test_dynamic_sampling_makes_no_update_when_no_group_has_a_signal(tmp_path, monkeypatch):
+    """Every reward equal: each step samples --max-sampling-rounds batches, keeps none, logs its counts and
+    leaves the weights as they were."""
+    judge = lambda prompts, completions, **kwargs: [1.0] * len(completions)  # noqa: E731
+    monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
+    final = grpo.main(tiny_args(tmp_path, dynamic_sampling=True, max_sampling_rounds=2, total_steps=2))
+    rows = [json.loads(line) for line in open(os.path.join(final["run_dir"], "metrics.jsonl"))]
+    steps = [r for r in rows if "train/extra_rounds" in r]
+    counts = [(r["step"], r["train/extra_rounds"], r["train/dropped_groups"]) for r in steps]
+    assert counts == [(1, 1, 4), (2, 1, 4)]  # each step: 2 batches of 2 groups, all dropped
+    assert not any("train/loss" in r for r in rows)
+    start = saved_weights(os.path.join(ROOT, "common", "painter"))
+    end = saved_weights(os.path.join(final["run_dir"], "model"))
+    assert all(torch.equal(start[k], end[k]) for k in start)
+
+
+def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, monkeypatch, painter):
+    seen = {"answer": [], "ids": []}
+
+    def judge(prompts, completions, answer, completion_ids, **kwargs):
         seen["answer"] += answer
+        seen["ids"] += list(zip(completions, completion_ids))
         return [float(len(c)) for c in completions]
 
     monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
@@ -317,6 +518,12 @@ def test_main_takes_a_prompts_file_and_passes_answers_to_the_judge(tmp_path, mon
         "00aa00",
         "aa0000",
     ]  # training and held-out rows' answers
+    # TRL's completion_ids: each completion's tokens through its stop token, in training and in the eval
+    _, tokenizer = painter
+    stops = set(grpo.sampling_config(tokenizer, painter[0], 1.0, 6).eos_token_id)
+    for text, ids in seen["ids"]:
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == text
+        assert (ids[-1] in stops or len(ids) == 6) and not stops & set(ids[:-1])
 
 
 @pytest.mark.parametrize(
@@ -344,6 +551,19 @@ def test_cli_bad_input_is_one_line(flags, message):
     assert_one_line_error(run_script("grpo.py", *flags), message)
 
 
+def test_the_judge_counts_a_truncated_completions_tokens_before_the_mask_drops_it(tmp_path, monkeypatch):
+    """--mask-truncated drops them from the loss after the judge, which sees all their tokens (overlong)."""
+    seen = []
+
+    def judge(prompts, completions, completion_ids, truncated=None, **kwargs):
+        seen.extend(zip(completion_ids, truncated or [None] * len(completions)))
+        return [float(len(c)) for c in completions]
+
+    monkeypatch.setattr(grpo, "get_judge", lambda spec, device, prompts=None: judge)
+    grpo.main(tiny_args(tmp_path, max_new_tokens=2, mask_truncated=True, total_steps=1, eval_every=1))
+    assert any(t for _, t in seen) and all(len(ids) == 2 for ids, t in seen if t)
+
+
 def test_cli_runs(tmp_path):
     result = run_script(
         "grpo.py",
@@ -368,6 +588,7 @@ def test_cli_runs(tmp_path):
     assert_help_lists(
         "grpo.py",
         (
-            "--scale-rewards --loss-agg --clip-eps-high --num-iterations --kl-estimator --mask-truncated"
+            "--scale-rewards --loss-agg --clip-eps-high --num-iterations --kl-estimator --mask-truncated "
+            "--importance-sampling-level --policy-loss --dynamic-sampling --max-sampling-rounds overlong"
         ).split(),
     )

@@ -267,6 +267,20 @@ def test_main_runs_with_a_judge(tmp_path, overrides):
     assert math.isfinite(final["eval/reward"])
 
 
+def test_the_judge_gets_each_completions_token_ids_and_whether_it_stopped(tmp_path, monkeypatch):
+    """TRL's reward arguments, as grpo.py and reinforce.py pass them: the tokens through the stop token."""
+    seen = []
+
+    def judge(prompts, completions, completion_ids, truncated=None, **kwargs):
+        seen.extend(zip(completion_ids, truncated or [None] * len(completions)))  # None: the eval's
+        return [float(len(c)) for c in completions]
+
+    monkeypatch.setattr(ppo, "get_judge", lambda spec, device, prompts=None: judge)
+    ppo.main(tiny_args(tmp_path, max_new_tokens=2, total_steps=1, eval_every=1))
+    assert any(t for _, t in seen) and all(len(ids) == 2 for ids, t in seen if t)
+    assert all(1 <= len(ids) <= 2 for ids, _ in seen)
+
+
 def test_main_runs_with_a_reward_model(tmp_path, reward_model_dir):
     final = ppo.main(tiny_args(tmp_path, reward_model=reward_model_dir))
     train = train_lines(final["run_dir"])

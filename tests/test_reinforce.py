@@ -132,6 +132,19 @@ def test_group_baselines_need_two_completions(tmp_path):
     )
 
 
+def test_the_judge_counts_a_truncated_completions_tokens_before_the_mask_drops_it(tmp_path, monkeypatch):
+    """--mask-truncated drops them from the loss after the judge, which sees all their tokens (overlong)."""
+    seen = []
+
+    def judge(prompts, completions, completion_ids, truncated=None, **kwargs):
+        seen.extend(zip(completion_ids, truncated or [None] * len(completions)))
+        return [float(len(c)) for c in completions]
+
+    monkeypatch.setattr(reinforce, "get_judge", lambda spec, device, prompts=None: judge)
+    reinforce.main(tiny_args(tmp_path, max_new_tokens=2, mask_truncated=True, total_steps=1, eval_every=1))
+    assert any(t for _, t in seen) and all(len(ids) == 2 for ids, t in seen if t)
+
+
 def test_cli_runs(tmp_path):
     result = run_script(
         "reinforce.py",
