@@ -23,7 +23,6 @@ Run: python dpo.py                    (the painter's names, ranked by poet+corre
      python dpo.py --data my_pairs.jsonl --precompute-ref-logps
 """
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -39,31 +38,13 @@ from common.run import Run  # the run: process group, seeds, run folder, logging
 
 
 @dataclass
-class Args:
+class Args(Run.Args):  # and the run's settings (folders, resume, device, LoRA, FSDP: common/run.py)
     # run
-    exp_name: str = "default"
-    """name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed for python, numpy and torch (data order, the built-in pairs, sampling)"""
-    output_dir: str = "runs"
-    """runs go to output_dir/dpo__exp_name__seed__time/"""
-    resume: Optional[str] = None
-    """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
-    save_every: Optional[int] = None
-    """save a checkpoint (weights, optimizer, step, random states) every this many steps; None = every eval"""
-    track: bool = False
-    """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project: str = "paint-post-training"
-    """the W&B project of --track"""
     # model
     model: Optional[str] = None
     """HF causal LM to train, and its frozen copy pi_ref (folder or hub id); None = the shipped painter"""
-    device: str = "auto"
-    """cuda if present, else cpu"""
-    dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     # data
     data: Optional[str] = None
     """JSONL of {prompt, chosen, rejected} (or full texts {chosen, rejected}); None = judge-ranked pairs"""
@@ -251,12 +232,13 @@ def main(args: Args) -> dict:
 
     # 1. the policy (fp32 master weights), its frozen reference (dropout off in both), the judge
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    model = run.lora(model)  # LoRA: rank-R adapters, the base frozen (common/lora.py); else the model itself
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # NOTE: the reference is an fp32 copy run under the same autocast: it computes exactly what the policy
     # computed at step 0 (a bf16 copy keeps norms and residuals in bf16: margins of rounding noise)
     # and, copied after the checkpointing flag, takes the policy's forward path (plain, not prompt-shared)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    ref_model = run.reference(model)  # LoRA: the policy with its adapters off (no copy); FSDP: sharded
     judge = get_judge(args.judge, args.device)
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     pad_id = tokenizer.pad_token_id
@@ -279,7 +261,7 @@ def main(args: Args) -> dict:
     if args.precompute_ref_logps:
         with run.autocast():
             ref_logps, ref_model = all_logprobs(ref_model, train, pad_id, args.batch_size), None  # (N, 2)
-        start_model = start_model.to("cpu") if run.active else None  # in host memory
+        start_model = run.to_host(start_model)  # in host memory (LoRA's, FSDP's stay)
     steps_per_epoch = max(1, len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.num_epochs
     if run.active:

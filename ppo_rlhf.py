@@ -42,31 +42,13 @@ from common.run import Run  # the run: process group, seeds, run folder, logging
 
 
 @dataclass
-class Args:
+class Args(Run.Args):  # and the run's settings (folders, resume, device, LoRA, FSDP: common/run.py)
     # run
-    exp_name: str = "default"
-    """name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed for python, numpy and torch (prompt order, sampling, minibatch order)"""
-    output_dir: str = "runs"
-    """runs go to output_dir/ppo_rlhf__exp_name__seed__time/"""
-    resume: Optional[str] = None
-    """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
-    save_every: Optional[int] = None
-    """save a checkpoint (weights, optimizer, step, random states) every this many steps; None = every eval"""
-    track: bool = False
-    """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project: str = "paint-post-training"
-    """the W&B project of --track"""
     # model, reward and task
     model: Optional[str] = None
     """HF causal LM to train (folder or hub id); None = the shipped painter"""
-    device: str = "auto"
-    """cuda if present, else cpu"""
-    dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     reward_model: Optional[str] = None
     """a reward model saved by reward_model.py: the score r(x, y), and the value model's starting point;
     it must share the policy's tokenizer (it reads the policy's token ids)"""
@@ -325,6 +307,7 @@ def main(args: Args) -> dict:
     # frozen reward model may be bf16
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)  # policy
+    model = run.lora(model)  # LoRA: rank-R adapters, the base frozen (common/lora.py); else the model itself
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # NOTE: train mode, or transformers never recomputes a checkpointed layer (dropout is off all the same)
@@ -332,7 +315,7 @@ def main(args: Args) -> dict:
     # NOTE: the reference is an fp32 copy run under the same autocast: it computes exactly what the policy
     # computed at step 0 (a bf16 copy keeps norms and residuals in bf16: a KL to rounding noise)
     # and, copied after the checkpointing flag, takes the policy's forward path (plain, not prompt-shared)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # reference
+    ref_model = run.reference(model)  # reference; LoRA: the policy with its adapters off; FSDP: sharded
     reward_model = None
     if args.reward_model is not None:  # reward; the value model starts from it (SFD ppo.py:482, TRL)
         reward_model = load_model_and_tokenizer(args.reward_model, args.device, reward_model_for=tokenizer)[0]
@@ -341,6 +324,7 @@ def main(args: Args) -> dict:
     else:  # the backbone with a scalar head; NOTE: V = 0 at first (OAI's N(0, 0), N-blog detail 8)
         value_model = load_model_and_tokenizer(args.model, args.device, scalar_head=True)[0]
         torch.nn.init.zeros_(value_model.score.weight)
+    value_model = run.lora(value_model)  # LoRA: its own adapters and the scalar head train
     if args.gradient_checkpointing:
         value_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     value_model.train()
@@ -452,7 +436,7 @@ def main(args: Args) -> dict:
                     )
                 values_ = (loss, pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, mean_entropy, grad_norm)
                 for name, value in zip(names, values_):
-                    totals[name] += value.detach().cpu()
+                    totals[name] += float(value)  # FSDP: grad_norm is a DTensor
         n_updates = args.num_ppo_epochs * args.num_minibatches
         means = {name: float(total / n_updates) for name, total in totals.items()}
 

@@ -18,7 +18,6 @@ T completion tokens, V vocab.
 Run: python reinforce.py --group-size 8     (several processes: torchrun --nproc_per_node 2 reinforce.py)
 """
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -33,31 +32,13 @@ from common.run import Run  # the run: process group, seeds, run folder, logging
 
 
 @dataclass
-class Args:
+class Args(Run.Args):  # and the run's settings (folders, resume, device, LoRA, FSDP: common/run.py)
     # run
-    exp_name: str = "default"
-    """name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed for python, numpy and torch (prompt order and sampling)"""
-    output_dir: str = "runs"
-    """runs go to output_dir/reinforce__exp_name__seed__time/"""
-    resume: Optional[str] = None
-    """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
-    save_every: Optional[int] = None
-    """save a checkpoint (weights, optimizer, step, random states) every this many steps; None = every eval"""
-    track: bool = False
-    """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project: str = "paint-post-training"
-    """the W&B project of --track"""
     # model and task
     model: Optional[str] = None
     """HF causal LM to train (folder or hub id); None = the shipped painter"""
-    device: str = "auto"
-    """cuda if present, else cpu"""
-    dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     judge: str = "poet+correct"
     """reward: a judge or weighted sum (common/judges.py), e.g. architect+correct, 0.7*poet+0.3*correct;
     +overlong:L_MAX:L_CACHE adds DAPO's soft overlong punishment (the paper's: overlong:20480:4096)"""
@@ -229,6 +210,7 @@ def main(args: Args) -> dict:
     rows, eval_rows = load_prompts(args.prompts, args.eval_prompts, args.batch_size, args.eval_size)
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    model = run.lora(model)  # LoRA: rank-R adapters, the base frozen (common/lora.py); else the model itself
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # NOTE: train mode, or transformers never recomputes a checkpointed layer (dropout is off all the same)
@@ -236,12 +218,12 @@ def main(args: Args) -> dict:
     # NOTE: the reference is an fp32 copy run under the same autocast: it computes exactly what the policy
     # computed at step 0 (a bf16 copy keeps norms and residuals in bf16: a KL to rounding noise)
     # and, copied after the checkpointing flag, takes the policy's forward path (plain, not prompt-shared)
-    ref_model = None
+    ref_model = None  # LoRA: the policy with its adapters off (no copy); FSDP: a sharded copy
     if args.beta > 0:  # NOTE: with beta = 0 the reference is never loaded: one model less in memory
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = run.reference(model)
     start_model = ref_model  # eval/kl's starting policy: the reference, or (rank 0 evaluates) a host copy
-    if start_model is None and run.active:
-        start_model = copy.deepcopy(model).to("cpu").eval().requires_grad_(False)
+    if start_model is None:
+        start_model = run.reference(model, host=True)
     # the sampler: softmax(logits / temperature) from our flags only; its stop ids also end the masks
     sampling = sampling_config(tokenizer, model, args.temperature, args.max_new_tokens)
     stop_ids = torch.tensor(sampling.eos_token_id, device=run.device)

@@ -37,31 +37,13 @@ from common.run import Run  # the run: process group, seeds, run folder, logging
 
 
 @dataclass
-class Args:
+class Args(Run.Args):  # and the run's settings (folders, resume, device, LoRA, FSDP: common/run.py)
     # run
-    exp_name: str = "default"
-    """name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed for python, numpy and torch (data order, head init, the built-in pairs)"""
-    output_dir: str = "runs"
-    """runs go to output_dir/reward_model__exp_name__seed__time/"""
-    resume: Optional[str] = None
-    """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
-    save_every: Optional[int] = None
-    """save a checkpoint (weights, optimizer, step, random states) every this many steps; None = every eval"""
-    track: bool = False
-    """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project: str = "paint-post-training"
-    """the W&B project of --track"""
     # model
     model: Optional[str] = None
     """HF model whose backbone gets the scalar head (folder or hub id); None = the shipped painter"""
-    device: str = "auto"
-    """cuda if present, else cpu"""
-    dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     # data
     data: Optional[str] = None
     """JSONL of {prompt, chosen, rejected} (or full texts {chosen, rejected}); None = judge-ranked pairs"""
@@ -197,6 +179,7 @@ def main(args: Args) -> dict:
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         # NOTE: N(0, 1/sqrt(d+1)) as in SFD reward.py and OpenAI's lm-human-preferences (N-blog detail 6)
         torch.nn.init.normal_(model.score.weight, std=1 / np.sqrt(model.config.hidden_size + 1))
+    model = run.lora(model)  # LoRA: adapters and the head train, the base frozen (common/lora.py)
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
 
     # 2. preference pairs, encoded: (prompt_ids, chosen_ids, rejected_ids), both completions ending in EOS;

@@ -16,7 +16,6 @@ Run: python sft.py                                   # a new painter, ~16 min on
      python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --learning-rate 1e-5
 """
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -32,24 +31,12 @@ from common.run import Run  # the run: process group, seeds, run folder, logging
 
 
 @dataclass
-class Args:
+class Args(Run.Args):  # and the run's settings (folders, resume, device, LoRA, FSDP: common/run.py)
     # run
-    exp_name: str = "default"
-    """name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed for python, numpy and torch (data order, initial weights, sampling)"""
-    output_dir: str = "runs"
-    """runs go to output_dir/sft__exp_name__seed__time/"""
     save_to: Optional[str] = None
     """also save the final model here (`--save-to common/painter` replaces the shipped painter)"""
-    resume: Optional[str] = None
-    """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
-    save_every: Optional[int] = None
-    """save a checkpoint (weights, optimizer, step, random states) every this many steps; None = every eval"""
-    track: bool = False
-    """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project: str = "paint-post-training"
-    """the W&B project of --track"""
     # model
     model: Optional[str] = None
     """HF causal LM to fine-tune (folder or hub id); None builds a new painter from scratch"""
@@ -64,13 +51,6 @@ class Args:
     """attention heads"""
     d_ff: int = 384
     """MLP hidden size"""
-    # device
-    device: str = "auto"
-    """cuda if present, else cpu"""
-    dtype: str = "auto"
-    """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in backward instead of keeping them: less memory, ~30% more time"""
     # data
     data: Optional[str] = None
     """JSONL file of {"prompt", "completion"} rows; None = the built-in colour names"""
@@ -199,6 +179,7 @@ def main(args: Args) -> dict:
         model = model.to(run.device)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    model = run.lora(model)  # LoRA: rank-R adapters, the base frozen (common/lora.py); else the model itself
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30  # some configs lack it
 
     # 2. the data: (prompt_ids, completion_ids + end token) pairs of the user's JSONL rows, or without --data
@@ -211,7 +192,7 @@ def main(args: Args) -> dict:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # eval/kl's starting policy: a frozen fp32 copy in host memory, run where the model runs and under the
     # same autocast, so that it computes exactly what the model computed at step 0 (eval/kl 0, in bf16 too)
-    start_model = copy.deepcopy(model).to("cpu").eval().requires_grad_(False)
+    start_model = run.reference(model, host=True)  # LoRA: the model with its adapters off (no copy)
     ddp_model = run.wrap(model)  # DDP: averages the gradients in backward
 
     decay = [p for p in model.parameters() if p.dim() >= 2]

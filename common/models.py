@@ -36,7 +36,8 @@ def load_model_and_tokenizer(
     model). reward_model_for=tokenizer: reward_model.py's output, checked to be one, with that tokenizer."""
     path = os.path.expanduser(model or PAINTER)
     looks_local = model is None or model.startswith((".", "/", "~")) or os.path.exists(path)
-    if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
+    adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))  # a LoRA run's model/ (PEFT's format)
+    if looks_local and not (adapter or os.path.isfile(os.path.join(path, "config.json"))):
         what = "has no config.json" if os.path.isdir(path) else "is not a directory"
         raise FileNotFoundError(f"model path {path!r} {what}: pass a folder written by save_pretrained "
                                 "(config.json, *.safetensors, the tokenizer) or a hub id")  # fmt: skip
@@ -46,7 +47,12 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(path)
         # safetensors only: never unpickle weights; trust_remote_code stays off (transformers' default)
         dtype = resolve_device_dtype(device, dtype)[1]
-        net = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True, **head)
+        if adapter:  # its base model with the adapters merged in (common/lora.py)
+            from .lora import load_merged
+
+            net = load_merged(path, model_class, dtype, **head)
+        else:
+            net = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True, **head)
     except OSError as e:
         first_line = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise OSError(f"could not load model {path!r} ({first_line}); pass a local folder, or a hub id on "
@@ -156,36 +162,43 @@ def sample(model, tokenizer, prompts: list[str], config, repeats=1, return_logpr
     encoded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
     stop_ids = torch.tensor(config.eos_token_id, device=prompt_ids.device).view(-1)
-    was_training = model.training
+    was_training, fsdp = model.training, hasattr(model, "set_reshard_after_forward")
     model.eval()
+    layers = contextlib.nullcontext()
+    if fsdp:  # FSDP: each layer gathered once for all the new tokens (common/fsdp.py)
+        from .fsdp import gathered
+
+        layers = gathered(model)
     try:
-        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-        out = model(prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)  # fmt: skip
-        cache = out.past_key_values
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
-        logits = out.logits[:, -1].float().repeat_interleave(repeats, 0)  # (N, V)
-        attention_mask = prompt_mask.repeat_interleave(repeats, 0)
-        position = positions[:, -1:].repeat_interleave(repeats, 0)
-        stopped = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
-        tokens, logprobs = [], []
-        for _ in range(config.max_new_tokens):
-            token = draw(torch.softmax(logits / config.temperature, dim=-1))  # (N,)
-            if return_logprobs:
-                logprobs.append(torch.log_softmax(logits / config.temperature, -1).gather(1, token[:, None]))
-            token = torch.where(stopped, config.pad_token_id, token)
-            tokens.append(token)
-            stopped |= torch.isin(token, stop_ids)
-            if stopped.all():
-                break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            position = position + 1
-            out = model(token[:, None], attention_mask=attention_mask, position_ids=position,
-                        past_key_values=cache, use_cache=True)  # fmt: skip
-            logits = out.logits[:, -1].float()
-        logprobs = (torch.cat(logprobs, 1),) if return_logprobs else ()
-        return (prompt_ids, prompt_mask, torch.stack(tokens, 1), *logprobs)
+        with layers:
+            positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+            out = model(prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1)  # fmt: skip
+            cache = out.past_key_values
+            if repeats > 1:
+                cache.batch_repeat_interleave(repeats)
+            logits = out.logits[:, -1].float().repeat_interleave(repeats, 0)  # (N, V)
+            attention_mask = prompt_mask.repeat_interleave(repeats, 0)
+            position = positions[:, -1:].repeat_interleave(repeats, 0)
+            stopped = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+            tokens, logprobs = [], []
+            for _ in range(config.max_new_tokens):
+                token = draw(torch.softmax(logits / config.temperature, dim=-1))  # (N,)
+                if return_logprobs:
+                    logp = torch.log_softmax(logits / config.temperature, -1)
+                    logprobs.append(logp.gather(1, token[:, None]))
+                token = torch.where(stopped, config.pad_token_id, token)
+                tokens.append(token)
+                stopped |= torch.isin(token, stop_ids)
+                if stopped.all():
+                    break
+                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+                position = position + 1
+                out = model(token[:, None], attention_mask=attention_mask, position_ids=position,
+                            past_key_values=cache, use_cache=True)  # fmt: skip
+                logits = out.logits[:, -1].float()
+            logprobs = (torch.cat(logprobs, 1),) if return_logprobs else ()
+            return (prompt_ids, prompt_mask, torch.stack(tokens, 1), *logprobs)
     finally:
         model.train(was_training)
 
@@ -211,11 +224,13 @@ def forward_sharing_prompts(
         model(input_ids, attention_mask=..., position_ids=..., logits_to_keep=L - P + 1).logits  (N, L-P+1, V)
         or, hidden=True, model(..., output_hidden_states=True).hidden_states[-1][:, P:]         (N, L-P, D)
     The shared columns run once for the batch, each prompt's rest once for its r rows, which attend to copies
-    of its keys and values: a GRPO step 2.4x faster here. Under gradient checkpointing (no cache): plain."""
+    of its keys and values: a GRPO step 2.4x faster here. Under gradient checkpointing (no cache) and FSDP
+    (where every rank must run as many forwards): plain."""
     P, L, r = prompt_length, input_ids.shape[1], repeats
     prompt_ids, prompt_mask, positions = (t[::r, :P] for t in (input_ids, attention_mask, position_ids))
     last = {} if hidden else {"logits_to_keep": 1}
     checkpointing = getattr(getattr(model, "module", model), "is_activation_checkpointing", False)
+    checkpointing = checkpointing or hasattr(model, "set_reshard_after_forward")  # FSDP
     k = 0 if checkpointing else shared_prefix(prompt_ids, prompt_mask)
     cache = None
     if k:  # the shared columns once, their keys and values copied to the b prompts
@@ -242,11 +257,12 @@ def forward_sharing_prompts(
     return out.hidden_states[-1] if hidden else torch.cat([first, out.logits], dim=1)
 
 
-def save_atomic(model, tokenizer, path: str) -> None:
-    """save_pretrained (safetensors) into a temporary folder, then swapped in: never half a model."""
+def save_atomic(model, tokenizer, path: str, state_dict=None) -> None:
+    """save_pretrained (safetensors; state_dict: these weights, not the model's) into a temporary folder, then
+    swapped in: never half a model."""
     tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if os.path.exists(path):
         os.replace(path, old)

@@ -60,14 +60,21 @@ def load_checkpoint(run, models: dict, optimizer) -> tuple[int, dict]:
     if meta["world"] != run.world:
         raise ValueError(f"--resume {run.dir!r}: its checkpoint was saved by {meta['world']} processes, not "
                          f"{run.world}: resume with as many (each one's random state is saved)")
-    for name, model in models.items():
-        load_model(model, f"{folder}/{name}.safetensors", device=str(next(model.parameters()).device))
+    if run.args.fsdp:  # every rank its shards of the models and the optimizer
+        from .fsdp import load_sharded
+
+        load_sharded(models, optimizer, folder)
+    for name, model in models.items() if not run.args.fsdp else ():  # LoRA: what trains (strict=False)
+        device = str(next(model.parameters()).device)
+        load_model(model, f"{folder}/{name}.safetensors", strict=not run.args.lora_rank, device=device)
     # NOTE: what the saver had on a GPU loads onto this process's (not onto cuda:0 on every rank, and a CUDA
     # run resumes on a CPU); what it had on the CPU stays there, as a non-fused Adam keeps its `step` on the
     # CPU (load_state_dict moves the rest, and a fused Adam's step, to the parameters)
     device = optimizer.param_groups[0]["params"][0].device
     on_device = lambda storage, saved_on: storage if saved_on == "cpu" else storage.to(device=device)
-    optimizer.load_state_dict(torch.load(f"{folder}/optimizer.pt", map_location=on_device, weights_only=True))
+    if not run.args.fsdp:
+        saved = torch.load(f"{folder}/optimizer.pt", map_location=on_device, weights_only=True)
+        optimizer.load_state_dict(saved)
     states = torch.load(f"{folder}/rng-rank{run.rank}.pt", weights_only=True)
     random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
     kind, keys, *rest = states["numpy"]

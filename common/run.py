@@ -12,6 +12,7 @@ by an atomic rename: a run killed at any moment resumes from a whole one). Only 
 import atexit
 import collections
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -20,11 +21,12 @@ import random
 import shutil
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from torch.nn.parallel import DistributedDataParallel
 
 from .models import PAINTER, autocast, resolve_device_dtype, save_atomic
@@ -35,12 +37,12 @@ CONSOLE = {"train/reward": "reward", "rewards/margins": "margin", "train/accurac
 
 
 def one_line_errors(script: str) -> None:
-    """Bad input (ValueError, OSError, FloatingPointError: at start-up, in the loaders, a NaN) ends the script
-    with one line naming the problem, not a traceback."""
+    """Bad input (ValueError, OSError, FloatingPointError, ImportError: at start-up, in the loaders, a NaN,
+    a package a flag needs) ends the script with one line naming the problem, not a traceback."""
     default_hook = sys.excepthook
 
     def one_line(kind, error, traceback):
-        if not issubclass(kind, (ValueError, OSError, FloatingPointError)):
+        if not issubclass(kind, (ValueError, OSError, FloatingPointError, ImportError)):
             return default_hook(kind, error, traceback)
         print(f"{script}.py: error: {error}", file=sys.stderr)
 
@@ -49,7 +51,42 @@ def one_line_errors(script: str) -> None:
 
 class Run:
     """rank, world: this process and how many (torchrun; 1 under python); device, dtype: where and in what the
-    forward computes; rng: the data order, the same on every rank; dir: the run folder; active: rank 0."""
+    forward computes; rng: the data order, the same on every rank; dir: the run folder; active: rank 0;
+    base: the model trained from (--model or the painter)."""
+
+    @dataclasses.dataclass
+    class Args:
+        """The run's settings that are not its method's, shared by the six scripts: `class Args(Run.Args)`."""
+
+        exp_name: str = "default"
+        """name of this experiment (part of the run folder's name)"""
+        output_dir: str = "runs"
+        """runs go to output_dir/<script>__<exp_name>__<seed>__<time>/"""
+        resume: Optional[str] = None
+        """a run folder to continue from its last checkpoint, in the same folder, with the same settings"""
+        save_every: Optional[int] = None
+        """save a checkpoint (weights, optimizer, step, random states) every N steps; None = at each eval"""
+        track: bool = False
+        """log to Weights & Biases (needs `pip install wandb`)"""
+        wandb_project: str = "paint-post-training"
+        """the W&B project of --track"""
+        device: str = "auto"
+        """cuda if present, else cpu"""
+        dtype: str = "auto"
+        """compute dtype: bfloat16 autocast on cuda, float32 on cpu (trained weights, Adam state: float32)"""
+        gradient_checkpointing: bool = False
+        """recompute each layer's activations in backward, not keeping them: less memory, ~30% more time"""
+        lora_rank: int = 0
+        """LoRA: train rank-R adapters on the frozen model (PEFT), 0 = every weight; the reference is the
+        model with its adapters off (no copy); the default learning rate is 10x full fine-tuning's"""
+        lora_alpha: Optional[float] = None
+        """LoRA: the adapters' output is scaled by alpha / R; None = 2 R"""
+        lora_target_modules: str = "all-linear"
+        """LoRA: the linear layers that get adapters: all but the output layer, or names, comma-separated"""
+        lora_merge: bool = False
+        """LoRA: save model/ as a plain model with the adapters merged in, not as PEFT's adapter folder"""
+        fsdp: bool = False
+        """under torchrun: shard weights, gradients and Adam state over the processes (FSDP2, fully_shard)"""
 
     def __init__(self, script: str, args, seed_per_rank: bool = False, learning_rate=(None, None)):
         one_line_errors(script)
@@ -59,7 +96,9 @@ class Run:
             args = resumed_args(script, args)
         if getattr(args, "learning_rate", 0) is None:  # not given: learning_rate = (the painter's, another's)
             painter = args.model is None or os.path.realpath(args.model) == os.path.realpath(PAINTER)
-            args = dataclasses.replace(args, learning_rate=learning_rate[0] if painter else learning_rate[1])
+            lr = learning_rate[0] if painter else learning_rate[1]
+            lr *= 10 if args.lora_rank else 1  # NOTE: LoRA: 10x full fine-tuning's (TRL's LoRA docs)
+            args = dataclasses.replace(args, learning_rate=lr)
         self.args = args
         self.rank, self.world = 0, 1
         if "WORLD_SIZE" in os.environ:  # torchrun: NCCL between GPUs (this rank's), gloo between CPUs
@@ -72,7 +111,12 @@ class Run:
             atexit.register(dist.destroy_process_group)
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device, self.dtype = resolve_device_dtype(args.device, args.dtype)
-        self.script, self.reference, self.active = script, args.model or PAINTER, self.rank == 0
+        if args.fsdp and (self.world == 1 or args.lora_rank):
+            raise ValueError("--fsdp shards over torchrun's processes: torchrun --nproc_per_node K "
+                             f"{script}.py --fsdp" if self.world == 1 else "--fsdp and --lora-rank are not "
+                             "combined here: LoRA's trained state is already small and its frozen base is "
+                             "not sharded; use one (--fsdp to train every weight)")  # fmt: skip
+        self.script, self.base, self.active = script, args.model or PAINTER, self.rank == 0
         random.seed(args.seed)
         np.random.seed(args.seed)
         # seed_per_rank: each rank samples its own completions; seed + 100_003 * rank repeats no other (seed,
@@ -107,12 +151,52 @@ class Run:
         """The forward in `dtype` (bf16 on a GPU) under autocast; a no-op in fp32 (common.models.autocast)."""
         return autocast(self.device, self.dtype)
 
+    def lora(self, model):
+        """--lora-rank R: the model with rank-R adapters, its base frozen in the compute dtype (PEFT,
+        common/lora.py); else the model itself."""
+        if not self.args.lora_rank:
+            return model
+        from .lora import add_adapters
+
+        return add_adapters(model, self.args, self.dtype)
+
+    def reference(self, model, host: bool = False):
+        """The frozen starting policy. LoRA: the model with its adapters off (no copy); FSDP: a copy, sharded
+        as the policy will be; else an fp32 copy on the device, or with host=True (for eval/kl only) in rank
+        0's host memory (None on other ranks, which do not evaluate)."""
+        if self.args.lora_rank:
+            from .lora import AdapterOff
+
+            return AdapterOff(model)
+        if self.args.fsdp:
+            from .fsdp import shard
+
+            return shard(copy.deepcopy(model).requires_grad_(False), self.dtype).eval()
+        if host:
+            return copy.deepcopy(model).to("cpu").eval().requires_grad_(False) if self.active else None
+        return copy.deepcopy(model).eval().requires_grad_(False)
+
+    def to_host(self, frozen):
+        """A frozen copy moved to rank 0's host memory (None on other ranks); LoRA's and FSDP's stay."""
+        if self.args.lora_rank or self.args.fsdp:
+            return frozen
+        return frozen.to("cpu") if self.active else None
+
     def wrap(self, model):
-        """DDP: a wrapper that averages the gradients over the ranks in backward; alone, the model itself."""
+        """FSDP: the model sharded in place (common/fsdp.py); DDP: a wrapper that averages the gradients over
+        the ranks in backward; alone, the model itself."""
+        if self.args.fsdp:
+            from .fsdp import shard
+
+            return shard(model, self.dtype)
         return DistributedDataParallel(model) if self.world > 1 else model
 
     def sync_gradients(self, ddp_model, sync: bool):
-        """DDP all-reduces the gradients in every backward; with micro-batches once is enough: in the last."""
+        """DDP all-reduces (FSDP reduce-scatters) the gradients in every backward; with micro-batches once is
+        enough: in the last."""
+        if self.args.fsdp:
+            ddp_model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         return contextlib.nullcontext() if sync or self.world == 1 else ddp_model.no_sync()
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,11 +279,17 @@ class Run:
 
     def evaluate(self, step: int) -> None:
         """Rank 0: run_eval(), logged with perf/train_s (wall clock, evals and saves left out), a few samples
-        printed, and the model saved: the last good one."""
+        printed, and the model saved: the last good one. FSDP: every rank runs the eval's forwards."""
+        if not (self.active or self.args.fsdp):
+            return
+        t_eval, model, state = time.perf_counter(), self.models["model"], None
+        metrics, samples = self.run_eval()
+        if self.args.fsdp:  # the whole model gathered to rank 0's host
+            from .fsdp import full_state_dict
+
+            state = full_state_dict(model)
         if not self.active:
             return
-        t_eval = time.perf_counter()
-        metrics, samples = self.run_eval()
         metrics = {**metrics, "perf/train_s": t_eval - self.t_start - self.eval_s}
         self.log(step, metrics, samples, kind="eval")
         if samples:
@@ -213,13 +303,19 @@ class Run:
             print(f"collapse: {distinct:.0%} distinct names, {top!r} answers {count} of {len(samples)} eval "
                   "prompts: the policy has found what the judge loves (reward hacking); counter it with "
                   f"{fix}a lower --learning-rate or a judge that also scores the fit (+correct)", flush=True)
-        save_atomic(self.models["model"], self.tokenizer, os.path.join(self.dir, "model"))
+        if self.args.lora_merge:  # LoRA: a plain model with the adapters merged in
+            from .lora import save_merged
+
+            save_merged(model, self.tokenizer, os.path.join(self.dir, "model"))
+        else:  # LoRA: the adapters in PEFT's format (adapter_config.json, adapter_model.safetensors)
+            save_atomic(model, self.tokenizer, os.path.join(self.dir, "model"), state_dict=state)
         self.eval_s += time.perf_counter() - t_eval
         self.evals.append(metrics)
 
     def save_checkpoint(self, step: int, state: dict) -> None:
-        """Every rank: its random states; rank 0: the models, the optimizer and state.json; then `latest`
-        moves to this step and older checkpoints go. Like the evals, left out of perf/train_s."""
+        """Every rank: its random states (FSDP: its shards of the models and optimizer); rank 0: the models,
+        the optimizer and state.json; then `latest` moves to this step and older checkpoints go. Like the
+        evals, left out of perf/train_s."""
         t_save, folder = time.perf_counter(), os.path.join(self.dir, "checkpoints")
         tmp = os.path.join(folder, f"step-{step}.tmp")
         if self.active:
@@ -232,12 +328,21 @@ class Run:
         states = {"python": random.getstate(), "numpy": [kind, keys.tolist(), *rest], "cuda": cuda,
                   "torch": torch.get_rng_state(), "data": self.rng.bit_generator.state}  # fmt: skip
         torch.save(states, f"{tmp}/rng-rank{self.rank}.pt")
-        if self.active:
+        if self.args.fsdp:  # every rank its shards (torch.distributed.checkpoint)
+            from .fsdp import save_sharded
+
+            save_sharded(self.models, self.optimizer, tmp)
+        elif self.active:
             for name, model in self.models.items():
-                save_model(model, f"{tmp}/{name}.safetensors")
+                if self.args.lora_rank:  # what trains only: the frozen base is --model's
+                    save_file({k: p for k, p in model.named_parameters() if p.requires_grad},
+                              f"{tmp}/{name}.safetensors")  # fmt: skip
+                else:
+                    save_model(model, f"{tmp}/{name}.safetensors")
             torch.save(self.optimizer.state_dict(), f"{tmp}/optimizer.pt")
+        if self.active:
             train_s = time.perf_counter() - self.t_start - self.eval_s
-            meta = dict(script=self.script, step=step, reference=self.reference, train_s=train_s,
+            meta = dict(script=self.script, step=step, reference=self.base, train_s=train_s,
                         world=self.world, state=state)  # fmt: skip
             with open(f"{tmp}/state.json", "w") as f:
                 json.dump(meta, f, default=lambda array: array.tolist())  # numpy arrays as lists

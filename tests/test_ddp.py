@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, saved_weights
 
 PAIRS = [
     ("#d48475", "Sunset Dust", "Grey"),
@@ -49,7 +49,8 @@ def run(argv: list[str], processes: int, tmp_path, name: str) -> str:
     assert len(runs) == 1, runs  # only rank 0 writes
     run_dir = os.path.join(out, runs[0])
     assert len(glob.glob(os.path.join(run_dir, "metrics.jsonl"))) == 1
-    assert os.path.exists(os.path.join(run_dir, "model", "model.safetensors"))
+    saved = ("model.safetensors", "adapter_model.safetensors")  # a model, or LoRA's adapters
+    assert any(os.path.exists(os.path.join(run_dir, "model", name)) for name in saved)
     return run_dir
 
 
@@ -70,9 +71,10 @@ def pairs_file(tmp_path_factory):
     return str(path)
 
 
-def assert_same_update(argv: list[str], tmp_path, metric_names: tuple[str, ...]) -> None:
-    """2 processes x half batch == 1 process x full batch: the saved weights (1e-5) and the logged metrics."""
-    one, two = run(argv, 1, tmp_path, "one"), run(argv, 2, tmp_path, "two")
+def assert_same_update(argv: list[str], tmp_path, metric_names: tuple[str, ...], two_flags=()) -> None:
+    """2 processes x half batch (two_flags: --fsdp) == 1 process x full batch: the saved weights (1e-5) and
+    the logged metrics."""
+    one, two = run(argv, 1, tmp_path, "one"), run([*argv, *two_flags], 2, tmp_path, "two")
     start = load_file(os.path.join(ROOT, "common", "painter", "model.safetensors"))
     w1 = load_file(os.path.join(one, "model", "model.safetensors"))
     w2 = load_file(os.path.join(two, "model", "model.safetensors"))
@@ -189,12 +191,14 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
     ), result.stderr[-2000:]
 
 
-def test_two_processes_stopped_and_resumed_end_as_the_unbroken_run(tmp_path):
-    """Each rank saves its own random states; the resumed pair of processes continues both streams."""
+@pytest.mark.parametrize("flags", [[], ["--fsdp"], ["--lora-rank", "4"]], ids=["ddp", "fsdp", "ddp-lora"])
+def test_two_processes_stopped_and_resumed_end_as_the_unbroken_run(tmp_path, flags):
+    """Each rank saves its own random states (FSDP: its shards of the weights and Adam state too); the
+    resumed pair of processes continues both streams."""
     argv = (
         "--total-steps 4 --batch-size 4 --group-size 4 --micro-batch-size 4 --eval-every "
         "2 --save-every 1 --eval-size 4 --log-every 1 --judge correct"
-    ).split()
+    ).split() + flags
     unbroken = run(["grpo.py", *argv], 2, tmp_path, "unbroken")
     out = str(tmp_path / "broken")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -218,7 +222,7 @@ def test_two_processes_stopped_and_resumed_end_as_the_unbroken_run(tmp_path):
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    weights = load_file(os.path.join(broken, "model", "model.safetensors"))
-    expected = load_file(os.path.join(unbroken, "model", "model.safetensors"))
+    weights = saved_weights(os.path.join(broken, "model"))
+    expected = saved_weights(os.path.join(unbroken, "model"))
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
     assert [r["train/loss"] for r in train_rows(broken)] == [r["train/loss"] for r in train_rows(unbroken)]

@@ -1,7 +1,8 @@
-"""--resume: a run stopped after k steps and resumed ends exactly as the unbroken run, and so does one killed
-with SIGKILL at any moment (mid-step, mid-eval, mid-save) and resumed again and again; a save killed with
-SIGKILL leaves a checkpoint that loads; a judge's score of a name does not depend on the run's history; a
-CUDA run's optimizer state loads on the CPU; a resumed run refuses another script's folder or settings."""
+"""--resume: a run stopped after k steps and resumed ends exactly as the unbroken run (LoRA adapters too),
+and so does one killed with SIGKILL at any moment (mid-step, mid-eval, mid-save) and resumed again and again;
+a save killed with SIGKILL leaves a checkpoint that loads; a judge's score of a name does not depend on the
+run's history; a CUDA run's optimizer state loads on the CPU; a resumed run refuses another script's folder or
+settings."""
 
 import glob
 import json
@@ -52,9 +53,12 @@ def rows_after(run_dir: str, step: int) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows if row["step"] > step]
 
 
-@pytest.mark.parametrize("script", SHORT, ids=lambda m: m.__name__)
-def test_a_run_stopped_and_resumed_ends_as_the_unbroken_run(script, tmp_path, monkeypatch):
-    settings = dict(SHORT[script], save_every=1)
+RESUMED = [(script, {}) for script in SHORT] + [(grpo, dict(lora_rank=4)), (ppo_rlhf, dict(lora_rank=4))]
+
+
+@pytest.mark.parametrize("script,lora", RESUMED, ids=[s.__name__ + "-lora" * bool(x) for s, x in RESUMED])
+def test_a_run_stopped_and_resumed_ends_as_the_unbroken_run(script, lora, tmp_path, monkeypatch):
+    settings = dict(SHORT[script], save_every=1, **lora)  # LoRA: the adapters saved and resumed
     unbroken = script.main(script.Args(output_dir=str(tmp_path / "unbroken"), **settings))["run_dir"]
     stop_after = 2
     save = Run.save_checkpoint
