@@ -436,7 +436,7 @@ def main(args: Args) -> dict:
                     )
                 values_ = (loss, pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, mean_entropy, grad_norm)
                 for name, value in zip(names, values_):
-                    totals[name] += float(value)  # FSDP: grad_norm is a DTensor
+                    totals[name] += float(value.detach())  # FSDP: grad_norm is a DTensor
         n_updates = args.num_ppo_epochs * args.num_minibatches
         means = {name: float(total / n_updates) for name, total in totals.items()}
 

@@ -152,8 +152,7 @@ class Run:
         return autocast(self.device, self.dtype)
 
     def lora(self, model):
-        """--lora-rank R: the model with rank-R adapters, its base frozen in the compute dtype (PEFT,
-        common/lora.py); else the model itself."""
+        """--lora-rank R: the model with rank-R adapters, its base frozen (common/lora.py); else itself."""
         if not self.args.lora_rank:
             return model
         from .lora import add_adapters
@@ -192,8 +191,7 @@ class Run:
         return DistributedDataParallel(model) if self.world > 1 else model
 
     def sync_gradients(self, ddp_model, sync: bool):
-        """DDP all-reduces (FSDP reduce-scatters) the gradients in every backward; with micro-batches once is
-        enough: in the last."""
+        """DDP all-reduces (FSDP reduce-scatters) gradients in each backward; with micro-batches: the last."""
         if self.args.fsdp:
             ddp_model.set_requires_gradient_sync(sync)
             return contextlib.nullcontext()

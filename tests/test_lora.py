@@ -49,8 +49,9 @@ def test_the_reference_is_the_base_model_with_the_adapters_off_and_no_copy():
     assert dict(reference.named_parameters(recurse=False)) == {} and reference.state_dict() == {}
     shared = {p.data_ptr() for p in model.parameters()}
     assert all(p.data_ptr() in shared for p in reference.parameters())  # the policy's weights, not a copy
+    model.train()
     reference.eval()
-    assert model.training == base.training  # switching the reference to eval leaves the policy alone
+    assert model.training  # switching the reference to eval leaves the policy alone
 
 
 def test_only_the_adapters_train_and_are_saved_in_peft_format(tmp_path):
@@ -103,9 +104,11 @@ def test_a_reward_or_value_model_trains_its_adapters_and_its_whole_head(script, 
 
 
 def test_the_learning_rate_default_is_ten_times_with_lora(tmp_path):
-    full = Run("grpo", grpo.Args(output_dir=str(tmp_path))).args.learning_rate
-    lora = Run("grpo", grpo.Args(output_dir=str(tmp_path), lora_rank=8)).args.learning_rate
-    assert full == 1e-3 and lora == pytest.approx(1e-2)
+    defaults = (1e-3, 1e-6)  # grpo.py's: the painter's, another model's
+    full = Run("grpo", grpo.Args(output_dir=str(tmp_path)), learning_rate=defaults).args.learning_rate
+    lora = Run("grpo", grpo.Args(output_dir=str(tmp_path), lora_rank=8), learning_rate=defaults).args
+    other = Run("grpo", grpo.Args(output_dir=str(tmp_path), lora_rank=8, model="x"), learning_rate=defaults)
+    assert (full, lora.learning_rate, other.args.learning_rate) == pytest.approx((1e-3, 1e-2, 1e-5))
 
 
 def test_fsdp_without_torchrun_is_refused_in_one_line(tmp_path):  # with --lora-rank: tests/test_fsdp.py
