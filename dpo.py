@@ -231,7 +231,7 @@ def main(args: Args) -> dict:
         )
 
     # 1. the policy (fp32 master weights), its frozen reference (dropout off in both), the judge
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, run.load_device)  # FSDP: on the host
     model = run.lora(model)  # LoRA: rank-R adapters, the base frozen (common/lora.py); else the model itself
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

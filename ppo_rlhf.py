@@ -306,7 +306,7 @@ def main(args: Args) -> dict:
     # the four roles, dropout off in all (N-blog detail 9); the trained ones and the reference in fp32, the
     # frozen reward model may be bf16
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device)  # policy
+    model, tokenizer = load_model_and_tokenizer(args.model, run.load_device)  # policy; FSDP: on the host
     model = run.lora(model)  # LoRA: rank-R adapters, the base frozen (common/lora.py); else the model itself
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -318,11 +318,12 @@ def main(args: Args) -> dict:
     ref_model = run.reference(model)  # reference; LoRA: the policy with its adapters off; FSDP: sharded
     reward_model = None
     if args.reward_model is not None:  # reward; the value model starts from it (SFD ppo.py:482, TRL)
-        reward_model = load_model_and_tokenizer(args.reward_model, args.device, reward_model_for=tokenizer)[0]
+        policy_tokenizer = dict(reward_model_for=tokenizer)  # checked: a reward model, the same tokenizer
+        reward_model = load_model_and_tokenizer(args.reward_model, run.load_device, **policy_tokenizer)[0]
         value_model = copy.deepcopy(reward_model)
-        reward_model = reward_model.to(run.dtype).eval().requires_grad_(False)
+        reward_model = reward_model.to(run.device, run.dtype).eval().requires_grad_(False)  # not sharded
     else:  # the backbone with a scalar head; NOTE: V = 0 at first (OAI's N(0, 0), N-blog detail 8)
-        value_model = load_model_and_tokenizer(args.model, args.device, scalar_head=True)[0]
+        value_model = load_model_and_tokenizer(args.model, run.load_device, scalar_head=True)[0]
         torch.nn.init.zeros_(value_model.score.weight)
     value_model = run.lora(value_model)  # LoRA: its own adapters and the scalar head train
     if args.gradient_checkpointing:

@@ -209,7 +209,7 @@ def main(args: Args) -> dict:
     # the prompts, the judge, the policy (fp32 master weights) and its frozen reference
     rows, eval_rows = load_prompts(args.prompts, args.eval_prompts, args.batch_size, args.eval_size)
     judge = get_judge(args.judge, args.device, [r["prompt"] for r in rows + eval_rows])
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, run.load_device)  # FSDP: on the host
     model = run.lora(model)  # LoRA: rank-R adapters, the base frozen (common/lora.py); else the model itself
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

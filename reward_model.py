@@ -175,7 +175,7 @@ def main(args: Args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {run.world} processes")
 
     # 1. the backbone with a scalar head (dropout off, fp32 weights); a causal-LM checkpoint gets a new head
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, scalar_head=True)
+    model, tokenizer = load_model_and_tokenizer(args.model, run.load_device, scalar_head=True)  # FSDP: host
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         # NOTE: N(0, 1/sqrt(d+1)) as in SFD reward.py and OpenAI's lm-human-preferences (N-blog detail 6)
         torch.nn.init.normal_(model.score.weight, std=1 / np.sqrt(model.config.hidden_size + 1))

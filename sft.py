@@ -176,9 +176,9 @@ def main(args: Args) -> dict:
         new_painter = paint_task("recipe", "sft.py without --model").new_painter
         architecture = (args.tokenizer, args.d_model, args.n_layers, args.n_heads, args.d_ff)
         model, tokenizer = new_painter(args.data, args.eval_data, *architecture)
-        model = model.to(run.device)
+        model = model.to(run.load_device)
     else:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+        model, tokenizer = load_model_and_tokenizer(args.model, run.load_device)  # FSDP: on the host
     model = run.lora(model)  # LoRA: rank-R adapters, the base frozen (common/lora.py); else the model itself
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30  # some configs lack it
 

@@ -93,4 +93,7 @@ def load_merged(path: str, model_class, dtype: torch.dtype, **head):
         raise FileNotFoundError(f"the adapter {path!r} was trained on {base_path!r}, which is not here: pass "
                                 "a run saved with --lora-merge, or put the base model back")  # fmt: skip
     base = model_class.from_pretrained(base_path, dtype=dtype, use_safetensors=True, **head)
-    return peft().PeftModel.from_pretrained(base, path).merge_and_unload()
+    merged = peft().PeftModel.from_pretrained(base, path).merge_and_unload()
+    if "score" in (config.modules_to_save or []):  # a reward model's adapters: its trained head is in them
+        merged.config.architectures = [type(merged).__name__]
+    return merged

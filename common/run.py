@@ -52,7 +52,7 @@ def one_line_errors(script: str) -> None:
 class Run:
     """rank, world: this process and how many (torchrun; 1 under python); device, dtype: where and in what the
     forward computes; rng: the data order, the same on every rank; dir: the run folder; active: rank 0;
-    base: the model trained from (--model or the painter)."""
+    base: the model trained from (--model or the painter); load_device: where models load (FSDP: the host)."""
 
     @dataclasses.dataclass
     class Args:
@@ -111,6 +111,7 @@ class Run:
             atexit.register(dist.destroy_process_group)
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device, self.dtype = resolve_device_dtype(args.device, args.dtype)
+        self.load_device = "cpu" if args.fsdp else args.device  # FSDP: fully_shard moves each shard to device
         if args.fsdp and (self.world == 1 or args.lora_rank):
             raise ValueError("--fsdp shards over torchrun's processes: torchrun --nproc_per_node K "
                              f"{script}.py --fsdp" if self.world == 1 else "--fsdp and --lora-rank are not "

@@ -99,8 +99,11 @@ def test_a_reward_or_value_model_trains_its_adapters_and_its_whole_head(script, 
     head = [k for k in trained if "score" in k]
     assert head == ["base_model.model.score.modules_to_save.default.weight"], head
     assert all("lora_" in k for k in trained if k not in head) and len(trained) > 1
-    if script is reward_model:  # model/: the adapters and the head, in PEFT's format
-        assert "base_model.model.score.weight" in saved_weights(os.path.join(run_dir, "model"))
+    if script is reward_model:  # model/: the adapters and the head (PEFT's format), a --reward-model as it is
+        model_dir = os.path.join(run_dir, "model")
+        assert "base_model.model.score.weight" in saved_weights(model_dir)
+        loaded = load_model_and_tokenizer(model_dir, reward_model_for=load_model_and_tokenizer()[1])[0]
+        assert torch.equal(loaded.score.weight, trained[head[0]])
 
 
 def test_the_learning_rate_default_is_ten_times_with_lora(tmp_path):

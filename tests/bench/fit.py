@@ -27,7 +27,9 @@ Setups:
                  trained parameters (adapters and heads), 4 bytes each.
 LoRA and FSDP2 are not combined in this project (no column). Not counted: autocast's bf16 weight copies, and
 under FSDP2 the root unit's gathered embeddings and lm_head (2 x vocab x hidden bytes each) and a layer's
-unsharded gradients before their reduce-scatter. --compact names "1 GPU" and "LoRA" where 8-GPU DDP fits too.
+unsharded gradients before their reduce-scatter; nor host memory: under --fsdp each process loads the fp32
+model (and copies it for the reference) in host memory, 8 bytes per parameter, before sharding to its GPU.
+--compact names "1 GPU" and "LoRA" where 8-GPU DDP fits too.
 
     python tests/bench/fit.py              # the full table; writes tests/bench/results/fit.json
     python tests/bench/fit.py --compact    # per method and size, the setups that fit (for README.md)

@@ -14,6 +14,15 @@ and the logging step's entropy over Qwen2.5's 151,936-token vocabulary before an
               alive at once (before 2026-12-07);
       blocks  grpo.py as it is: each entropy block reduced before the next.
 
+(c) sharding: one GRPO step (beta 0.1: with its reference) on a random-init Llama big enough that the weights
+    dominate (8 layers, hidden 1,024, MLP 4,096, a 1,024-token vocabulary: 136M parameters, 0.5 GB in fp32),
+    2 prompts x 4 completions of up to 16 tokens, fp32: full fine-tuning in one process (16 bytes per trained
+    parameter and 4 for the reference copy: 20 predicted), --lora-rank 16 in one process (the base's 4 bytes,
+    no reference copy; on a GPU the base would be bf16, 2), and --fsdp under torchrun with 2 processes (16/2
+    per trained parameter, 4/2 for the sharded reference, plus one gathered layer). Reported per process:
+    its peak resident set above where it stood before the model was loaded (torch imported), and the ratios
+    to full fine-tuning's.
+
 Each measurement runs in a fresh process. It reads /proc/self/status and resets the peak resident set
 (/proc/self/clear_refs) where the step starts (models loaded, step-0 eval done), and reports, above the resident
 set there: the step's peak; the peak up to the first optimiser step (forward and backward: AdamW allocates its
@@ -25,6 +34,7 @@ every tensor of 64 KB or more is its own mapping, returned when freed, so the re
     python tests/bench/memory.py                     # ~4 min on 2 CPU cores; writes results/memory.json
     python tests/bench/memory.py --only entropy      # or checkpointing
     python tests/bench/memory.py --only entropy --dtype bfloat16 --out /tmp/memory_bf16.json   # ~5 min
+    python tests/bench/memory.py --only sharding --jobs 1 --out /tmp/memory_sharding.json      # ~2 min
 """
 import argparse
 import json
@@ -132,6 +142,12 @@ def child(cli) -> None:
         script.entropy = measured_entropy
     args = json.loads(cli.args)
     t0 = time.perf_counter()
+    if cli.variant in ("full", "lora", "fsdp"):  # (c): the whole process's peak above its start
+        start = status_mb("VmRSS")
+        script.main(script.Args(**args))
+        print(json.dumps({"seconds": time.perf_counter() - t0, "start_mb": start,
+                          "peak_above_start_mb": max(marks["process"], status_mb("VmHWM")) - start}))
+        return
     script.main(script.Args(**args, gradient_checkpointing=cli.variant == "checkpointing"))
     process_peak = max(marks["process"], status_mb("VmHWM"))  # = ru_maxrss had nothing been reset
     result = {"seconds": time.perf_counter() - t0, "process_peak_mb": process_peak,
@@ -181,24 +197,35 @@ def entropy_args(model: str, out: str, dtype: str) -> dict:
                 judge="correct")
 
 
+def sharding_args(model: str, out: str, variant: str) -> dict:
+    flags = {"lora": dict(lora_rank=16), "fsdp": dict(fsdp=True)}.get(variant, {})
+    return dict(model=model, dtype="float32", learning_rate=1e-5, output_dir=out, total_steps=1, batch_size=2,
+                group_size=4, micro_batch_size=8, max_new_tokens=16, eval_size=2, eval_every=10, log_every=1,
+                judge="correct", **flags)
+
+
 def run_child(script: str, variant: str, args: dict, threads: int) -> dict:
     command = [sys.executable, __file__, "--child", script, "--variant", variant, "--args", json.dumps(args),
                "--threads", str(threads)]
+    if variant == "fsdp":  # two processes; each prints its own line, the larger peak is reported
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode:
         sys.exit(f"{script} {variant}:\n{done.stderr[-3000:]}")
-    return {"script": script, "variant": variant, **json.loads(done.stdout.strip().splitlines()[-1])}
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {"script": script, "variant": variant, **max(lines, key=lambda r: r.get("peak_above_start_mb", 0))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["checkpointing", "entropy"])
+    parser.add_argument("--only", choices=["checkpointing", "entropy", "sharding"])
     parser.add_argument("--jobs", type=int, default=2, help="child processes at a time (each measures itself)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per child")
     parser.add_argument("--dtype", default="float32", help="of the entropy runs (bfloat16: ~7 min a run here)")
     parser.add_argument("--child", dest="script", choices=SCRIPTS)
-    parser.add_argument("--variant", choices=["plain", "checkpointing", "whole", "list", "blocks"])
+    parser.add_argument("--variant", choices=["plain", "checkpointing", "whole", "list", "blocks", "full", "lora",
+                                              "fsdp"])  # fmt: skip
     parser.add_argument("--args", help="the child's script.Args as JSON")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "memory.json"))
     cli = parser.parse_args()
@@ -211,7 +238,13 @@ def main() -> None:
     results = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": cli.threads,
                "command": " ".join(["python tests/bench/memory.py", *sys.argv[1:]])}
     jobs = []
-    if cli.only != "checkpointing":
+    if cli.only == "sharding":
+        model = save_random_model(os.path.join(folder, "big"), chatml_tokenizer(vocab_size=1024), hidden=1024,
+                                  layers=8, heads=8, intermediate=4096, context=256)
+        results["sharding_model"] = dict(vocab=1024, hidden=1024, layers=8, heads=8, intermediate=4096)
+        jobs += [("grpo", variant, sharding_args(model, os.path.join(folder, f"runs-{variant}"), variant))
+                 for variant in ("full", "lora", "fsdp")]
+    if cli.only not in ("checkpointing", "sharding"):
         vocab = 151_936
         model = save_random_model(os.path.join(folder, "wide"), chatml_tokenizer(vocab_size=vocab), hidden=64,
                                   layers=2, heads=2, intermediate=128, context=256)
@@ -219,7 +252,7 @@ def main() -> None:
                                         fp32_logits_copy_mb=32 * 64 * vocab * 4 / 2**20)
         jobs += [("grpo", variant, entropy_args(model, os.path.join(folder, f"runs-{variant}"), cli.dtype))
                  for variant in ("whole", "list", "blocks")]
-    if cli.only != "entropy":
+    if cli.only not in ("entropy", "sharding"):
         files = write_data(folder, words=120)
         model = save_random_model(os.path.join(folder, "deep"), chatml_tokenizer(vocab_size=1024), hidden=256,
                                   layers=8, heads=4, intermediate=1024, context=512)
@@ -229,6 +262,10 @@ def main() -> None:
 
     def one(job):
         run = run_child(*job, cli.threads)
+        if "peak_above_start_mb" in run:
+            print(f"{run['script']:13s} {run['variant']:5s} peak per process {run['peak_above_start_mb']:6.0f} MB "
+                  f"above its start ({run['start_mb']:.0f} MB), {run['seconds']:.0f} s", flush=True)
+            return run
         print(f"{run['script']:13s} {run['variant']:13s} step {run['step_above_loaded_mb']:7.0f} MB, to the first "
               f"optimiser step {run['backward_above_loaded_mb']:7.0f} MB"
               + (f", entropy call {run['entropy_call_mb']:6.0f} MB" if "entropy_call_mb" in run else "")
@@ -246,6 +283,11 @@ def main() -> None:
             results.setdefault("checkpointing_over_plain", {})[script] = ratios
             print(f"{script:13s} checkpointing / plain: step {ratios['step_above_loaded_mb']:.2f}, "
                   f"to the first optimiser step {ratios['backward_above_loaded_mb']:.2f}")
+    if ("grpo", "full") in by:
+        full = by["grpo", "full"]["peak_above_start_mb"]
+        results["sharding_over_full"] = {v: by["grpo", v]["peak_above_start_mb"] / full for v in ("lora", "fsdp")}
+        print("per process, over full fine-tuning: " + ", ".join(
+            f"{v} {r:.2f}" for v, r in results["sharding_over_full"].items()))
     results["total_s"] = time.perf_counter() - t0
     print(f"total {results['total_s']:.0f} s")
     os.makedirs(os.path.dirname(cli.out), exist_ok=True)
