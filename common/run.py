@@ -97,7 +97,7 @@ class Run:
         if getattr(args, "learning_rate", 0) is None:  # not given: learning_rate = (the painter's, another's)
             painter = args.model is None or os.path.realpath(args.model) == os.path.realpath(PAINTER)
             lr = learning_rate[0] if painter else learning_rate[1]
-            lr *= 10 if args.lora_rank else 1  # NOTE: LoRA: 10x full fine-tuning's (TRL's LoRA docs)
+            lr = lr * 10 if args.lora_rank and lr else lr  # NOTE: LoRA: 10x full fine-tuning's (TRL's docs)
             args = dataclasses.replace(args, learning_rate=lr)
         self.args = args
         self.rank, self.world = 0, 1
@@ -111,7 +111,7 @@ class Run:
             atexit.register(dist.destroy_process_group)
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device, self.dtype = resolve_device_dtype(args.device, args.dtype)
-        self.load_device = "cpu" if args.fsdp else args.device  # FSDP: fully_shard moves each shard to device
+        self.load_device = "cpu" if args.fsdp else str(self.device)  # FSDP: fully_shard moves shards
         if args.fsdp and (self.world == 1 or args.lora_rank):
             raise ValueError("--fsdp shards over torchrun's processes: torchrun --nproc_per_node K "
                              f"{script}.py --fsdp" if self.world == 1 else "--fsdp and --lora-rank are not "

@@ -299,7 +299,7 @@ def test_an_eval_whose_names_collapse_says_so_on_one_line(script, overrides, fix
         samples = [{"prompt": f"#{i:06x}", "completion": n, "reward": 0.0} for i, n in enumerate(batch)]
         return {"eval/reward": 0.0, "eval/distinct": len(set(batch)) / len(batch)}, samples
 
-    monkeypatch.setattr("common.run.save_atomic", lambda *args: None)
+    monkeypatch.setattr("common.run.save_atomic", lambda *args, **kwargs: None)
     collapses = []
     for step in (0, 1, 2):
         run.begin({"model": None}, None, None, run_eval) if step == 0 else run.evaluate(step)
@@ -333,7 +333,7 @@ def test_a_task_whose_right_answers_repeat_is_no_collapse_until_below_theirs(tmp
         samples = [{"prompt": "#", "completion": name} for name in names]
         return {"eval/distinct": share, "eval/distinct_answers": 0.25}, samples
 
-    monkeypatch.setattr("common.run.save_atomic", lambda *args: None)
+    monkeypatch.setattr("common.run.save_atomic", lambda *args, **kwargs: None)
     lines = []
     for step in (0, 1, 2):
         run.begin({"model": None}, None, None, run_eval) if step == 0 else run.evaluate(step)

@@ -159,8 +159,9 @@ def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     run = types.SimpleNamespace(  # the part of a Run that a save and a load read
-        dir=str(tmp_path), script="grpo", reference="painter", active=True, rank=0, world=1, t_start=0.0,
+        dir=str(tmp_path), script="grpo", base="painter", active=True, rank=0, world=1, t_start=0.0,
         eval_s=0.0, rng=np.random.default_rng(0), models={"model": model}, optimizer=optimizer,
+        args=grpo.Args(),
     )  # fmt: skip
     Run.save_checkpoint(run, 1, {})
     # rewritten as a run on a GPU that this machine lacks writes it: every tensor tagged with that device
@@ -198,8 +199,9 @@ from common.run import Run
 
 model, _ = load_model_and_tokenizer()
 run = types.SimpleNamespace(  # the part of a Run a save reads
-    dir={run!r}, script="sft", reference="painter", active=True, rank=0, world=1, t_start=0.0, eval_s=0.0,
+    dir={run!r}, script="sft", base="painter", active=True, rank=0, world=1, t_start=0.0, eval_s=0.0,
     rng=np.random.default_rng(0), models={{"model": model}}, optimizer=torch.optim.AdamW(model.parameters()),
+    args=Run.Args(),
 )
 print("ready", flush=True)
 for step in range(1, 10_000):
