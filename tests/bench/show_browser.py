@@ -1,10 +1,10 @@
-"""The page of `python -m common.show` in a real browser: headless Chromium (Debian's `chromium` package, not a
-CI dependency) loads it, a hex is typed into the field and Enter pressed, the "Sample a new group" button is
+"""The page of `python -m common.show` in a real browser: headless Chromium (Debian's `chromium` package, not
+a CI dependency) loads it, a hex is typed into the field and Enter pressed, the "Sample a new group" button is
 clicked, and the page is checked and photographed after each, through the DevTools protocol (a small
 WebSocket client below: the standard library only).
 
     apt-get install chromium                                   # once
-    python tests/bench/show_browser.py [RUN_DIR ...]           # ~1 min; PASS/FAIL lines, exit status 1 on a FAIL
+    python tests/bench/show_browser.py [RUN_DIR ...]     # ~10 s; PASS/FAIL lines, exit status 1 on a FAIL
     python tests/bench/show_browser.py runs/grpo__poet__1__... --out tests/bench/results
 
 Screenshots: show_hex.png (after typing the hex), show_group.png (after sampling a group), show.png (the
@@ -35,9 +35,9 @@ class WebSocket:
         address = urlparse(url)
         self.sock = socket.create_connection((address.hostname, address.port), timeout=120)
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {address.path} HTTP/1.1\r\nHost: {address.netloc}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                           ).encode())  # fmt: skip
+        request = (f"GET {address.path} HTTP/1.1", f"Host: {address.netloc}", "Upgrade: websocket",
+                   "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", "", "")
+        self.sock.sendall("\r\n".join(request).encode())
         head = b""
         while not head.endswith(b"\r\n\r\n"):
             head += self.sock.recv(1)
@@ -118,7 +118,8 @@ def free_port() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("run_dirs", nargs="*")
     parser.add_argument("--out", default=os.path.join(ROOT, "tests", "bench", "results"))
     cli = parser.parse_args()
@@ -126,11 +127,11 @@ def main() -> None:
     if chromium is None:
         sys.exit("no chromium here: apt-get install chromium (Debian's package)")
     port, debug = free_port(), free_port()
-    page = subprocess.Popen([sys.executable, "-m", "common.show", "--port", str(port), *cli.run_dirs], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    page = subprocess.Popen([sys.executable, "-m", "common.show", "--port", str(port), *cli.run_dirs],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
     profile = tempfile.mkdtemp(prefix="show_browser_")
-    browser = subprocess.Popen([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                                f"--remote-debugging-port={debug}", "--remote-allow-origins=*",
+    browser = subprocess.Popen([chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+                                "--hide-scrollbars", f"--remote-debugging-port={debug}", "--remote-allow-origins=*",
                                 f"--user-data-dir={profile}", "--window-size=1100,1300", "about:blank"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     checks = []
@@ -148,10 +149,10 @@ def main() -> None:
         target = next(t for t in targets if t["type"] == "page")
         b = Browser(target["webSocketDebuggerUrl"])
         b.call("Page.enable")
-        b.call("Page.navigate", url=url)
+        b.call("Page.navigate", url=url + "?painter=1")  # the first run given or found (the poet's)
         t0 = time.time()
         b.wait_for("document.querySelectorAll('#group .rollout:not(.head)').length > 0")
-        checks.append(("the page loads, names the default hex and samples a group", True, f"{time.time() - t0:.0f} s"))
+        checks.append(("the page loads, names the default hex, samples a group", True, f"{time.time() - t0:.0f} s"))
         # type a hex into the field and press Enter, as a person would
         b.js("const f = document.getElementById('hex'); f.focus(); f.select(); true")
         b.call("Input.insertText", text=HEX)
@@ -161,7 +162,7 @@ def main() -> None:
                             "document.getElementById('region').textContent")  # fmt: skip
         rows = b.js("document.querySelectorAll('#names tbody tr').length")
         painters = b.js("document.getElementById('painter').options.length")
-        checks.append(("typing a hex names it by every painter", rows == painters, f"{region}; {rows} painters"))
+        checks.append(("typing a hex: every painter names it", rows == painters, f"{region}; {rows} painters"))
         b.screenshot(os.path.join(cli.out, "show_hex.png"))
         # click "Sample a new group"
         before = b.js("document.getElementById('group').textContent")
@@ -172,10 +173,14 @@ def main() -> None:
             b.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
         b.wait_for(f"document.getElementById('group').textContent !== {json.dumps(before)} && "
                    f"document.getElementById('group').textContent.includes('{HEX}')")  # fmt: skip
-        kinds = b.js("[...document.querySelectorAll('#group .rollout:not(.head)')].map(r => r.className)")
-        highlighted = sum("above" in k for k in kinds)
+        rows = b.js("[...document.querySelectorAll('#group .rollout:not(.head)')].map(r => [r.className, "
+                    "Number(r.children[3].textContent)])")  # fmt: skip
+        mean = float(b.js("document.querySelector('#group .legend').textContent.split('group mean ')[1]"))
+        right = all(("above" in k) == (r > mean + 1e-3) and ("below" in k) == (r < mean - 1e-3)
+                    for k, r in rows if abs(r - mean) > 1e-3)  # fmt: skip
+        above = sum("above" in k for k, _ in rows)
         checks.append(("a new group: rollouts above the mean highlighted, below dimmed",
-                       len(kinds) == 8 and 0 < highlighted < 8, f"{len(kinds)} rollouts, {highlighted} above"))
+                       len(rows) == 8 and right, f"{len(rows)} rollouts, {above} above the mean {mean:.3f}"))
         b.js("document.getElementById('group').scrollIntoView(); true")
         b.screenshot(os.path.join(cli.out, "show_group.png"))
         b.js("window.scrollTo(0, 0); true")
@@ -188,7 +193,8 @@ def main() -> None:
         shutil.rmtree(profile, ignore_errors=True)
     for what, ok, detail in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {what}  ({detail})")
-    print(f"screenshots: {', '.join(os.path.join(cli.out, n) for n in ('show_hex.png', 'show_group.png', 'show.png'))}")
+    shots = [os.path.join(cli.out, name) for name in ("show_hex.png", "show_group.png", "show.png")]
+    print(f"screenshots: {', '.join(shots)}")
     sys.exit(0 if all(ok for _, ok, _ in checks) else 1)
 
 
