@@ -1,6 +1,7 @@
-"""torchrun with two CPU processes (gloo): the same parameter update as one process with the whole batch
-(sft.py, dpo.py, grpo.py, through tests/ddp_worker.py: fixed samples, SGD), and every script runs distributed
-and writes one metrics.jsonl and one model."""
+"""torchrun with two CPU processes (gloo): the same parameter update as one process with the whole batch, with
+DDP and with --fsdp (sft.py, dpo.py, grpo.py, through tests/ddp_worker.py: fixed samples, SGD), and every
+script runs distributed and writes one metrics.jsonl and one model; a pair of processes stopped and resumed
+(DDP, FSDP) ends as the unbroken pair."""
 
 import glob
 import json
@@ -71,10 +72,15 @@ def pairs_file(tmp_path_factory):
     return str(path)
 
 
+ONE_PROCESS = {}  # argv -> its one-process run folder, which the DDP and the FSDP comparison share
+
+
 def assert_same_update(argv: list[str], tmp_path, metric_names: tuple[str, ...], two_flags=()) -> None:
     """2 processes x half batch (two_flags: --fsdp) == 1 process x full batch: the saved weights (1e-5) and
     the logged metrics."""
-    one, two = run(argv, 1, tmp_path, "one"), run([*argv, *two_flags], 2, tmp_path, "two")
+    if tuple(argv) not in ONE_PROCESS:
+        ONE_PROCESS[tuple(argv)] = run(argv, 1, tmp_path, "one")
+    one, two = ONE_PROCESS[tuple(argv)], run([*argv, *two_flags], 2, tmp_path, "two")
     start = load_file(os.path.join(ROOT, "common", "painter", "model.safetensors"))
     w1 = load_file(os.path.join(one, "model", "model.safetensors"))
     w2 = load_file(os.path.join(two, "model", "model.safetensors"))
@@ -89,7 +95,8 @@ def assert_same_update(argv: list[str], tmp_path, metric_names: tuple[str, ...],
             assert r2[name] == pytest.approx(r1[name], rel=1e-4, abs=1e-6), (name, r1[name], r2[name])
 
 
-def test_sft_two_processes_give_the_one_process_update(tmp_path):
+@pytest.mark.parametrize("two_flags", [[], ["--fsdp"]], ids=["ddp", "fsdp"])  # FSDP2: the same update
+def test_sft_two_processes_give_the_one_process_update(tmp_path, two_flags):
     assert_same_update(
         (
             "tests/ddp_worker.py sft --model common/painter --total-steps 2 --batch-size 8 "
@@ -98,10 +105,12 @@ def test_sft_two_processes_give_the_one_process_update(tmp_path):
         ).split(),
         tmp_path,
         ("train/loss", "train/grad_norm"),
+        two_flags,
     )
 
 
-def test_dpo_two_processes_give_the_one_process_update(tmp_path, pairs_file):
+@pytest.mark.parametrize("two_flags", [[], ["--fsdp"]], ids=["ddp", "fsdp"])  # FSDP2: the same update
+def test_dpo_two_processes_give_the_one_process_update(tmp_path, pairs_file, two_flags):
     assert_same_update(
         [
             *"tests/ddp_worker.py dpo --data".split(),
@@ -113,10 +122,12 @@ def test_dpo_two_processes_give_the_one_process_update(tmp_path, pairs_file):
         ],
         tmp_path,
         ("train/loss", "train/grad_norm", "rewards/margins", "logps/chosen"),
+        two_flags,
     )
 
 
-def test_grpo_two_processes_give_the_one_process_update(tmp_path):
+@pytest.mark.parametrize("two_flags", [[], ["--fsdp"]], ids=["ddp", "fsdp"])  # FSDP2: the same update
+def test_grpo_two_processes_give_the_one_process_update(tmp_path, two_flags):
     # token-mean divides by the tokens of the WHOLE batch, which the two ranks share unequally
     assert_same_update(
         (
@@ -133,15 +144,15 @@ def test_grpo_two_processes_give_the_one_process_update(tmp_path):
             "train/entropy",
             "train/completion_len",
         ),
+        two_flags,
     )
 
 
 @pytest.mark.parametrize(
     "argv",
     [
-        "sft.py --model common/painter --total-steps 2 --batch-size 8 --eval-size 4".split(),
+        # sft.py and dpo.py: the comparisons above (through tests/ddp_worker.py)
         ["reward_model.py", "--batch-size", "4", "--num-epochs", "1"],
-        "dpo.py --batch-size 4 --num-epochs 1 --eval-size 4".split(),
         # and LoRA under DDP: the adapters' gradients averaged, rank 0 saves them
         ("grpo.py --judge correct --batch-size 2 --group-size 4 --total-steps 2 --eval-size 4 --lora-rank 4")
         .split(),
@@ -153,7 +164,7 @@ def test_grpo_two_processes_give_the_one_process_update(tmp_path):
     ids=lambda argv: argv[0],
 )
 def test_every_script_runs_under_torchrun(tmp_path, argv, pairs_file):
-    if argv[0] in ("reward_model.py", "dpo.py"):
+    if argv[0] == "reward_model.py":
         argv = [*argv, "--data", pairs_file]
     run_dir = run([*argv, "--log-every", "1"], 2, tmp_path, "two")
     assert len(train_rows(run_dir)) >= 1
