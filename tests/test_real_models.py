@@ -432,6 +432,7 @@ def test_the_gpu_check_runs_here_on_its_small_config(tmp_path):
         "gradient checkpointing lowers the peak",
         "resume grpo",
         "resume dpo",
+        "LoRA in bf16",
     }
     # left padding, and a model that stops early, on its second EOS id too, with a trained model's entropy
     talks = report["talks"]
@@ -458,3 +459,8 @@ def test_the_gpu_check_runs_here_on_its_small_config(tmp_path):
         resume = report["resume"][name]
         assert resume["rows_equal"] and resume["weights_max_abs_diff"] == 0.0
         assert resume["steps_compared"] == [2]
+    # LoRA: the reference is the model with its adapters off; only the adapters train
+    for name in ("grpo", "ppo_rlhf"):
+        lora = report["lora"][name]
+        assert lora["only_adapters"] and lora["lora_B_max"] > 0 and lora["adapter_tensors"] > 0, lora
+        assert list(lora["kl_at_start"].values()) == [0.0, 0.0], lora

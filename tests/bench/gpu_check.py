@@ -50,7 +50,12 @@ Checks (--small asserts the same, on its config):
      gradients), so the weights and Adam's second moments after step 2 may differ in their last bits: fewer
      than 1% of the weights by more than lr/10 and of the moments by more than 1e-3 relative (a lost optimizer
      state puts most moments off by ~2x, and moves many weights by ~lr).
-Not checked: DDP (one GPU is one process; tests/test_ddp.py runs 2 CPU processes over gloo; NCCL needs 2 GPUs).
+  8. LoRA in bf16: grpo and ppo_rlhf one step with --lora-rank 16 (PEFT must be installed): the reference is
+     the model with its adapters off, so eval/kl at step 0 and train/kl at step 1 are exactly 0; model/ is
+     PEFT's adapter folder holding only lora_A and lora_B, and B has moved from its zeros; the peak to the first
+     optimiser step is reported beside the full run's (the base frozen in bf16, no reference copy, Adam state
+     for the adapters only).
+Not checked: FSDP2 (--fsdp needs several processes; tests/test_fsdp.py runs 2 CPU processes over gloo); DDP (one GPU is one process; tests/test_ddp.py runs 2 CPU processes over gloo; NCCL needs 2 GPUs).
 The report goes to tests/bench/results/gpu_check.json (or --out), rewritten after every check, so a run cut
 short leaves what it measured.
 """
@@ -609,6 +614,29 @@ def check_resume(report: Report, path: str, files: dict, folder: str, big: bool,
         report.check(f"resume {name}", passed, f"{dtype}: {json.dumps(numbers)}")
 
 
+def check_lora(report: Report, path: str, files: dict, folder: str, big: bool, device) -> None:
+    """8: grpo and ppo_rlhf one step with --lora-rank 16 in bf16."""
+    report["lora"], passed = {}, True
+    for script in (grpo, ppo_rlhf):
+        name = script.__name__
+        args = dict(script_args(name, path, files, os.path.join(folder, "runs-lora"), big), lora_rank=16)
+        try:
+            run = run_script(script, args, device, saves=True)
+        except Exception as e:  # noqa: BLE001
+            report.data["lora"][name], passed = {"error": f"{type(e).__name__}: {str(e)[:300]}"}, False
+            continue
+        adapter = saved_weights(os.path.join(run["run_dir"], "model"))
+        kl = kl_at_start(name, run["rows"])
+        numbers = dict(kl_at_start=kl, adapter_tensors=len(adapter), only_adapters=all("lora_" in k for k in adapter),
+                       lora_B_max=max((float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k), default=0.0),
+                       backward_mb=run["backward_mb"], full_backward_mb=report.data["scripts"][name]["plain"]["backward_mb"])
+        report.data["lora"][name] = numbers
+        passed &= numbers["only_adapters"] and numbers["lora_B_max"] > 0 and len(kl) == 2
+        passed &= all(value == 0.0 for value in kl.values())
+        shutil.rmtree(run["run_dir"], ignore_errors=True)
+    report.check("LoRA in bf16", passed, json.dumps(report.data["lora"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="a small config (what the tests run on CPU)")
@@ -657,6 +685,7 @@ def main() -> None:
     # 4-7. the scripts, checkpointing, the step-0 KL; resume
     check_scripts(report, path, files, folder, big, device)
     check_resume(report, path, files, folder, big, device)
+    check_lora(report, path, files, folder, big, device)
 
     report["total_s"] = time.perf_counter() - t_start
     failed = [name for name, c in report.data["checks"].items() if not c["passed"]]
