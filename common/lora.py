@@ -1,7 +1,7 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685) through PEFT, for --lora-rank R > 0 (common/run.py imports it).
 
 Each targeted linear layer W (frozen) gets two trained matrices, A (R x in) and B (out x R, zeros at first):
-    h = W x + (alpha / R) B A x
+    h = W x + (alpha / R) B A x        (Eq. 3 of the paper; the alpha / R scale: its §4.1)
 so the model starts as it was, and only A and B (plus a scalar head, which a reward or value model trains
 whole) take gradients and Adam state. The frozen base sits in the compute dtype (bf16 on a GPU: 2 bytes per
 parameter instead of 20); the adapters stay fp32. The reference policy is the same model with its adapters

@@ -230,15 +230,15 @@ def forward_sharing_prompts(
     prompt_ids, prompt_mask, positions = (t[::r, :P] for t in (input_ids, attention_mask, position_ids))
     last = {} if hidden else {"logits_to_keep": 1}
     checkpointing = getattr(getattr(model, "module", model), "is_activation_checkpointing", False)
-    checkpointing = checkpointing or hasattr(model, "set_reshard_after_forward")  # FSDP
-    k = 0 if checkpointing else shared_prefix(prompt_ids, prompt_mask)
+    plain = checkpointing or hasattr(model, "set_reshard_after_forward")  # FSDP: each rank, same forwards
+    k = 0 if plain else shared_prefix(prompt_ids, prompt_mask)
     cache = None
     if k:  # the shared columns once, their keys and values copied to the b prompts
         out = model(prompt_ids[:1, :k], attention_mask=prompt_mask[:1, :k],
                     position_ids=positions[:1, :k], use_cache=True, **last)  # fmt: skip
         cache = out.past_key_values
         cache.batch_repeat_interleave(len(prompt_ids))
-    if r == 1 or checkpointing:  # the rest of each prompt and its completion in one forward
+    if r == 1 or plain:  # the rest of each prompt and its completion in one forward
         keep = {} if hidden else {"logits_to_keep": L - P + 1}
         out = model(input_ids[:, k:], attention_mask=attention_mask, position_ids=position_ids[:, k:],
                     past_key_values=cache, use_cache=cache is not None, output_hidden_states=hidden,

@@ -121,6 +121,7 @@ class Show:
     def __init__(self, run_dirs: list[str], runs: str = "runs"):
         from .models import PAINTER
 
+        sys.path.insert(0, ROOT)  # grpo.py and reinforce.py, whose functions the group uses
         self.runs = [run_folder(p) for p in run_dirs]
         seen = {os.path.realpath(r["path"]) for r in self.runs}
         self.runs += [run_folder(p) for p in found_painters(runs) if os.path.realpath(p) not in seen]
@@ -181,8 +182,7 @@ class Show:
 
     def group(self, hex_colour: str, index: int, G: int, spec: str, seed: int) -> dict:
         """One GRPO group, as the post draws it: G names, their rewards, the group mean, the advantages."""
-        sys.path.insert(0, ROOT)
-        from grpo import group_advantages
+        from grpo import group_advantages  # the scripts' own functions (ROOT is on the path: __init__)
         from reinforce import baseline_advantages
 
         if not 2 <= G <= 16:
